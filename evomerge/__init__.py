@@ -1,0 +1,3 @@
+"""evomerge: evolutionary model merging with IRT-estimated fitness."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Reading and writing Hugging Face checkpoints (safetensors, lazy, sharded, atomic)."""

@@ -1,0 +1,1 @@
+"""Merge methods (pure tensor functions), recipes, and the engine that applies them."""

@@ -1,0 +1,84 @@
+"""Registry of merge methods.
+
+A merge method is a pure function of tensors: it never reads files, never changes dtype or
+device on its own, and has no hidden state (randomness comes from the ``generator`` argument).
+The engine owns I/O, dtype (methods receive float32 tensors and return float32), device, and
+the per-tensor resolution of parameters (layer gradients, name filters).
+
+Signature of every method function::
+
+    fn(tensors: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None,
+       **params) -> Tensor
+
+- ``tensors``: one tensor per source model (not including the base), same shape, float32.
+- ``base``: the base model's tensor (float32) when ``spec.needs_base``; otherwise None.
+- per-model parameters (``spec.model_params``) arrive as ``list[float]`` aligned with
+  ``tensors``; method-level parameters (``spec.global_params``) arrive as scalars.
+- all parameters listed in the spec are always passed (defaults filled in by the engine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from evomerge.errors import EvomergeError
+
+REQUIRED = object()
+"""Marker for a parameter without a default: the recipe must set it."""
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method and the parameters it accepts."""
+
+    name: str
+    fn: Callable[..., Any]
+    needs_base: bool
+    model_params: dict[str, Any] = field(default_factory=dict)
+    global_params: dict[str, Any] = field(default_factory=dict)
+    min_models: int = 1
+    max_models: int | None = None
+    reference: str = ""
+    randomized: bool = False
+
+    def __call__(self, tensors, base=None, *, generator=None, **params):
+        return self.fn(tensors, base, generator=generator, **params)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Add ``method`` to the registry (names are unique)."""
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look a method up by name; an unknown name is a user error listing the known ones."""
+    _load_builtin_methods()
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise EvomergeError(f"unknown merge_method {name!r}; known methods: {known}") from None
+
+
+def method_names() -> list[str]:
+    """Names of all registered methods, sorted."""
+    _load_builtin_methods()
+    return sorted(METHODS)
+
+
+def _load_builtin_methods() -> None:
+    # Importing the modules registers their methods.
+    import importlib
+
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+_BUILTIN_MODULES = ["evomerge.merge.methods", "evomerge.merge.methods_extra"]

@@ -1,0 +1,1 @@
+"""Item Response Theory for shrinking benchmarks (independent of evomerge)."""
