@@ -15,6 +15,15 @@ Signature of every method function::
 - per-model parameters (``spec.model_params``) arrive as ``list[float]`` aligned with
   ``tensors``; method-level parameters (``spec.global_params``) arrive as scalars.
 - all parameters listed in the spec are always passed (defaults filled in by the engine).
+- ``spec.takes_deltas``: when True the first argument holds the task vectors
+  ``τ_i = tensor_i − base`` (float32, computed by the engine as ``t.float() - base.float()``)
+  instead of the model tensors, so that a resident merger computes them once; ``base`` is
+  passed as well. Task-arithmetic-family methods set it.
+- ``spec.randomized``: the method draws from ``generator`` (the engine passes one seeded from
+  the recipe seed and the tensor name, so disk and in-memory merges are identical).
+
+Reusable building blocks (magnitude / Bernoulli sparsification, sign election, generalized task
+arithmetic, slerp) live in :mod:`evomerge.merge.methods`.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ class MergeMethod:
     max_models: int | None = None
     reference: str = ""
     randomized: bool = False
+    takes_deltas: bool = False
 
     def __call__(self, tensors, base=None, *, generator=None, **params):
         return self.fn(tensors, base, generator=generator, **params)
