@@ -1,0 +1,270 @@
+"""Run configuration: one validated schema, YAML in, clear errors out.
+
+A config names the models, the search space, the tasks, the evaluator, the fitness and the
+optimizer. ``load_config(path)`` returns a :class:`RunConfig` or raises an
+:class:`EvomergeError` naming the file and the field (``fitness.anchors: ...``).
+
+Model references: a path to a HF checkpoint folder, a hub id (only on users' machines), or
+``zoo:NAME`` for the embedded demo (``zoo:base`` and ``zoo:<task>`` for each expert).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import EvomergeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsConfig(_Strict):
+    base: str = Field(description="base model: folder, hub id or zoo:base")
+    endpoints: list[str] = Field(min_length=1, description="fine-tunes of the base to merge")
+
+
+class GeneSpec(_Strict):
+    """One merge parameter that the optimizer searches."""
+
+    name: str = Field(description="merge-method parameter, e.g. weight, density, t")
+    bounds: tuple[float, float] = (0.0, 1.0)
+    layer_groups: int = Field(1, ge=1, description="1 = one value for all layers; k = k values "
+                              "interpolated across the layers (mergekit gradient)")
+    filter: Optional[str] = Field(None, description="tensor-name filter, e.g. self_attn or mlp")
+
+    @model_validator(mode="after")
+    def _check_bounds(self):
+        lo, hi = self.bounds
+        if not lo < hi:
+            raise ValueError(f"bounds must be [low, high] with low < high, got {list(self.bounds)}")
+        return self
+
+
+class DataflowSpaceConfig(_Strict):
+    """Layer-dataflow space (Sakana's DFS): models A and B, repeats, scale bounds."""
+
+    model_a: str = Field("ps", description="'ps' (the PS stage's best), 'base', or an endpoint")
+    model_b: str = Field(description="an endpoint reference or 'base'")
+    repeats: int = Field(2, ge=1)
+    scale_bounds: tuple[float, float] = (0.5, 2.0)
+    generations: int = Field(10, ge=1)
+    population: Optional[int] = Field(None, ge=2)
+
+
+class SearchSpaceConfig(_Strict):
+    kind: Literal["parameter", "dataflow", "ps+dfs"] = "parameter"
+    method: str = "task_arithmetic"
+    genes: list[GeneSpec] = Field(default_factory=lambda: [GeneSpec(name="weight")])
+    fixed: dict[str, Any] = Field(default_factory=dict, description="method-level parameters "
+                                  "held fixed (e.g. normalize: false, lambda: 1.0)")
+    dataflow: Optional[DataflowSpaceConfig] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind in ("dataflow", "ps+dfs") and self.dataflow is None:
+            raise ValueError(f"kind {self.kind!r} needs a 'dataflow' section")
+        names = [(g.name, g.filter) for g in self.genes]
+        if len(set(names)) != len(names):
+            raise ValueError("genes: the same (name, filter) appears twice")
+        return self
+
+
+class DatasetSource(_Strict):
+    """A task read with the ``datasets`` library (users' machines; an extra)."""
+
+    path: str = Field(description="datasets path or builder, e.g. gsm8k or json")
+    name: Optional[str] = None
+    data_files: Optional[Union[str, list[str], dict[str, Any]]] = None
+    search_split: str = "train"
+    heldout_split: str = "test"
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    answer_regex: Optional[str] = Field(None, description="regex whose first group is the "
+                                        "gold answer inside answer_field (e.g. '#### (.*)')")
+    limit: Optional[int] = Field(None, ge=1)
+
+
+class TaskConfig(_Strict):
+    """A task: a zoo task, a folder of JSONL files, or a datasets source."""
+
+    zoo: Optional[str] = None
+    name: Optional[str] = None
+    path: Optional[str] = Field(None, description="folder with search.jsonl, heldout.jsonl, "
+                                "optional task.json")
+    source: Optional[DatasetSource] = None
+    template: Optional[str] = Field(None, description="prompt template with {prompt}")
+    extract: Optional[Literal["exact", "last_number", "normalized"]] = None
+    max_new_tokens: Optional[int] = Field(None, ge=1)
+    search_limit: Optional[int] = Field(None, ge=1, description="use the first N search items")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("zoo", "path", "source") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of zoo / path / source"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.zoo is None and self.name is None:
+            raise ValueError("a task from path or source needs a name")
+        return self
+
+    @property
+    def task_name(self) -> str:
+        return self.name or self.zoo  # type: ignore[return-value]
+
+
+class EvaluatorConfig(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="overrides each task's")
+
+
+class CalibrationConfig(_Strict):
+    samples: int = Field(16, ge=0, description="recipes sampled from the search space, besides "
+                         "the base and the endpoints")
+    dim: Optional[int] = Field(None, ge=1, description="IRT dimension; None = chosen by validation")
+    banks: Optional[str] = Field(None, description="folder with <task>.bank.json files to reuse")
+
+
+class FitnessConfig(_Strict):
+    estimator: Literal["mean", "pirt", "gpirt", "mpirt", "gmpirt", "full"] = "mpirt"
+    anchors: int = Field(20, ge=1, description="anchor items per task (ignored by 'full')")
+    anchor_method: Literal["random", "correctness", "irt", "information"] = "irt"
+    aggregate: Literal["mean", "per_task"] = "mean"
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["cmaes", "optuna"] = "cmaes"
+    sampler: Literal["cmaes", "tpe", "nsga2"] = "cmaes"
+    population: Optional[int] = Field(None, ge=2)
+    generations: int = Field(10, ge=1)
+    sigma0: float = Field(1 / 6, gt=0, le=1)
+    separable: Union[bool, Literal["auto"]] = "auto"
+
+
+class FinalConfig(_Strict):
+    top_k: int = Field(3, ge=1, description="best candidates re-evaluated on held-out items")
+    write_model: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    run_dir: Optional[str] = Field(None, description="default populations/<name>-<time>")
+    seed: int = 0
+    models: ModelsConfig
+    search_space: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    fitness: FitnessConfig = Field(default_factory=FitnessConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    final: FinalConfig = Field(default_factory=FinalConfig)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks):
+        names = [t.task_name for t in tasks]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(sorted(dup))}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.fitness.aggregate == "per_task" and not (
+                self.optimizer.name == "optuna" and self.optimizer.sampler in ("nsga2", "tpe")):
+            raise ValueError("fitness.aggregate: per_task (one objective per task) needs "
+                             "optimizer.name: optuna with sampler: nsga2 or tpe")
+        return self
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, ignore: tuple[str, ...] = ()) -> str:
+        """Hash of the config without the fields in ``ignore`` (dotted paths)."""
+        d = self.to_dict()
+        for dotted in ignore:
+            _pop_dotted(d, dotted)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Fields that may change between a run and its resume: they do not change any result that
+# has already been computed (more generations extends the run; the rest is presentation,
+# speed or placement).
+SAFE_ON_RESUME = ("optimizer.generations", "final.top_k", "final.write_model",
+                  "evaluator.batch_size", "evaluator.device", "run_dir", "name")
+
+
+def _pop_dotted(d: dict, dotted: str) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.get(p, {})
+        if not isinstance(d, dict):
+            return
+    d.pop(parts[-1], None)
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields that differ between two config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        path = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_configs(a, b, path + ".")
+        elif a != b:
+            out.append(path)
+    return out
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One readable message: file, then each failing field as a dotted path."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see configs/demo.yaml for the schema)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"{loc}: {msg}")
+    return f"{source}: invalid config\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> RunConfig:
+    """Validate a config mapping."""
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{source}: a config must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise EvomergeError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvomergeError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EvomergeError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))
+
+
+def demo_config_path() -> Path:
+    """configs/demo.yaml shipped with the package (falls back to the repository copy)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "configs" / "demo.yaml", here.parent / "configs" / "demo.yaml"):
+        if cand.is_file():
+            return cand
+    raise EvomergeError("configs/demo.yaml not found; pass a config file")

@@ -1,0 +1,161 @@
+"""The report of a run: markdown summary and PNG plots, drawn from the run directory alone.
+
+``evomerge report RUN_DIR`` redraws it at any time (also mid-run, from what is logged).
+Plots: best / mean estimated fitness per generation; estimated vs true (held-out) accuracy of
+the re-evaluated candidates; the best recipe's genes (per-layer values as lines); the Pareto
+front for multi-objective runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from evomerge.errors import EvomergeError
+from evomerge.search.rundir import RunDir, atomic_write_text, read_jsonl
+
+
+def _fitness(r: dict) -> float:
+    f = r["fitness"]
+    return float(np.mean(f)) if isinstance(f, list) else float(f)
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+
+
+def write_report(run_dir: str | Path | RunDir) -> Path:
+    """Write report.md and the PNG plots into the run directory; returns report.md's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    if not rd.exists():
+        raise EvomergeError(f"{rd.root}: not a run directory (no config.yaml)")
+    cfg = yaml.safe_load(rd.config.read_text())
+    evals = read_jsonl(rd.evaluations)
+    held = read_jsonl(rd.heldout)
+    best = None
+    if (rd.best / "recipe.json").exists():
+        import json
+
+        best = json.loads((rd.best / "recipe.json").read_text())
+    md = [f"# evomerge run `{rd.root.name}`", ""]
+    md.append(f"- models: base `{cfg['models']['base']}`, endpoints "
+              + ", ".join(f"`{e}`" for e in cfg["models"]["endpoints"]))
+    ss = cfg["search_space"]
+    md.append(f"- search space: {ss['kind']} / {ss['method']}; optimizer {cfg['optimizer']['name']}"
+              f" ({cfg['optimizer']['sampler'] if cfg['optimizer']['name'] == 'optuna' else 'cmaes'})")
+    fit = cfg["fitness"]
+    md.append(f"- fitness: {fit['estimator']}"
+              + ("" if fit["estimator"] == "full" else f" on {fit['anchors']} {fit['anchor_method']} "
+                 "anchors per task") + f", aggregate {fit['aggregate']}")
+    md.append(f"- stage: {rd.state().get('stage')}; {len(evals)} candidates evaluated, "
+              f"{sum(r.get('items', 0) for r in evals)} items answered")
+    md.append("")
+
+    if evals:
+        gens = sorted({r["generation"] for r in evals})
+        best_so_far, mean_gen, running = [], [], -np.inf
+        for g in gens:
+            f = [_fitness(r) for r in evals if r["generation"] == g]
+            running = max(running, max(f))
+            best_so_far.append(running)
+            mean_gen.append(float(np.mean(f)))
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        x = [g + 1 for g in gens]
+        ax.plot(x, best_so_far, marker="o", label="best so far")
+        ax.plot(x, mean_gen, marker=".", label="generation mean")
+        ax.set_xlabel("generation")
+        ax.set_ylabel("estimated fitness")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        _save(fig, rd.root / "fitness.png")
+        plt.close(fig)
+        md += ["## Search", "", "![fitness per generation](fitness.png)", "",
+               "| generation | best so far | mean |", "|---:|---:|---:|"]
+        md += [f"| {g} | {b:.4f} | {m:.4f} |" for g, b, m in zip(x, best_so_far, mean_gen)]
+        md.append("")
+        t_merge = np.mean([r["timings"]["merge_s"] for r in evals])
+        t_eval = np.mean([r["timings"]["eval_s"] for r in evals])
+        md += [f"Mean time per candidate: merge {t_merge:.3f} s, evaluation {t_eval:.3f} s.", ""]
+
+        if isinstance(evals[0]["fitness"], list):
+            from evomerge.search.loop import pareto_front
+
+            tasks = list(evals[0]["estimates"])
+            front = pareto_front(evals)
+            fig, ax = plt.subplots(figsize=(4.5, 4))
+            allf = np.array([r["fitness"] for r in evals])
+            ff = np.array([r["fitness"] for r in front])
+            ax.scatter(allf[:, 0], allf[:, 1], s=8, alpha=0.4, label="candidates")
+            ax.scatter(ff[:, 0], ff[:, 1], s=20, color="C3", label="Pareto front")
+            ax.set_xlabel(f"estimated {tasks[0]}")
+            ax.set_ylabel(f"estimated {tasks[1]}")
+            ax.legend()
+            _save(fig, rd.root / "pareto.png")
+            plt.close(fig)
+            md += ["## Pareto front", "", "![Pareto front](pareto.png)", "",
+                   "| candidate | " + " | ".join(tasks) + " |",
+                   "|---:|" + "---:|" * len(tasks)]
+            md += [f"| {r['index']} | " + " | ".join(f"{v:.3f}" for v in r["fitness"]) + " |"
+                   for r in front]
+            md.append("")
+
+    if held:
+        tasks = list(held[0]["accuracy"])
+        md += ["## Held-out accuracy (true)", "",
+               "| model | " + " | ".join(tasks) + " | average | estimated average |",
+               "|---|" + "---:|" * (len(tasks) + 2)]
+        for h in held:
+            est = h.get("estimated")
+            est_s = f"{np.mean(list(est.values())):.3f}" if est else "—"
+            md.append(f"| {h['name']} | " + " | ".join(f"{h['accuracy'][t]:.3f}" for t in tasks)
+                      + f" | {h['average']:.3f} | {est_s} |")
+        md.append("")
+        cands = [h for h in held if h.get("estimated")]
+        if cands:
+            fig, ax = plt.subplots(figsize=(4.5, 4))
+            for i, t in enumerate(tasks):
+                ax.scatter([h["estimated"][t] for h in cands], [h["accuracy"][t] for h in cands],
+                           label=t, color=f"C{i}")
+            lo = min(min(h["estimated"].values()) for h in cands)
+            lo = min(lo, min(min(h["accuracy"].values()) for h in cands))
+            ax.plot([lo, 1], [lo, 1], color="grey", lw=0.8, ls="--")
+            ax.set_xlabel("estimated accuracy (search items)")
+            ax.set_ylabel("true accuracy (held-out items)")
+            ax.legend(fontsize=8)
+            _save(fig, rd.root / "estimated_vs_true.png")
+            plt.close(fig)
+            md += ["![estimated vs true](estimated_vs_true.png)", ""]
+
+    if best:
+        md += ["## Best recipe", "",
+               f"Candidate {best['index']} (generation {best['generation'] + 1}), held-out "
+               f"average {best['heldout_average']:.3f}. Files: `best/recipe.json`, "
+               "`best/recipe.mergekit.yaml`, `best/model/`.", "",
+               "| gene | values (first layer → last layer) |", "|---|---|"]
+        md += [f"| {k} | " + ", ".join(f"{v:.3f}" for v in vals) + " |"
+               for k, vals in best["genes"].items()]
+        md.append("")
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, (k, vals) in enumerate(best["genes"].items()):
+            if len(vals) == 1:
+                ax.plot([0, 1], [vals[0]] * 2, label=k, color=f"C{i % 10}")
+            else:
+                ax.plot(np.linspace(0, 1, len(vals)), vals, marker="o", label=k, color=f"C{i % 10}")
+        ax.set_xlabel("relative layer position (0 = first, 1 = last)")
+        ax.set_ylabel("parameter value")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        _save(fig, rd.root / "best_genes.png")
+        plt.close(fig)
+        md += ["![genes of the best recipe](best_genes.png)", ""]
+    atomic_write_text(rd.report, "\n".join(md) + "\n")
+    return rd.report

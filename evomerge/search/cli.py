@@ -1,0 +1,59 @@
+"""``evomerge search`` and ``evomerge report`` (import-light: heavy imports inside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def search(
+    config: Optional[Path] = typer.Argument(None, help="run config (YAML); default: configs/demo.yaml "
+                                            "on the embedded zoo"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="resume this run directory "
+                                          "(a CONFIG given too may change only safe fields)"),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="where to write the run "
+                                          "(default: config's run_dir or populations/NAME-TIME)"),
+    generations: Optional[int] = typer.Option(None, "--generations", min=1,
+                                              help="override optimizer.generations"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="override the config's seed"),
+) -> None:
+    """Search a merge recipe by evolution, judging each candidate on a few IRT-chosen items."""
+    from evomerge.config import demo_config_path, load_config
+    from evomerge.search.loop import run_search
+
+    cfg = None
+    if config is not None or resume is None:
+        cfg = load_config(config or demo_config_path())
+        updates = {}
+        if generations is not None:
+            updates["optimizer"] = cfg.optimizer.model_copy(update={"generations": generations})
+        if seed is not None:
+            updates["seed"] = seed
+        if updates:
+            cfg = cfg.model_copy(update=updates)
+    elif generations is not None:
+        from evomerge.search.loop import open_run_dir
+
+        _, frozen = open_run_dir(resume)
+        cfg = frozen.model_copy(update={"optimizer": frozen.optimizer.model_copy(
+            update={"generations": generations})})
+    run_search(cfg, resume=resume, run_dir=run_dir, log=_log)
+
+
+def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
+    """Redraw a run's report (report.md and PNG plots) from its run directory."""
+    from evomerge.report import write_report
+
+    path = write_report(run_dir)
+    typer.echo(f"wrote {path}")
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("search")(search)
+    app.command("report")(report)

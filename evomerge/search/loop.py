@@ -1,0 +1,530 @@
+"""The search: calibrate -> item banks -> generations of ask/evaluate/tell -> held-out -> best.
+
+Resume is by replay. The optimizer's state is a function of its seed and of the (genome,
+fitness) pairs it was told, so a resumed run rebuilds it by asking and telling again, taking
+each fitness from the evaluation log instead of evaluating; it checks that every replayed ask
+equals the logged genome (a mismatch means the code or config changed under the run, and it
+stops with a clear message rather than mixing two runs). Evaluations are appended to the log
+(fsync) before the optimizer is told, so a kill at any instant loses at most the candidate
+being evaluated at that moment, which is then evaluated again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from evomerge.config import SAFE_ON_RESUME, RunConfig, diff_configs, parse_config
+from evomerge.errors import EvomergeError
+from evomerge.search.rundir import RunDir, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+
+
+# ----------------------------------------------------------------------------- run setup
+
+
+def new_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
+    """Create the run directory and freeze the config in it."""
+    if run_dir is None:
+        run_dir = cfg.run_dir or f"populations/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    rd = RunDir(run_dir)
+    if rd.root.exists() and any(rd.root.iterdir()):
+        raise EvomergeError(f"{rd.root}: run directory exists and is not empty; resume it with "
+                            f"`evomerge search --resume {rd.root}` or choose another run_dir")
+    rd.root.mkdir(parents=True, exist_ok=True)
+    frozen = cfg.to_dict()
+    frozen["run_dir"] = str(rd.root)
+    atomic_write_text(rd.config, yaml.safe_dump(frozen, sort_keys=False))
+    rd.set_state(stage="calibrating")
+    return rd
+
+
+def open_run_dir(run_dir: str | Path, new_cfg: RunConfig | None = None) -> tuple[RunDir, RunConfig]:
+    """Open a run for resume; refuse a changed config unless only safe fields changed."""
+    rd = RunDir(run_dir)
+    if not rd.exists():
+        raise EvomergeError(f"{rd.root}: not a run directory (no config.yaml); start a run with "
+                            "`evomerge search CONFIG`")
+    frozen = yaml.safe_load(rd.config.read_text())
+    cfg = parse_config(frozen, str(rd.config))
+    if new_cfg is not None:
+        new = new_cfg.to_dict()
+        new["run_dir"] = frozen.get("run_dir")
+        changed = diff_configs(cfg.to_dict(), new)
+        unsafe = [c for c in changed if not any(c == s or c.startswith(s + ".") for s in SAFE_ON_RESUME)]
+        if unsafe:
+            raise EvomergeError(
+                f"{rd.root}: the config differs from the run's frozen config in "
+                f"{', '.join(unsafe)}; resuming would mix two different searches. Resume "
+                f"without a config, or start a new run (safe to change: "
+                f"{', '.join(SAFE_ON_RESUME)})")
+        if changed:
+            cfg = new_cfg.model_copy(update={"run_dir": frozen.get("run_dir")})
+            atomic_write_text(rd.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    rd.repair()
+    return rd, cfg
+
+
+# ----------------------------------------------------------------------------- context
+
+
+@dataclass
+class TaskPair:
+    name: str
+    search: object   # evomerge.tasks.Task
+    heldout: object  # evomerge.tasks.Task
+
+
+@dataclass
+class SearchContext:
+    """Everything resident during a run: models, evaluator, merger, tasks, banks."""
+
+    cfg: RunConfig
+    rd: RunDir
+    base_path: Path
+    endpoint_paths: dict[str, Path]
+    tasks: dict[str, TaskPair]
+    space: object
+    evaluator: object
+    merger: object
+    banks: dict = field(default_factory=dict)
+    anchors: dict = field(default_factory=dict)   # task -> (indices, weights)
+    log: callable = print
+
+    def apply_genome(self, genome) -> dict:
+        recipe = self.space.decode(genome)
+        self.apply_recipe(recipe)
+        return recipe
+
+    def apply_recipe(self, recipe: dict) -> None:
+        from evomerge.merge.recipe import MergeRecipe
+
+        resolved = _resolve_recipe(recipe, self.base_path, self.endpoint_paths)
+        self.merger.apply(MergeRecipe.model_validate(resolved), self.evaluator.model)
+
+    def apply_endpoint(self, ref: str) -> None:
+        """Load one endpoint (or the base) into the live model: linear with weight 1."""
+        path = self.base_path if ref == "base" else self.endpoint_paths[ref]
+        self.merger.load_source_into(path, self.evaluator.model)
+
+    def answer(self, task: str, split: str, indices=None) -> np.ndarray:
+        pair = self.tasks[task]
+        t = pair.search if split == "search" else pair.heldout
+        items = t.items if indices is None else [t.items[i] for i in indices]
+        return np.asarray(self.evaluator.answer(t, items), dtype=np.int8)
+
+
+def _resolve_recipe(recipe: dict, base_path: Path, endpoint_paths: dict[str, Path]) -> dict:
+    """Replace model references in a decoded recipe by their resolved folders."""
+    out = dict(recipe)
+    out["base_model"] = str(base_path)
+    out["models"] = [{**m, "model": str(endpoint_paths.get(m["model"], m["model"]))}
+                     for m in recipe["models"]]
+    return out
+
+
+def resolve_model(ref: str, zoo_root: str | None = None) -> Path:
+    """A model reference -> a local checkpoint folder (zoo:NAME, a folder, or a hub id)."""
+    if ref.startswith("zoo:"):
+        from evomerge.zoo import build_zoo
+
+        zoo = build_zoo(zoo_root, verbose=True)
+        name = ref[4:]
+        if name == "base":
+            return Path(zoo.base)
+        if name not in zoo.experts:
+            raise EvomergeError(f"models: {ref!r} is not in the zoo; it has zoo:base and "
+                                + ", ".join(f"zoo:{n}" for n in zoo.experts))
+        return Path(zoo.experts[name])
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists() or ref.startswith((".", "/", "~")):
+        raise EvomergeError(f"models: {ref!r} is not a model folder (expected config.json and "
+                            "safetensors inside)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
+                                                           "*.model", "*.txt"]))
+    except Exception as exc:  # offline, unknown id, gated...
+        raise EvomergeError(f"models: {ref!r} is neither a local folder nor a downloadable hub "
+                            f"model ({type(exc).__name__}: {exc})") from None
+
+
+def load_tasks(cfg: RunConfig) -> dict[str, TaskPair]:
+    """Load every task's search and held-out items."""
+    from evomerge.tasks import load_task_dir
+    from evomerge.tasks.sources import load_dataset_task
+
+    out = {}
+    for tc in cfg.tasks:
+        name = tc.task_name
+        if tc.source is not None:
+            search, heldout = load_dataset_task(name, tc.source)
+        else:
+            if tc.zoo is not None:
+                from evomerge.zoo import build_zoo
+
+                zoo = build_zoo(verbose=True)
+                if tc.zoo not in zoo.task_names:
+                    raise EvomergeError(f"tasks: zoo task {tc.zoo!r} unknown; the zoo has "
+                                        + ", ".join(zoo.task_names))
+                folder = zoo.task_dir(tc.zoo)
+            else:
+                folder = Path(tc.path)
+            search = load_task_dir(folder, split="search")
+            heldout = load_task_dir(folder, split="heldout")
+            search.name = heldout.name = name
+        for t in (search, heldout):
+            if tc.template is not None:
+                t.template = tc.template
+            if tc.extract is not None:
+                t.extract = tc.extract
+            mnt = cfg.evaluator.max_new_tokens or tc.max_new_tokens
+            if mnt is not None:
+                t.max_new_tokens = mnt
+        if tc.search_limit:
+            search.items = search.items[: tc.search_limit]
+        out[name] = TaskPair(name, search, heldout)
+    return out
+
+
+def make_evaluator(ev, model_path: Path):
+    """The evaluator named by an ``EvaluatorConfig``, holding ``model_path`` resident."""
+    if ev.backend == "vllm":
+        raise EvomergeError("evaluator.backend: vllm is not available yet (see the README's "
+                            "status list); use backend: hf, which also runs on CUDA")
+    from evomerge.backends.hf import HFEvaluator
+
+    return HFEvaluator(model_path, device=ev.device, dtype=ev.dtype, batch_size=ev.batch_size)
+
+
+def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
+    from evomerge.genome import ParameterSpace
+    from evomerge.merge.engine import InMemoryMerger
+
+    base = resolve_model(cfg.models.base)
+    endpoints = {ref: resolve_model(ref) for ref in cfg.models.endpoints}
+    tasks = load_tasks(cfg)
+    ss = cfg.search_space
+    space = ParameterSpace(ss.method, cfg.models.base, cfg.models.endpoints, ss.genes, ss.fixed,
+                           dtype=cfg.evaluator.dtype)
+    evaluator = make_evaluator(cfg.evaluator, base)
+    merger = InMemoryMerger(base, list(endpoints.values()), device=cfg.evaluator.device)
+    return SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, merger, log=log)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _bits(a) -> str:
+    return "".join("1" if v else "0" for v in np.asarray(a).ravel())
+
+
+def _unbits(s: str) -> np.ndarray:
+    return np.frombuffer(s.encode(), dtype=np.uint8).astype(np.int8) - ord("0")
+
+
+def calibration_population(ctx: SearchContext) -> list[tuple[str, list | None]]:
+    """The base, the endpoints, then ``calibration.samples`` genomes drawn uniformly from the
+    search space (seeded by the run seed): the subjects the item banks are fitted on."""
+    cfg = ctx.cfg
+    pop: list[tuple[str, list | None]] = [("base", None)]
+    pop += [(ref, None) for ref in cfg.models.endpoints]
+    rng = np.random.default_rng([cfg.seed, 7919])
+    for k in range(cfg.calibration.samples):
+        pop.append((f"sample-{k:03d}", rng.uniform(0.0, 1.0, ctx.space.dim).tolist()))
+    return pop
+
+
+def run_calibration(ctx: SearchContext) -> None:
+    """Answer every search item with every calibration model (resumable, one log line each)."""
+    rd = ctx.rd
+    done = {r["name"] for r in read_jsonl(rd.calibration)}
+    pop = calibration_population(ctx)
+    todo = [(n, g) for n, g in pop if n not in done]
+    if todo:
+        ctx.log(f"calibration: {len(pop)} models x {sum(len(p.search.items) for p in ctx.tasks.values())}"
+                f" items ({len(pop) - len(todo)} already done)")
+    for name, genome in todo:
+        t0 = time.perf_counter()
+        if genome is None:
+            ctx.apply_endpoint(name)
+        else:
+            ctx.apply_genome(np.asarray(genome))
+        answers = {t: _bits(ctx.answer(t, "search")) for t in ctx.tasks}
+        append_jsonl(rd.calibration, {"name": name, "genome": genome, "answers": answers,
+                                      "seconds": round(time.perf_counter() - t0, 3)})
+        acc = {t: round(float(_unbits(a).mean()), 3) for t, a in answers.items()}
+        ctx.log(f"  calibrated {name}: {acc}")
+
+
+def fit_banks(ctx: SearchContext) -> None:
+    """Fit (or load) one item bank per task and choose its anchors; both saved in the run."""
+    import irt
+
+    cfg, rd = ctx.cfg, ctx.rd
+    records = read_jsonl(rd.calibration)
+    names = [r["name"] for r in records]
+    rd.banks.mkdir(parents=True, exist_ok=True)
+    for task, pair in ctx.tasks.items():
+        path = rd.bank_path(task)
+        anchors_path = rd.banks / f"{task}.anchors.json"
+        if not path.exists():
+            given = Path(cfg.calibration.banks) / f"{task}.bank.json" if cfg.calibration.banks else None
+            item_ids = [it.id for it in pair.search.items]
+            if given is not None and given.exists():
+                bank = irt.ItemBank.load(given)
+                bank.check_items(item_ids)
+            else:
+                Y = np.stack([_unbits(r["answers"][task]) for r in records]).astype(float)
+                t0 = time.perf_counter()
+                bank = irt.ItemBank.fit(Y, item_ids=item_ids, subject_names=names,
+                                        dim=cfg.calibration.dim, seed=cfg.seed,
+                                        metadata={"task": task, "run": str(rd.root)})
+                ctx.log(f"  item bank {task}: d={bank.dim}, fit in {time.perf_counter() - t0:.1f}s")
+            bank.save(path)
+        if not anchors_path.exists():
+            bank = irt.ItemBank.load(path)
+            n = min(cfg.fitness.anchors, bank.n_items)
+            Y = None
+            if cfg.fitness.anchor_method == "correctness":
+                Y = np.stack([_unbits(r["answers"][task]) for r in records]).astype(float)
+            sel = irt.select_anchors(bank, n, method=cfg.fitness.anchor_method, seed=cfg.seed,
+                                     responses=Y)
+            atomic_write_json(anchors_path, {"method": cfg.fitness.anchor_method,
+                                             "indices": [int(i) for i in sel.indices],
+                                             "weights": [float(w) for w in sel.weights],
+                                             "item_ids": [bank.item_ids[i] for i in sel.indices]})
+        # always use what is on disk: an uninterrupted and a resumed run see the same numbers
+        ctx.banks[task] = irt.ItemBank.load(path)
+        a = yaml.safe_load(anchors_path.read_text())
+        ctx.anchors[task] = (np.asarray(a["indices"], dtype=int), np.asarray(a["weights"], dtype=float))
+
+
+# ----------------------------------------------------------------------------- fitness
+
+
+def endpoint_refs(cfg: RunConfig) -> list[str]:
+    return ["base", *cfg.models.endpoints]
+
+
+def estimate_task(ctx: SearchContext, task: str, answers: np.ndarray) -> float:
+    """Estimated full accuracy of ``task`` from the anchor answers (or exact, for 'full')."""
+    est = ctx.cfg.fitness.estimator
+    if est == "full":
+        return float(answers.mean())
+    import irt
+
+    idx, w = ctx.anchors[task]
+    bank = ctx.banks[task]
+    theta = bank.subject_abilities(endpoint_refs(ctx.cfg)) if est in ("mpirt", "gmpirt") else None
+    return float(irt.estimate_accuracy(est, bank, idx, w, answers, endpoint_theta=theta))
+
+
+def evaluate_candidate(ctx: SearchContext, genome: np.ndarray, generation: int, member: int,
+                       index: int) -> dict:
+    """Merge in memory, answer the anchors, estimate, return the log record."""
+    t0 = time.perf_counter()
+    recipe = ctx.apply_genome(genome)
+    t1 = time.perf_counter()
+    answers, estimates = {}, {}
+    for task in ctx.tasks:
+        idx = None if ctx.cfg.fitness.estimator == "full" else ctx.anchors[task][0]
+        a = ctx.answer(task, "search", idx)
+        answers[task] = _bits(a)
+        estimates[task] = estimate_task(ctx, task, a)
+    t2 = time.perf_counter()
+    if ctx.cfg.fitness.aggregate == "per_task":
+        fitness = [estimates[t] for t in ctx.tasks]
+    else:
+        fitness = float(np.mean([estimates[t] for t in ctx.tasks]))
+    return {"index": index, "generation": generation, "member": member,
+            "genome": [float(v) for v in genome], "recipe": recipe, "answers": answers,
+            "estimates": estimates, "fitness": fitness,
+            "items": int(sum(len(a) for a in answers.values())),
+            "timings": {"merge_s": round(t1 - t0, 4), "eval_s": round(t2 - t1, 4)}}
+
+
+def scalar_fitness(rec: dict) -> float:
+    f = rec["fitness"]
+    return float(np.mean(f)) if isinstance(f, list) else float(f)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run_generations(ctx: SearchContext) -> list[dict]:
+    """Ask/evaluate/tell for ``optimizer.generations``, replaying logged evaluations first."""
+    from evomerge.search.optimizers import make_optimizer
+
+    cfg, rd = ctx.cfg, ctx.rd
+    n_obj = len(ctx.tasks) if cfg.fitness.aggregate == "per_task" else 1
+    opt = make_optimizer(cfg.optimizer, ctx.space.dim, seed=cfg.seed,
+                         x0=ctx.space.initial_genome(), n_objectives=n_obj)
+    logged = {r["index"]: r for r in read_jsonl(rd.evaluations)}
+    records: list[dict] = []
+    index = 0
+    t_start = time.perf_counter()
+    evaluated_now = 0
+    total = cfg.optimizer.generations * opt.population
+    ctx.log(f"search: {opt.name}, {ctx.space.dim} genes, population {opt.population}, "
+            f"{cfg.optimizer.generations} generations ({len(logged)} evaluations in the log)")
+    for gen in range(cfg.optimizer.generations):
+        genomes = opt.ask_generation()
+        fits = []
+        for member, g in enumerate(genomes):
+            rec = logged.get(index)
+            if rec is not None:
+                if rec["genome"] != [float(v) for v in g]:
+                    raise EvomergeError(
+                        f"{rd.evaluations}: evaluation {index} was logged with another genome "
+                        "than the optimizer proposes on replay; the run was made by a different "
+                        "version or config. Start a new run (the log is left untouched).")
+            else:
+                rec = evaluate_candidate(ctx, g, gen, member, index)
+                append_jsonl(rd.evaluations, rec)
+                evaluated_now += 1
+            fits.append(rec["fitness"])
+            records.append(rec)
+            index += 1
+        opt.tell_generation(genomes, fits)
+        gen_fit = [scalar_fitness(r) for r in records[-len(genomes):]]
+        best = max(scalar_fitness(r) for r in records)
+        elapsed = time.perf_counter() - t_start
+        rate = evaluated_now / elapsed * 60 if evaluated_now else 0.0
+        left = (total - index) / (rate / 60) if rate else 0.0
+        ctx.log(f"gen {gen + 1:3d}/{cfg.optimizer.generations}  best {best:.4f}  mean "
+                f"{np.mean(gen_fit):.4f}  {rate:6.1f} cand/min  left {_fmt_time(left)}")
+        rd.set_state(stage="searching", generation=gen + 1)
+    return records
+
+
+def _fmt_time(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- end of run
+
+
+def top_candidates(records: list[dict], k: int) -> list[dict]:
+    """The k best evaluated candidates by fitness, distinct genomes, earliest first on ties."""
+    seen, out = set(), []
+    for r in sorted(records, key=lambda r: (-scalar_fitness(r), r["index"])):
+        key = tuple(r["genome"])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(r)
+        if len(out) == k:
+            break
+    return out
+
+
+def pareto_front(records: list[dict]) -> list[dict]:
+    """Non-dominated candidates (multi-objective runs)."""
+    pts = [(r, np.asarray(r["fitness"], dtype=float)) for r in records]
+    front = []
+    for r, f in pts:
+        if not any(np.all(g >= f) and np.any(g > f) for _, g in pts):
+            front.append(r)
+    return front
+
+
+def run_heldout(ctx: SearchContext, records: list[dict]) -> list[dict]:
+    """True held-out accuracy of the endpoints and of the top candidates (resumable)."""
+    rd = ctx.rd
+    done = {r["name"]: r for r in read_jsonl(rd.heldout)}
+    jobs: list[tuple[str, dict | None]] = [(ref, None) for ref in endpoint_refs(ctx.cfg)]
+    jobs += [(f"candidate-{r['index']}", r) for r in top_candidates(records, ctx.cfg.final.top_k)]
+    out = []
+    for name, rec in jobs:
+        if name not in done:
+            if rec is None:
+                ctx.apply_endpoint(name)
+            else:
+                ctx.apply_genome(np.asarray(rec["genome"]))
+            acc = {t: float(ctx.answer(t, "heldout").mean()) for t in ctx.tasks}
+            line = {"name": name, "index": None if rec is None else rec["index"],
+                    "accuracy": acc, "average": float(np.mean(list(acc.values()))),
+                    "estimated": None if rec is None else rec["estimates"]}
+            append_jsonl(rd.heldout, line)
+            done[name] = line
+        out.append(done[name])
+    return out
+
+
+def write_best(ctx: SearchContext, records: list[dict], heldout: list[dict]) -> dict:
+    """Pick the best re-evaluated candidate by held-out average; write recipe and model."""
+    from evomerge.merge.engine import merge_to_disk
+    from evomerge.merge.recipe import MergeRecipe
+
+    rd = ctx.rd
+    cands = [h for h in heldout if h["index"] is not None]
+    best_h = max(cands, key=lambda h: (h["average"], -h["index"]))
+    rec = next(r for r in records if r["index"] == best_h["index"])
+    resolved = _resolve_recipe(rec["recipe"], ctx.base_path, ctx.endpoint_paths)
+    summary = {"index": rec["index"], "generation": rec["generation"], "genome": rec["genome"],
+               "fitness": rec["fitness"], "estimates": rec["estimates"],
+               "heldout": best_h["accuracy"], "heldout_average": best_h["average"],
+               "recipe": rec["recipe"], "recipe_resolved": resolved,
+               "genes": {s.label(): v for s, v in ctx.space.values(rec["genome"]).items()}}
+    rd.best.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(rd.best / "recipe.json", summary)
+    atomic_write_text(rd.best / "recipe.mergekit.yaml", MergeRecipe.model_validate(resolved).to_yaml())
+    model_dir = rd.best / "model"
+    if ctx.cfg.final.write_model and not model_dir.exists():
+        merge_to_disk(MergeRecipe.model_validate(resolved), model_dir)
+    return summary
+
+
+def summary_table(ctx: SearchContext, heldout: list[dict]) -> str:
+    tasks = list(ctx.tasks)
+    head = f"{'model':<16}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'average':>10}"
+    lines = ["held-out accuracy (true, all held-out items)", head, "-" * len(head)]
+    for h in heldout:
+        lines.append(f"{h['name'][:16]:<16}" + "".join(f"{h['accuracy'][t]:>11.3f}" for t in tasks)
+                     + f"{h['average']:>10.3f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None,
+               run_dir: str | None = None, log=print) -> RunDir:
+    """Run (or resume) a search to the end; returns its run directory."""
+    if resume is not None:
+        rd, cfg = open_run_dir(resume, cfg)
+        log(f"resuming {rd.root} (stage: {rd.state().get('stage')})")
+    else:
+        assert cfg is not None
+        rd = new_run_dir(cfg, run_dir)
+        log(f"run directory: {rd.root}")
+    ctx = build_context(cfg, rd, log=log)
+    if cfg.fitness.estimator != "full":
+        rd.set_state(stage="calibrating")
+        run_calibration(ctx)
+        fit_banks(ctx)
+    rd.set_state(stage="searching")
+    records = run_generations(ctx)
+    rd.set_state(stage="finishing")
+    heldout = run_heldout(ctx, records)
+    best = write_best(ctx, records, heldout)
+    from evomerge.report import write_report
+
+    write_report(rd)
+    rd.set_state(stage="done")
+    log("")
+    log(summary_table(ctx, heldout))
+    items = sum(r["items"] for r in records)
+    log(f"\nbest: candidate {best['index']} (generation {best['generation'] + 1}), held-out "
+        f"average {best['heldout_average']:.3f}; {len(records)} candidates, {items} items answered")
+    log(f"recipe: {rd.best / 'recipe.json'}  model: {rd.best / 'model'}  report: {rd.report}")
+    return rd

@@ -1,0 +1,144 @@
+"""The run directory: everything needed to resume or audit a run.
+
+Layout of ``populations/NAME/``::
+
+    config.yaml             frozen config of the run (the one resume uses)
+    state.json              stage reached (calibrating / searching / finishing / done)
+    calibration.jsonl       one line per calibration model: its answers to every search item
+    banks/<task>.bank.json  fitted item banks (irt format) with the anchors chosen
+    evaluations.jsonl       one line per evaluated candidate (append-only)
+    heldout.jsonl           one line per candidate re-evaluated on the held-out items
+    best/                   best recipe (native JSON, mergekit YAML) and the merged model
+    report.md, *.png        the report
+
+Crash safety: JSONL files are appended line by line with flush + fsync, so a kill -9 can at
+worst leave one partial last line, which :func:`read_jsonl` drops (and :func:`repair_jsonl`
+cuts off before the next append). Every other file is written to a temporary name and
+renamed into place (:func:`atomic_write_text`). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from evomerge.errors import EvomergeError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line and make it durable before returning."""
+    line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+    with open(path, "a") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All complete lines of a JSONL log; a partial last line (killed mid-write) is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    for i, raw in enumerate(complete, 1):
+        if not raw.strip():
+            continue
+        try:
+            out.append(json.loads(raw))
+        except json.JSONDecodeError:
+            raise EvomergeError(f"{path}: line {i} is not valid JSON; the log was edited or "
+                                "corrupted — restore it or start a new run") from None
+    del tail  # no newline yet: an append that was cut off
+    return out
+
+
+def repair_jsonl(path: Path) -> None:
+    """Cut a partial last line (from a kill mid-append) so the next append starts clean."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+class RunDir:
+    """Paths and small helpers for one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    state_file = property(lambda self: self.root / "state.json")
+    calibration = property(lambda self: self.root / "calibration.jsonl")
+    banks = property(lambda self: self.root / "banks")
+    evaluations = property(lambda self: self.root / "evaluations.jsonl")
+    heldout = property(lambda self: self.root / "heldout.jsonl")
+    best = property(lambda self: self.root / "best")
+    report = property(lambda self: self.root / "report.md")
+
+    def bank_path(self, task: str) -> Path:
+        return self.banks / f"{task}.bank.json"
+
+    def exists(self) -> bool:
+        return self.config.exists()
+
+    def state(self) -> dict:
+        if not self.state_file.exists():
+            return {"stage": "new"}
+        return json.loads(self.state_file.read_text())
+
+    def set_state(self, **fields) -> None:
+        st = self.state()
+        st.update(fields)
+        atomic_write_json(self.state_file, st)
+
+    def iter_logs(self) -> Iterator[Path]:
+        yield from (self.calibration, self.evaluations, self.heldout)
+
+    def repair(self) -> None:
+        """Drop partial last lines and stray temp files left by a kill."""
+        for log in self.iter_logs():
+            repair_jsonl(log)
+        for tmp in self.root.rglob(".*.tmp-*"):
+            if tmp.is_file():
+                tmp.unlink()
