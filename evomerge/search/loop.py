@@ -11,7 +11,9 @@ being evaluated at that moment, which is then evaluated again.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -476,9 +478,12 @@ def write_best(ctx: SearchContext, records: list[dict], heldout: list[dict]) -> 
                "recipe": rec["recipe"], "recipe_resolved": resolved,
                "genes": {s.label(): v for s, v in ctx.space.values(rec["genome"]).items()}}
     rd.best.mkdir(parents=True, exist_ok=True)
+    model_dir = rd.best / "model"
+    old = rd.best / "recipe.json"
+    if model_dir.exists() and (not old.exists() or json.loads(old.read_text())["index"] != rec["index"]):
+        shutil.rmtree(model_dir)  # a longer (resumed) run found a better candidate
     atomic_write_json(rd.best / "recipe.json", summary)
     atomic_write_text(rd.best / "recipe.mergekit.yaml", MergeRecipe.model_validate(resolved).to_yaml())
-    model_dir = rd.best / "model"
     if ctx.cfg.final.write_model and not model_dir.exists():
         merge_to_disk(MergeRecipe.model_validate(resolved), model_dir)
     return summary

@@ -1,0 +1,171 @@
+"""`evomerge search` end to end on the zoo: the loop, the run directory, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.config import parse_config
+from evomerge.errors import EvomergeError
+from evomerge.search.loop import run_search
+from evomerge.search.rundir import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(run_dir, **over) -> dict:
+    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    cfg["run_dir"] = str(run_dir)
+    cfg["calibration"]["samples"] = 4
+    cfg["fitness"]["anchors"] = 10
+    cfg["optimizer"]["generations"] = 3
+    cfg["optimizer"]["population"] = 4
+    cfg["final"]["top_k"] = 2
+    for key, value in over.items():
+        section, _, field = key.partition(".")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def write_config(tmp_path, name="cfg.yaml", **over) -> Path:
+    run_dir = tmp_path / "run"
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(small_config(run_dir, **over)))
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference_run(zoo, tmp_path_factory):
+    """One uninterrupted small run, in process."""
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = parse_config(small_config(tmp / "run"))
+    lines = []
+    rd = run_search(cfg, log=lines.append)
+    return rd, lines
+
+
+def test_search_writes_a_complete_run(reference_run):
+    rd, lines = reference_run
+    evals = read_jsonl(rd.evaluations)
+    assert len(evals) == 3 * 4
+    assert [e["index"] for e in evals] == list(range(12))
+    rec = evals[0]
+    assert set(rec) >= {"genome", "recipe", "answers", "estimates", "fitness", "timings"}
+    assert all(len(a) == 10 for a in rec["answers"].values())        # anchors only
+    assert rd.state()["stage"] == "done"
+    for task in ("add", "rev", "lang"):
+        assert rd.bank_path(task).exists()
+    best = json.loads((rd.best / "recipe.json").read_text())
+    assert best["heldout_average"] > 0
+    assert (rd.best / "recipe.mergekit.yaml").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(rd.best / "model")          # loads with no custom code
+    for png in ("fitness.png", "estimated_vs_true.png", "best_genes.png"):
+        assert (rd.root / png).stat().st_size > 1000
+    assert "Held-out accuracy" in rd.report.read_text()
+    assert any(line.startswith("gen   3/3") for line in lines)
+
+
+def test_report_command_redraws(reference_run):
+    rd, _ = reference_run
+    rd.report.unlink()
+    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "report", str(rd.root)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert rd.report.exists()
+
+
+def _launch(args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_when(proc, predicate, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            raise AssertionError("process ended before the kill point:\n" + proc.stdout.read())
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("kill point never reached")
+
+
+def _lines(path):
+    return len(read_jsonl(path)) if path.exists() else 0
+
+
+def test_resume_after_sigkill_reaches_the_same_best(reference_run, tmp_path):
+    """Kill -9 during calibration, mid-generation and mid-write; no evaluation lost or re-run."""
+    ref_rd, _ = reference_run
+    cfg = write_config(tmp_path)
+    run = tmp_path / "run"
+    # 1. during calibration
+    p = _launch(["search", str(cfg)], REPO)
+    _kill_when(p, lambda: _lines(run / "calibration.jsonl") >= 2)
+    # 2. mid-generation
+    p = _launch(["search", "--resume", str(run)], REPO)
+    _kill_when(p, lambda: _lines(run / "evaluations.jsonl") >= 6)
+    n_before = _lines(run / "evaluations.jsonl")
+    kept = read_jsonl(run / "evaluations.jsonl")
+    # 3. "while writing": what a kill in the middle of an append leaves behind
+    with open(run / "evaluations.jsonl", "a") as fh:
+        fh.write('{"index": %d, "generation": 1, "genome": [0.1' % n_before)
+    p = _launch(["search", "--resume", str(run)], REPO)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    evals = read_jsonl(run / "evaluations.jsonl")
+    assert [e["index"] for e in evals] == list(range(12))             # nothing lost or re-run
+    assert evals[:n_before] == kept
+    ref = read_jsonl(ref_rd.evaluations)
+    assert [e["genome"] for e in evals] == [e["genome"] for e in ref]
+    assert [e["fitness"] for e in evals] == [e["fitness"] for e in ref]
+    a = json.loads((run / "best" / "recipe.json").read_text())
+    b = json.loads((ref_rd.best / "recipe.json").read_text())
+    assert a["genome"] == b["genome"] and a["heldout"] == b["heldout"]
+
+
+def test_resume_refuses_a_changed_config(reference_run, tmp_path):
+    rd, _ = reference_run
+    changed = tmp_path / "changed.yaml"
+    cfg = small_config(rd.root)
+    cfg["fitness"]["anchors"] = 15
+    changed.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(changed),
+                          "--resume", str(rd.root)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert "fitness.anchors" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_new_run_refuses_an_existing_run_dir(reference_run):
+    rd, _ = reference_run
+    cfg = parse_config(small_config(rd.root))
+    with pytest.raises(EvomergeError, match="--resume"):
+        run_search(cfg)
+
+
+def test_more_generations_is_a_safe_resume_change(reference_run, tmp_path):
+    import shutil
+
+    rd, _ = reference_run
+    copy = tmp_path / "more"
+    shutil.copytree(rd.root, copy)
+    cfg = parse_config(small_config(copy, **{"optimizer.generations": 4}))
+    rd2 = run_search(cfg, resume=copy, log=lambda m: None)
+    evals = read_jsonl(rd2.evaluations)
+    assert len(evals) == 16
+    assert [e["genome"] for e in evals[:12]] == [e["genome"] for e in read_jsonl(rd.evaluations)]
