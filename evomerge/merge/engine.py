@@ -1,0 +1,522 @@
+"""The merge engine: apply a recipe tensor by tensor, to disk or into a live model.
+
+Both paths build the same :class:`MergePlan` from safetensors headers (architectures, names and
+shapes are checked before any compute), resolve each tensor's parameters the same way, prepare
+the method's inputs the same way (``tensor.float()``, task vectors ``t.float() - base.float()``)
+and call the same :func:`merge_one` — so :func:`merge_to_disk` and
+:meth:`InMemoryMerger.apply` produce bit-identical tensors on the same device.
+
+- :func:`merge_to_disk` streams: it holds the inputs of one output tensor plus that output,
+  writing each tensor's bytes straight into the (pre-planned) safetensors shards of a temporary
+  folder that is renamed into place at the end.
+- :class:`InMemoryMerger` keeps the inputs resident (float32 on ``device``; task vectors are
+  computed once on first use) and writes merged tensors into a ``transformers`` model in place.
+  The plan is cached per recipe *structure* (method, models, slices), so recipes that differ only
+  in parameter values (what a search produces) cost only the tensor math.
+
+Randomized methods (DARE) get a ``torch.Generator`` seeded from ``(recipe.seed or 0, tensor
+name)``: reproducible, and independent of the order tensors are processed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from evomerge.checkpoint import DEFAULT_MAX_SHARD_BYTES, layer_index, set_layer_index
+from evomerge.checkpoint.io import CheckpointReader, CheckpointWriter
+from evomerge.errors import EvomergeError
+from evomerge.merge.recipe import MergeRecipe, ModelEntry, evaluate_setting, load_recipe, resolve_model_path
+from evomerge.merge.registry import REQUIRED, MergeMethod, get_method
+
+__all__ = ["MergePlan", "TensorJob", "build_plan", "merge_one", "merge_to_disk", "InMemoryMerger", "tensor_seed"]
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NO_VALUE = object()
+
+
+@dataclass
+class Group:
+    """The source models of the whole merge (``models:``) or of one slice."""
+
+    entries: list[ModelEntry]  # the method's input models, in order (base excluded when needed)
+    keys: list[str]  # reader key of each entry
+    params: dict[str, Any]  # slice-level parameters ({} for models:)
+    base_key: str | None
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: where its inputs come from and where it sits in the layer stack."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    t: float | None  # position in the output layer stack (None: not a decoder-layer tensor)
+    group: int
+    sources: list[tuple[str, str]]  # (reader key, tensor name) per input model
+    base: tuple[str, str] | None
+    copy_from: tuple[str, str] | None = None  # non-float tensors are copied, not merged
+
+
+@dataclass
+class MergePlan:
+    recipe_key: tuple
+    spec: MergeMethod
+    readers: dict[str, CheckpointReader]
+    groups: list[Group]
+    jobs: list[TensorJob]
+    config: dict
+    ref_key: str
+    num_layers: int
+    tokenizer_from: Path | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # reader key -> model ref as written
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _out_dtype(recipe: MergeRecipe, stored: torch.dtype) -> torch.dtype:
+    name = recipe.out_dtype or recipe.dtype
+    return _TORCH_DTYPES[name] if name else stored
+
+
+def build_plan(
+    recipe: MergeRecipe,
+    readers: dict[str, CheckpointReader] | None = None,
+    *,
+    allow_pickle: bool = False,
+) -> MergePlan:
+    """Check the recipe against the checkpoints' headers and list every output tensor.
+
+    ``readers`` (reader key → reader) is reused and extended (the in-memory merger shares its
+    readers between plans). Raises :class:`EvomergeError` for missing models or tensors,
+    architecture / shape mismatches and bad layer ranges.
+    """
+    spec = get_method(recipe.merge_method)
+    readers = readers if readers is not None else {}
+    labels: dict[str, str] = {}
+
+    def key_of(ref: str) -> str:
+        path = resolve_model_path(ref, recipe)
+        key = str(path)
+        if key not in readers:
+            readers[key] = CheckpointReader(path, allow_pickle=allow_pickle)
+        labels[key] = ref
+        return key
+
+    base_key = key_of(recipe.base_model) if recipe.base_model else None
+
+    def split(entries: list[ModelEntry], slice_base: str | None):
+        bkey = key_of(slice_base) if slice_base else base_key
+        used, keys = [], []
+        for e in entries:
+            k = key_of(e.model)
+            if spec.needs_base and k == bkey:
+                continue
+            used.append(e)
+            keys.append(k)
+        return used, keys, bkey
+
+    jobs: list[TensorJob] = []
+    groups: list[Group] = []
+    if recipe.models is not None:
+        used, keys, bkey = split(recipe.models, None)
+        groups.append(Group(used, keys, {}, bkey if spec.needs_base else None))
+        ref_key = bkey or keys[0]
+        ref = readers[ref_key]
+        names = ref.tensor_names()
+        participants = [ref_key] + [k for k in keys if k != ref_key]
+        _check_all(readers, participants, names, labels)
+        nl = ref.num_layers
+        for name in names:
+            li = layer_index(name)
+            t = None if li is None else (li / (nl - 1) if nl > 1 else 0.0)
+            jobs.append(_job(recipe, spec, readers, ref_key, name, name, t, 0, keys, bkey))
+        num_layers = nl
+    else:
+        slices = recipe.slices or []
+        for s in slices:
+            used, keys, bkey = split(s.sources, s.base_model)
+            groups.append(Group(used, keys, s.parameters,
+                                bkey if spec.needs_base else None))
+        ref_key = base_key or groups[0].keys[0]
+        ref = readers[ref_key]
+        num_layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices)
+        # pre-layer tensors (embeddings) come from the first slice's models, the others (final
+        # norm, lm_head) from the last slice's, as mergekit does.
+        non_layer = [n for n in ref.tensor_names() if layer_index(n) is None]
+        pre = [n for n in non_layer if "embed" in n]
+        post = [n for n in non_layer if "embed" not in n]
+        out_layer = 0
+        for gi, s in enumerate(slices):
+            g = groups[gi]
+            ranges = {}
+            for src in s.sources:
+                k = key_of(src.model)
+                lo, hi = src.layer_range
+                n_avail = readers[k].num_layers
+                if hi > n_avail:
+                    raise EvomergeError(
+                        f"slices[{gi}]: layer_range {[lo, hi]} of model {src.model!r} goes past its {n_avail} layers"
+                    )
+                ranges.setdefault(k, (lo, hi))
+            first_key = key_of(s.sources[0].model)
+            base_range = ranges.get(g.base_key, ranges[first_key]) if g.base_key else None
+            lo0 = ranges[first_key][0]
+            length = ranges[first_key][1] - lo0
+            tmpl_reader = readers[first_key]
+            for k_local in range(length):
+                j = out_layer + k_local
+                t = j / (num_layers - 1) if num_layers > 1 else 0.0
+                src_layer0 = lo0 + k_local
+                for name in tmpl_reader.tensor_names():
+                    if layer_index(name) != src_layer0:
+                        continue
+                    out_name = set_layer_index(name, j)
+                    srcs = [(k, set_layer_index(name, ranges[k][0] + k_local)) for k in g.keys]
+                    base = None
+                    if g.base_key is not None:
+                        base = (g.base_key, set_layer_index(name, base_range[0] + k_local))
+                    jobs.append(_slice_job(recipe, spec, readers, labels, out_name, srcs, base, t, gi, tmpl_reader, name))
+            out_layer += length
+        for name in pre + post:
+            gi = 0 if name in pre else len(groups) - 1
+            g = groups[gi]
+            participants = ([g.base_key] if g.base_key else []) + g.keys
+            _check_all(readers, [ref_key] + participants, [name], labels)
+            jobs.append(_job(recipe, spec, readers, ref_key, name, name, None, gi, g.keys, g.base_key))
+        jobs.sort(key=lambda j: _order_key(j.name))
+    config = dict(ref.config)
+    if recipe.slices is not None:
+        for k in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(config.get(k), int):
+                config[k] = num_layers
+    dt = recipe.out_dtype or recipe.dtype
+    if dt:
+        config["dtype"] = dt
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dt
+    tok = recipe.tokenizer_source
+    if tok in (None, "base"):
+        tok_dir = readers[ref_key].path
+    else:
+        tok_dir = resolve_model_path(tok, recipe)
+    return MergePlan(recipe.structure_key(), spec, readers, groups, jobs, config, ref_key, num_layers, tok_dir, labels)
+
+
+def _order_key(name: str):
+    li = layer_index(name)
+    if li is None:
+        return (0 if "embed" in name else 2, 0, name)
+    return (1, li, name)
+
+
+def _check_all(readers, keys, names, labels) -> None:
+    ref = readers[keys[0]]
+    for k in keys[1:]:
+        r = readers[k]
+        if ref.architectures and r.architectures and ref.architectures != r.architectures:
+            raise EvomergeError(
+                f"architecture mismatch: {labels.get(keys[0], keys[0])} is {ref.architectures} but "
+                f"{labels.get(k, k)} is {r.architectures}"
+            )
+        for name in names:
+            if name not in r:
+                raise EvomergeError(f"tensor {name!r} is missing from model {labels.get(k, k)}")
+            if r.shape(name) != ref.shape(name):
+                raise EvomergeError(
+                    f"shape mismatch for tensor {name!r}: {list(ref.shape(name))} in {labels.get(keys[0], keys[0])} "
+                    f"but {list(r.shape(name))} in {labels.get(k, k)}"
+                )
+
+
+def _job(recipe, spec, readers, ref_key, out_name, name, t, gi, keys, bkey) -> TensorJob:
+    ref = readers[ref_key]
+    stored = ref.dtype(name)
+    srcs = [(k, name) for k in keys]
+    base = (bkey, name) if (spec.needs_base and bkey) else None
+    if not stored.is_floating_point:
+        return TensorJob(out_name, ref.shape(name), stored, t, gi, srcs, base, copy_from=(ref_key, name))
+    return TensorJob(out_name, ref.shape(name), _out_dtype(recipe, stored), t, gi, srcs, base)
+
+
+def _slice_job(recipe, spec, readers, labels, out_name, srcs, base, t, gi, tmpl_reader, tmpl_name) -> TensorJob:
+    shape = tmpl_reader.shape(tmpl_name)
+    for k, n in srcs + ([base] if base else []):
+        r = readers[k]
+        if n not in r:
+            raise EvomergeError(f"tensor {n!r} is missing from model {labels.get(k, k)}")
+        if r.shape(n) != shape:
+            raise EvomergeError(
+                f"shape mismatch for tensor {n!r}: {list(r.shape(n))} in {labels.get(k, k)}, expected {list(shape)}"
+            )
+    stored = tmpl_reader.dtype(tmpl_name)
+    if not stored.is_floating_point:
+        return TensorJob(out_name, shape, stored, t, gi, srcs, base, copy_from=srcs[0])
+    return TensorJob(out_name, shape, _out_dtype(recipe, stored), t, gi, srcs, base)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _lookup(levels: Sequence[dict], p: str, name: str, t: float | None):
+    for level in levels:
+        if p in level:
+            v = evaluate_setting(level[p], name, t)
+            if v is not None:
+                return v
+    return _NO_VALUE
+
+
+def job_params(recipe: MergeRecipe, plan: MergePlan, job: TensorJob) -> dict[str, Any]:
+    """The method's keyword parameters for one tensor (per-model ones as aligned lists)."""
+    spec = plan.spec
+    g = plan.groups[job.group]
+    out: dict[str, Any] = {}
+    for p, default in spec.model_params.items():
+        vals = []
+        for e in g.entries:
+            v = _lookup((e.parameters, g.params, recipe.parameters), p, job.name, job.t)
+            if v is _NO_VALUE:
+                if default is REQUIRED:
+                    raise EvomergeError(f"model {e.model!r}: parameter {p!r} has no value for tensor {job.name!r}")
+                v = default
+            vals.append(v)
+        out[p] = vals
+    for p, default in spec.global_params.items():
+        v = _lookup((g.params, recipe.parameters), p, job.name, job.t)
+        if v is _NO_VALUE:
+            if default is REQUIRED:
+                raise EvomergeError(f"parameter {p!r} has no value for tensor {job.name!r}")
+            v = default
+        out[p] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- per-tensor math
+
+
+def tensor_seed(seed: int | None, name: str) -> int:
+    """Stable 63-bit seed from the recipe seed and a tensor name."""
+    h = hashlib.sha256(f"{int(seed or 0)}:{name}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def merge_one(
+    plan: MergePlan,
+    recipe: MergeRecipe,
+    job: TensorJob,
+    inputs: list[torch.Tensor],
+    base: torch.Tensor | None,
+) -> torch.Tensor:
+    """The one per-tensor function both paths call: float32 inputs (task vectors when the method
+    ``takes_deltas``) → float32 merged tensor, checked for NaN/inf."""
+    spec = plan.spec
+    params = job_params(recipe, plan, job)
+    gen = None
+    if spec.randomized:
+        dev = (inputs[0] if inputs else base).device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(tensor_seed(recipe.seed, job.name))
+    with torch.no_grad():
+        out = spec.fn(inputs, base, generator=gen, **params)
+    if tuple(out.shape) != job.shape:
+        raise EvomergeError(f"merge_method {spec.name!r} returned shape {list(out.shape)} for tensor {job.name!r}, expected {list(job.shape)}")
+    if not bool(torch.isfinite(out).all()):
+        bad = [plan.labels.get(k, k) for (k, _), x in zip(job.sources, inputs) if not bool(torch.isfinite(x).all())]
+        if base is not None and not bool(torch.isfinite(base).all()):
+            bad.append(plan.labels.get(job.base[0], job.base[0]) + " (base)")
+        why = (f"the input model(s) {bad} already hold NaN/inf there" if bad
+               else "check the recipe's parameters (weights, lambda, normalize with weights summing to ~0)")
+        raise EvomergeError(
+            f"merge produced NaN/inf in tensor {job.name!r} (merge_method {spec.name!r}): {why}"
+        )
+    return out
+
+
+def _f32(t: torch.Tensor, device) -> torch.Tensor:
+    return t.to(device=device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- disk
+
+
+def merge_to_disk(
+    recipe: MergeRecipe | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    device: str | torch.device = "cpu",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    copy_tokenizer: bool = True,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Path:
+    """Merge ``recipe`` into an HF checkpoint folder ``out_dir`` (atomic; replaces a previous model).
+
+    Streams tensor by tensor: memory holds one output tensor's inputs plus the output. Returns
+    the output folder.
+    """
+    if not isinstance(recipe, MergeRecipe):
+        recipe = load_recipe(recipe)
+    device = torch.device(device)
+    plan = build_plan(recipe, allow_pickle=allow_pickle)
+    spec = plan.spec
+    specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
+    tok = plan.tokenizer_from if copy_tokenizer else None
+    with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes) as writer:
+        for i, job in enumerate(plan.jobs):
+            if job.copy_from is not None:
+                k, n = job.copy_from
+                writer.write(job.name, plan.readers[k].get(n))
+            else:
+                base = _f32(plan.readers[job.base[0]].get(job.base[1]), device) if job.base else None
+                inputs = []
+                for k, n in job.sources:
+                    x = _f32(plan.readers[k].get(n), device)
+                    inputs.append(x - base if spec.takes_deltas else x)
+                out = merge_one(plan, recipe, job, inputs, base)
+                del inputs, base
+                res = out.to(job.out_dtype)
+                if job.out_dtype == torch.float16 and not bool(torch.isfinite(res).all()):
+                    raise EvomergeError(f"tensor {job.name!r} overflows float16; use dtype bfloat16 or float32")
+                writer.write(job.name, res)
+                del out, res
+            if progress is not None:
+                progress(i + 1, len(plan.jobs), job.name)
+        return writer.commit()
+
+
+# ----------------------------------------------------------------------------- in memory
+
+
+class InMemoryMerger:
+    """Resident sources; :meth:`apply` writes a recipe's merge into a live model in place.
+
+    ``recipe_or_paths``: a :class:`MergeRecipe` (its models are loaded at once, inputs prepared
+    for its method: task vectors for task-arithmetic methods) or a sequence of model folders
+    (loaded lazily on the first :meth:`apply`). Inputs are kept as float32 on ``device``.
+    """
+
+    def __init__(
+        self,
+        recipe_or_paths: MergeRecipe | Sequence[str | os.PathLike],
+        *,
+        device: str | torch.device = "cpu",
+        allow_pickle: bool = False,
+    ):
+        self.device = torch.device(device)
+        self.allow_pickle = allow_pickle
+        self.readers: dict[str, CheckpointReader] = {}
+        self._plans: dict[tuple, MergePlan] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
+        self._model_params: tuple[int, dict[str, torch.Tensor]] | None = None
+        if isinstance(recipe_or_paths, MergeRecipe):
+            self.prepare(recipe_or_paths)
+        else:
+            for p in recipe_or_paths:
+                path = resolve_model_path(str(p))
+                if str(path) not in self.readers:
+                    self.readers[str(path)] = CheckpointReader(path, allow_pickle=allow_pickle)
+
+    # -- resident inputs
+    def _tensor(self, key: str, name: str) -> torch.Tensor:
+        ck = ("t", key, name)
+        t = self._cache.get(ck)
+        if t is None:
+            t = _f32(self.readers[key].get(name), self.device)
+            self._cache[ck] = t
+        return t
+
+    def _delta(self, key: str, name: str, base: tuple[str, str]) -> torch.Tensor:
+        ck = ("d", key, name, base)
+        d = self._cache.get(ck)
+        if d is None:
+            raw = self._cache.get(("t", key, name))
+            x = raw if raw is not None else _f32(self.readers[key].get(name), self.device)
+            d = x - self._tensor(*base)
+            self._cache[ck] = d
+        return d
+
+    def _inputs(self, plan: MergePlan, job: TensorJob):
+        base = self._tensor(*job.base) if job.base else None
+        if plan.spec.takes_deltas:
+            inputs = [self._delta(k, n, job.base) for k, n in job.sources]
+        else:
+            inputs = [self._tensor(k, n) for k, n in job.sources]
+        return inputs, base
+
+    def plan(self, recipe: MergeRecipe) -> MergePlan:
+        """The (cached) plan of ``recipe``'s structure."""
+        key = recipe.structure_key()
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build_plan(recipe, self.readers, allow_pickle=self.allow_pickle)
+            self._plans[key] = plan
+        return plan
+
+    def prepare(self, recipe: MergeRecipe) -> None:
+        """Load (and turn into task vectors) everything ``recipe``'s structure needs, now."""
+        plan = self.plan(recipe)
+        for job in plan.jobs:
+            if job.copy_from is not None:
+                self._tensor(*job.copy_from)
+            else:
+                self._inputs(plan, job)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._cache.values())
+
+    def release(self) -> None:
+        """Drop resident tensors and plans (readers stay open)."""
+        self._cache.clear()
+        self._plans.clear()
+
+    # -- merging
+    def merged_tensors(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, float32 merged tensor)`` (non-float tensors as stored)."""
+        plan = self.plan(recipe)
+        for job in plan.jobs:
+            if job.copy_from is not None:
+                yield job.name, self._tensor(*job.copy_from)
+                continue
+            inputs, base = self._inputs(plan, job)
+            yield job.name, merge_one(plan, recipe, job, inputs, base)
+
+    def _targets(self, model) -> dict[str, torch.Tensor]:
+        if self._model_params is not None and self._model_params[0] == id(model):
+            return self._model_params[1]
+        targets = dict(model.named_parameters(remove_duplicate=False))
+        for n, b in model.named_buffers(remove_duplicate=False):
+            targets.setdefault(n, b)
+        self._model_params = (id(model), targets)
+        return targets
+
+    def apply(self, recipe: MergeRecipe, model) -> Any:
+        """Write ``recipe``'s merge into ``model`` (a ``torch.nn.Module`` whose state-dict names
+        match the checkpoints, e.g. a ``transformers`` model) in place; returns ``model``.
+
+        The model keeps its own dtype and device (``param.data.copy_``); the recipe's dtype is
+        not used. Tensors of the model that the merge does not produce are left untouched.
+        """
+        plan = self.plan(recipe)
+        targets = self._targets(model)
+        missing = [j.name for j in plan.jobs if j.name not in targets]
+        if missing:
+            raise EvomergeError(
+                f"the model has no tensor {missing[0]!r} (and {len(missing) - 1} more) that the merge produces; "
+                f"the recipe yields {plan.num_layers} layers — is the model of the same architecture and depth?"
+            )
+        with torch.no_grad():
+            for name, out in self.merged_tensors(recipe):
+                p = targets[name]
+                if tuple(p.shape) != tuple(out.shape):
+                    raise EvomergeError(f"tensor {name!r}: model has shape {list(p.shape)}, merge gives {list(out.shape)}")
+                p.data.copy_(out)
+        return model
