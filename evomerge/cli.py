@@ -22,6 +22,9 @@ app = typer.Typer(
 
 # --- command registration (one line per module that owns a command) ---
 # (registered below)
+from evomerge import merge_cli as _merge_cli  # noqa: E402
+
+_merge_cli.register(app)
 from evomerge.search import cli as _search_cli  # noqa: E402
 
 _search_cli.register(app)

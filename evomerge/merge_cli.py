@@ -1,0 +1,61 @@
+"""``evomerge merge RECIPE.yaml --out DIR``: run a mergekit-style recipe to an HF checkpoint.
+
+Import-light: torch and the engine are imported inside the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def merge_command(
+    recipe: Path = typer.Argument(..., help="mergekit-style YAML recipe"),
+    out: Path = typer.Option(..., "--out", "-o", help="output model folder (written atomically)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow reading pickle (.bin) checkpoints"),
+    device: str = typer.Option("cpu", "--device", help="device for the tensor math (cpu, cuda, cuda:1, ...)"),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="maximum safetensors shard size (e.g. 5GB, 500MB)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+) -> None:
+    """Merge models as a recipe says and write an HF checkpoint (safetensors, config, tokenizer)."""
+    import time
+
+    from evomerge.checkpoint import parse_size
+    from evomerge.errors import EvomergeError
+
+    try:
+        max_shard = parse_size(shard_size)
+    except ValueError as exc:
+        raise EvomergeError(f"--shard-size: {exc}") from None
+    if max_shard <= 0:
+        raise EvomergeError("--shard-size must be positive")
+
+    from evomerge.merge.engine import merge_to_disk
+    from evomerge.merge.recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    if device != "cpu":
+        import torch
+
+        try:
+            torch.empty(1, device=device)
+        except Exception as exc:  # noqa: BLE001
+            raise EvomergeError(f"--device {device!r} is not usable here ({exc})") from None
+
+    t0 = time.time()
+    last = [0.0]
+
+    def progress(i: int, n: int, name: str) -> None:
+        now = time.time()
+        if not quiet and (now - last[0] > 1.0 or i == n):
+            last[0] = now
+            typer.echo(f"\r[{i}/{n}] {name[:60]:<60}", nl=(i == n), err=True)
+
+    path = merge_to_disk(rec, out, allow_pickle=allow_pickle, device=device, max_shard_bytes=max_shard, progress=progress)
+    if not quiet:
+        typer.echo(f"merged ({rec.merge_method}) into {path} in {time.time() - t0:.1f}s")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(merge_command)
