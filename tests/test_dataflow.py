@@ -253,3 +253,58 @@ def test_one_shot_build_and_tied_embeddings(tmp_path):
     out = write_dataflow_checkpoint(DataflowPath([("A", 1), ("A", 0, 1.5)]), tmp_path / "t", None, tmp_path / "o")
     l = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert torch.equal(_logits(l), _logits(m))
+
+
+@torch.no_grad()
+def test_eps_is_the_only_difference():
+    """Reference with each RMSNorm's eps set to eps * C_k^2 equals the folded model to rounding:
+    the residual mismatch of the plain reference is entirely the eps effect."""
+    a, b = _tiny(7, 2, eps=1e-5), _tiny(8, 2, eps=1e-5)
+    with torch.no_grad():  # default-size init: a small stream (ms ~ 4e-4) makes eps matter
+        for m in (a, b):
+            for p in m.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02)
+    path = DataflowPath([("A", 0), ("B", 1, 0.4), ("A", 1, 0.5), ("B", 0, 3.0)])
+    got = _logits(DataflowBuilder(a, b).build(path))
+    plain_err = (got - reference_logits(path, a, b)).abs().max().item()
+    norms = []
+    for st, c in zip(path, cumulative_scales(path)):
+        layer = (a if st.model == "A" else b).model.layers[st.layer]
+        norms += [(layer.input_layernorm, c), (layer.post_attention_layernorm, c)]
+    norms.append((a.model.norm, cumulative_scales(path)[-1]))
+    saved = [n.variance_epsilon for n, _ in norms]
+    try:
+        for n, c in norms:
+            n.variance_epsilon = 1e-5 * c * c
+        corrected_err = (got - reference_logits(path, a, b)).abs().max().item()
+    finally:
+        for (n, _), e in zip(norms, saved):
+            n.variance_epsilon = e
+    assert plain_err > 1e-4
+    assert corrected_err < 1e-6 and corrected_err < plain_err / 100, (plain_err, corrected_err)
+
+
+def test_qwen2_layer_types_follow_the_path(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def q(seed):
+        torch.manual_seed(seed)
+        cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                          sliding_window=4, max_window_layers=1, tie_word_embeddings=False)
+        return Qwen2ForCausalLM(cfg).eval()
+
+    a, b = q(1), q(2)
+    assert a.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    path = DataflowPath([("A", 0), ("B", 1, 1.3), ("A", 0, 0.8), ("B", 2)])
+    out = write_dataflow_checkpoint(path, tmp_path / "a", tmp_path / "b", tmp_path / "o")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["layer_types"] == ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert loaded.config.layer_types == cfg["layer_types"]
+    in_mem = DataflowBuilder(a, b).build(path)
+    assert in_mem.config.layer_types == cfg["layer_types"]
+    assert torch.equal(_logits(loaded), _logits(in_mem))
