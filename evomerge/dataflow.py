@@ -588,7 +588,7 @@ class _DirTensors:
 class _Source:
     """One source model: its config dict, tensor names and tensors (from disk or a live model)."""
 
-    def __init__(self, src: ModelLike, label: str, *, resident: bool) -> None:
+    def __init__(self, src: ModelLike, label: str, *, resident: bool, layers_only: bool = False) -> None:
         import torch
 
         self.label = label
@@ -610,7 +610,11 @@ class _Source:
             self._reader = _DirTensors(self.dir)
             self._sd = None
             if resident:
-                self._sd = {k: self._reader.get(k) for k in self._reader.names()}
+                self._sd = {
+                    k: self._reader.get(k)
+                    for k in self._reader.names()
+                    if not layers_only or _LAYER_RE.match(k)
+                }
         mt = self.config.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise DataflowError(
@@ -622,14 +626,21 @@ class _Source:
         if not isinstance(n, int) or n < 1:
             raise DataflowError(f"model {label}: config num_hidden_layers missing or invalid ({n!r})")
         self.num_layers = n
+        # transformers' normalised view of the config (old / new field spellings agree), for checks
+        self.norm_config = self.config
+        if self.model is None:
+            try:
+                from transformers import AutoConfig
+
+                kw = {k: v for k, v in self.config.items() if k != "model_type"}
+                self.norm_config = AutoConfig.for_model(mt, **kw).to_dict()
+            except Exception:  # noqa: BLE001 - fall back to the raw dict
+                self.norm_config = self.config
         # per-layer attention types, normalised by transformers (qwen2 derives them from max_window_layers)
         self.layer_types: list[str] | None = None
         lt = self.config.get("layer_types")
         if lt is None and self.model is None and mt == "qwen2":
-            from transformers import AutoConfig
-
-            kw = {k: v for k, v in self.config.items() if k != "model_type"}
-            lt = getattr(AutoConfig.for_model(mt, **kw), "layer_types", None)
+            lt = self.norm_config.get("layer_types")
         if lt is not None:
             self.layer_types = list(lt)
 
@@ -657,14 +668,17 @@ class _Source:
 
 def _check_compatible(a: _Source, b: _Source) -> None:
     bad = []
+    ca, cb = a.norm_config, b.norm_config
     for f in _COMPAT_FIELDS:
-        va, vb = a.config.get(f), b.config.get(f)
+        va, vb = ca.get(f), cb.get(f)
         if f == "head_dim":
-            va = va or a.config["hidden_size"] // a.config["num_attention_heads"]
-            vb = vb or b.config["hidden_size"] // b.config["num_attention_heads"]
+            va = va or ca["hidden_size"] // ca["num_attention_heads"]
+            vb = vb or cb["hidden_size"] // cb["num_attention_heads"]
         if f == "num_key_value_heads":
-            va = va or a.config.get("num_attention_heads")
-            vb = vb or b.config.get("num_attention_heads")
+            va = va or ca.get("num_attention_heads")
+            vb = vb or cb.get("num_attention_heads")
+        if f in ("attention_bias", "mlp_bias"):
+            va, vb = bool(va), bool(vb)
         if va != vb:
             bad.append(f"{f}: A={va!r} B={vb!r}")
     if bad:
@@ -795,7 +809,7 @@ class DataflowBuilder:
         if model_b is None:
             self.b = self.a
         else:
-            self.b = _Source(model_b, "B", resident=True)
+            self.b = _Source(model_b, "B", resident=True, layers_only=True)
             _check_compatible(self.a, self.b)
             target = self.template.dtype
             # cast B's tensors to A's dtype once (no copy when they already agree)
