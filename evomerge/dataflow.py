@@ -966,7 +966,7 @@ def write_dataflow_checkpoint(
     out_dir: str | os.PathLike,
     *,
     tokenizer_from: str | os.PathLike | None = None,
-    max_shard_bytes: int = 2 * 1024**3,
+    max_shard_bytes: int = 5 * 1000**3,
 ) -> Path:
     """Write the folded checkpoint for ``path`` to ``out_dir`` (atomically: temp folder + rename).
 

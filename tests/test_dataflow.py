@@ -308,3 +308,15 @@ def test_qwen2_layer_types_follow_the_path(tmp_path):
     in_mem = DataflowBuilder(a, b).build(path)
     assert in_mem.config.layer_types == cfg["layer_types"]
     assert torch.equal(_logits(loaded), _logits(in_mem))
+
+
+def test_half_precision_sources(models):
+    a16 = _tiny(1, LA).to(torch.bfloat16)
+    m = DataflowBuilder(a16, models["b"]).build(DataflowPath.identity(LA))
+    assert m.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(_logits(m), _logits(a16))
+    m2 = DataflowBuilder(a16, models["b"]).build(DataflowPath([("A", 0), ("B", 1, 0.5)]))
+    assert m2.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16  # B cast to A's dtype
+    f16 = _tiny(1, LA).to(torch.float16)
+    with pytest.raises(DataflowError, match="overflows"):
+        DataflowBuilder(f16).build(DataflowPath([("A", 0), ("A", 1, 1e-6)]))
