@@ -44,10 +44,18 @@ _NO_VALUE = object()
 class Group:
     """The source models of the whole merge (``models:``) or of one slice."""
 
-    entries: list[ModelEntry]  # the method's input models, in order (base excluded when needed)
+    entry_idx: list[int]  # the method's input models: indices into recipe.models / slice.sources
     keys: list[str]  # reader key of each entry
-    params: dict[str, Any]  # slice-level parameters ({} for models:)
+    slice_idx: int | None  # None for models:
     base_key: str | None
+
+    def entries(self, recipe: MergeRecipe) -> list[ModelEntry]:
+        """This group's entries in ``recipe`` (a recipe of the same structure as the plan's)."""
+        src = recipe.models if self.slice_idx is None else recipe.slices[self.slice_idx].sources
+        return [src[i] for i in self.entry_idx]
+
+    def params(self, recipe: MergeRecipe) -> dict[str, Any]:
+        return {} if self.slice_idx is None else recipe.slices[self.slice_idx].parameters
 
 
 @dataclass
@@ -115,11 +123,11 @@ def build_plan(
     def split(entries: list[ModelEntry], slice_base: str | None):
         bkey = key_of(slice_base) if slice_base else base_key
         used, keys = [], []
-        for e in entries:
+        for i, e in enumerate(entries):
             k = key_of(e.model)
             if spec.needs_base and k == bkey:
                 continue
-            used.append(e)
+            used.append(i)
             keys.append(k)
         return used, keys, bkey
 
@@ -127,7 +135,7 @@ def build_plan(
     groups: list[Group] = []
     if recipe.models is not None:
         used, keys, bkey = split(recipe.models, None)
-        groups.append(Group(used, keys, {}, bkey if spec.needs_base else None))
+        groups.append(Group(used, keys, None, bkey if spec.needs_base else None))
         ref_key = bkey or keys[0]
         ref = readers[ref_key]
         names = ref.tensor_names()
@@ -141,9 +149,9 @@ def build_plan(
         num_layers = nl
     else:
         slices = recipe.slices or []
-        for s in slices:
+        for si, s in enumerate(slices):
             used, keys, bkey = split(s.sources, s.base_model)
-            groups.append(Group(used, keys, s.parameters,
+            groups.append(Group(used, keys, si,
                                 bkey if spec.needs_base else None))
         ref_key = base_key or groups[0].keys[0]
         ref = readers[ref_key]
@@ -278,11 +286,12 @@ def job_params(recipe: MergeRecipe, plan: MergePlan, job: TensorJob) -> dict[str
     """The method's keyword parameters for one tensor (per-model ones as aligned lists)."""
     spec = plan.spec
     g = plan.groups[job.group]
+    gparams = g.params(recipe)
     out: dict[str, Any] = {}
     for p, default in spec.model_params.items():
         vals = []
-        for e in g.entries:
-            v = _lookup((e.parameters, g.params, recipe.parameters), p, job.name, job.t)
+        for e in g.entries(recipe):
+            v = _lookup((e.parameters, gparams, recipe.parameters), p, job.name, job.t)
             if v is _NO_VALUE:
                 if default is REQUIRED:
                     raise EvomergeError(f"model {e.model!r}: parameter {p!r} has no value for tensor {job.name!r}")
@@ -290,7 +299,7 @@ def job_params(recipe: MergeRecipe, plan: MergePlan, job: TensorJob) -> dict[str
             vals.append(v)
         out[p] = vals
     for p, default in spec.global_params.items():
-        v = _lookup((g.params, recipe.parameters), p, job.name, job.t)
+        v = _lookup((gparams, recipe.parameters), p, job.name, job.t)
         if v is _NO_VALUE:
             if default is REQUIRED:
                 raise EvomergeError(f"parameter {p!r} has no value for tensor {job.name!r}")
