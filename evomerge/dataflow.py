@@ -782,6 +782,8 @@ class DataflowBuilder:
     ``AutoModelForCausalLM.from_pretrained(dir, dtype=dtype)`` for A (it is the template:
     embeddings, norm, lm_head, rotary buffers, generation config) and tensor-by-tensor for B.
     ``copy=False`` (default): candidates share every unscaled tensor with the sources.
+    Candidates live on A's device (``device=`` moves a folder-loaded A there once; B's tensors
+    follow A's device and dtype).
     """
 
     def __init__(
@@ -792,6 +794,7 @@ class DataflowBuilder:
         dtype: "torch.dtype | str | None" = None,
         copy: bool = False,
         attn_implementation: str | None = None,
+        device: "torch.device | str | None" = None,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM
@@ -803,6 +806,13 @@ class DataflowBuilder:
             p = Path(model_a)
             _Source(p, "A", resident=False)  # validates architecture with a clear error first
             model_a = AutoModelForCausalLM.from_pretrained(p, **kw)
+            if device is not None:
+                model_a = model_a.to(device)
+        elif device is not None and model_a.device != torch.device(device):
+            raise DataflowError(
+                f"model A is an in-memory model on {model_a.device}, not on device={device}; move it first "
+                "(the builder does not move a model it does not own)"
+            )
         model_a.eval()
         self.template = model_a
         self.a = _Source(model_a, "A", resident=True)
@@ -811,10 +821,11 @@ class DataflowBuilder:
         else:
             self.b = _Source(model_b, "B", resident=True, layers_only=True)
             _check_compatible(self.a, self.b)
-            target = self.template.dtype
-            # cast B's tensors to A's dtype once (no copy when they already agree)
+            target, dev = self.template.dtype, self.template.device
+            # cast / move B's tensors to A's dtype and device once (no copy when they already agree)
             self.b._sd = {  # type: ignore[union-attr]
-                k: (v.to(target) if v.is_floating_point() else v) for k, v in self.b._sd.items()  # type: ignore[union-attr]
+                k: (v.to(device=dev, dtype=target) if v.is_floating_point() else v.to(dev))
+                for k, v in self.b._sd.items()  # type: ignore[union-attr]
             }
         self.copy = copy
 
