@@ -1,0 +1,443 @@
+"""Formula checks of the extra merge methods on small tensors (evomerge.merge.methods_extra)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import polar
+
+from evomerge.errors import EvomergeError
+from evomerge.merge import methods_extra as mx
+from evomerge.merge.registry import REQUIRED, get_method
+
+EXTRA = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp",
+         "karcher", "sce", "nearswap", "tsv", "iso_c", "iso_cts"]
+
+
+def rnd(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def default_params(spec, n):
+    """Every declared parameter, REQUIRED ones given a plausible value."""
+    fill = {"weight": 1.0, "t": 0.01}
+    p = {k: [fill.get(k, v) if v is REQUIRED else v for _ in range(n)] for k, v in spec.model_params.items()}
+    p.update({k: (fill[k] if v is REQUIRED else v) for k, v in spec.global_params.items()})
+    return p
+
+
+def call(name, tensors, base, n=None, seed=0, **over):
+    spec = get_method(name)
+    n = len(tensors) if n is None else n
+    p = default_params(spec, n)
+    p.update(over)
+    gen = torch.Generator().manual_seed(seed) if spec.randomized else None
+    inputs = [t - base for t in tensors] if spec.takes_deltas else tensors
+    return spec(inputs, base if spec.needs_base else None, generator=gen, **p)
+
+
+# ----------------------------------------------------------------------------- registry contract
+
+
+@pytest.mark.parametrize("name", EXTRA)
+def test_registered_with_declared_params(name):
+    spec = get_method(name)
+    assert spec.reference
+    sig = inspect.signature(spec.fn)
+    accepts_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    for p in list(spec.model_params) + list(spec.global_params):
+        assert p in sig.parameters or accepts_kw, (name, p)
+    # numeric parameters are search genes: their defaults are numbers (or REQUIRED / None = auto)
+    for p, v in {**spec.model_params, **spec.global_params}.items():
+        assert v is REQUIRED or v is None or isinstance(v, (bool, int, float)), (name, p, v)
+
+
+@pytest.mark.parametrize("name", EXTRA)
+def test_no_nan_inputs_untouched_and_shape(name):
+    base = rnd(6, 5, seed=1)
+    n = 1 if name == "nearswap" else 2 if name == "nuslerp" else 3
+    models = [base + 0.1 * rnd(6, 5, seed=10 + i) for i in range(n)]
+    copies = [m.clone() for m in models]
+    out = call(name, models, base)
+    assert out.shape == base.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    for m, c in zip(models, copies):
+        assert torch.equal(m, c)
+    # 1-D tensors (biases / norms) take every method's fallback without error
+    b1 = rnd(7, seed=2)
+    out1 = call(name, [b1 + 0.1 * rnd(7, seed=20 + i) for i in range(n)], b1)
+    assert out1.shape == b1.shape and torch.isfinite(out1).all()
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "nearswap",
+                                  "karcher", "multislerp", "tsv"])
+def test_single_model_endpoint(name):
+    base = rnd(5, 4, seed=3)
+    model = base + 0.2 * rnd(5, 4, seed=4)
+    over = {"t": 1e6} if name == "nearswap" else {}
+    if name == "tsv":
+        over["rank_fraction"] = 1.0
+    out = call(name, [model], base, **over)
+    torch.testing.assert_close(out, model, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- breadcrumbs
+
+
+def test_breadcrumbs_sparsify_keeps_the_middle_band():
+    x = rnd(1000, seed=5)
+    out = mx.breadcrumbs_sparsify(x, density=0.3, gamma=0.05)
+    order = torch.argsort(x.abs())
+    kept = torch.zeros(1000, dtype=torch.bool)
+    kept[order[650:950]] = True  # n_bot = 650, n_top = 50
+    assert torch.equal(out != 0, kept)
+    assert torch.equal(out[kept], x[kept])
+
+
+def test_breadcrumbs_top_count_rounding_to_zero_does_not_zero_the_tensor():
+    x = rnd(50, seed=6)  # gamma * n = 0.5 -> n_top = 0 (mergekit would zero everything here)
+    out = mx.breadcrumbs_sparsify(x, density=0.2, gamma=0.01)
+    assert int((out != 0).sum()) == 10
+    assert torch.equal(out != 0, x.abs() >= x.abs().kthvalue(41).values)
+
+
+def test_breadcrumbs_density_limits_the_outlier_drop():
+    x = rnd(100, seed=7)
+    out = mx.breadcrumbs_sparsify(x, density=0.95, gamma=0.1)  # n_top cut from 10 to 5
+    assert int((out != 0).sum()) == 95
+    assert x.abs().max() > out.abs().max()
+    assert torch.equal(mx.breadcrumbs_sparsify(x, 1.0, 0.1), x)
+    with pytest.raises(EvomergeError):
+        mx.breadcrumbs_sparsify(x, 1.5, 0.1)
+
+
+def _np_ties(deltas, weights, base, normalize, lam):
+    wd = np.stack([w * d for w, d in zip(weights, deltas)])
+    sign = np.where(wd.sum(0) >= 0, 1.0, -1.0)
+    mask = np.sign(wd) == sign
+    mixed = (wd * mask).sum(0)
+    if normalize:
+        div = (np.array(weights)[:, None] * mask.reshape(len(weights), -1)).sum(0).reshape(mixed.shape)
+        div[div == 0] = 1
+        mixed = mixed / div
+    return base + lam * mixed
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_breadcrumbs_and_ties_formula(normalize):
+    base = rnd(10, 10, seed=8)
+    models = [base + rnd(10, 10, seed=9 + i) for i in range(3)]
+    w, dens, gam, lam = [0.5, 1.0, 0.7], [0.5, 0.6, 0.4], [0.05, 0.02, 0.1], 0.8
+    sparse = [mx.breadcrumbs_sparsify(m - base, d, g).numpy() for m, d, g in zip(models, dens, gam)]
+    out = call("breadcrumbs", models, base, weight=w, density=dens, gamma=gam, normalize=normalize, **{"lambda": lam})
+    exp = base.numpy() + lam * sum(wi * s for wi, s in zip(w, sparse)) / (sum(w) if normalize else 1.0)
+    np.testing.assert_allclose(out.numpy(), exp, rtol=1e-5, atol=1e-5)
+    out = call("breadcrumbs_ties", models, base, weight=w, density=dens, gamma=gam, normalize=normalize,
+               **{"lambda": lam})
+    np.testing.assert_allclose(out.numpy(), _np_ties(sparse, w, base.numpy(), normalize, lam), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- della
+
+
+def test_della_keep_probabilities_span_density_pm_epsilon():
+    x = torch.tensor([[0.1, -3.0, 0.5, 2.0, -0.01], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    p = mx.della_keep_probabilities(x, density=0.5, epsilon=0.2)
+    # row 0 ranks by |x|: 0.01 < 0.1 < 0.5 < 2 < 3 -> p = 0.3, 0.4, 0.5, 0.6, 0.7
+    torch.testing.assert_close(p[0], torch.tensor([0.4, 0.7, 0.5, 0.6, 0.3]))
+    torch.testing.assert_close(p[1], torch.tensor([0.7, 0.6, 0.5, 0.4, 0.3]))
+    # epsilon is shrunk to keep the band inside [0, 1]
+    q = mx.della_keep_probabilities(x, density=0.9, epsilon=0.3)
+    assert float(q.max()) == pytest.approx(1.0) and float(q.min()) == pytest.approx(0.8)
+
+
+def test_della_sparsify_is_unbiased_and_keeps_at_rate_p():
+    row = torch.tensor([0.1, -3.0, 0.5, 2.0, -0.01])
+    x = row.repeat(4000, 1)  # 4000 independent draws of the same row
+    out = mx.della_sparsify(x, 0.5, 0.2, generator=torch.Generator().manual_seed(0))
+    p = mx.della_keep_probabilities(row, 0.5, 0.2)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], (x / p)[kept])  # kept entries rescaled by 1/p
+    rate = kept.float().mean(0)
+    assert torch.allclose(rate, p, atol=0.03)
+    assert torch.allclose(out.mean(0), row, atol=0.05 * 3.0)
+    no_rescale = mx.della_sparsify(x, 0.5, 0.2, generator=torch.Generator().manual_seed(0), rescale=False)
+    assert torch.equal(no_rescale != 0, kept)
+    torch.testing.assert_close(no_rescale[kept], x[kept])
+
+
+@pytest.mark.parametrize("name,consensus", [("della", True), ("della_linear", False)])
+def test_della_formula(name, consensus):
+    base = rnd(8, 8, seed=11)
+    models = [base + rnd(8, 8, seed=12 + i) for i in range(2)]
+    w, dens, eps = [0.6, 0.9], [0.5, 0.7], [0.1, 0.2]
+    gen = torch.Generator().manual_seed(5)
+    sparse = [mx.della_sparsify(m - base, d, e, generator=gen).numpy() for m, d, e in zip(models, dens, eps)]
+    normalize = consensus
+    out = call(name, models, base, seed=5, weight=w, density=dens, epsilon=eps)
+    if consensus:
+        exp = _np_ties(sparse, w, base.numpy(), normalize, 1.0)
+    else:
+        exp = base.numpy() + sum(wi * s for wi, s in zip(w, sparse))
+    np.testing.assert_allclose(out.numpy(), exp, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- model stock
+
+
+def test_model_stock_t_formula_and_guard():
+    c = torch.tensor([0.0, 0.5, 1.0, -0.5, -1.0])
+    t = mx.model_stock_t(c, 3)
+    torch.testing.assert_close(t, torch.tensor([0.0, 1.5 / 2.0, 1.0, 0.0, 0.0]))
+
+
+def test_model_stock_known_angle():
+    base = torch.zeros(2)
+    a = 0.6
+    t1 = torch.tensor([1.0, 0.0])
+    t2 = 2.0 * torch.tensor([math.cos(a), math.sin(a)])
+    out = call("model_stock", [base + t1, base + t2], base)
+    c = math.cos(a)
+    t = 2 * c / (1 + c)
+    torch.testing.assert_close(out, t * (t1 + t2) / 2)
+    # opposite task vectors: cos = -1 = -1/(N-1), the singular point -> the base, finite
+    out = call("model_stock", [base + t1, base - t1], base)
+    torch.testing.assert_close(out, base)
+    # identical fine-tunes: cos = 1, t = 1 -> the fine-tune
+    out = call("model_stock", [base + t2, base + t2, base + t2], base)
+    torch.testing.assert_close(out, t2)
+
+
+def test_model_stock_filter_wise_rows():
+    base = rnd(2, 3, seed=13)
+    d1 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    d2 = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])  # row cos: 1/sqrt2 and 0
+    out = call("model_stock", [base + d1, base + d2], base, filter_wise=True)
+    c = 1 / math.sqrt(2)
+    exp = base.clone()
+    exp[0] += (2 * c / (1 + c)) * (d1[0] + d2[0]) / 2
+    torch.testing.assert_close(out, exp)
+
+
+# ----------------------------------------------------------------------------- spherical
+
+
+def test_nuslerp_orthogonal_flattened():
+    e0 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    e1 = torch.tensor([[0.0, 3.0], [0.0, 0.0]])
+    out = call("nuslerp", [e0, e1], None, weight=[1.0, 3.0])  # t = 0.75
+    t = 0.75
+    torch.testing.assert_close(out, math.cos(t * math.pi / 2) * e0 + math.sin(t * math.pi / 2) * e1)
+    out = call("nuslerp", [e0, e1], None, weight=[1.0, 0.0])
+    torch.testing.assert_close(out, e0)
+
+
+def test_nuslerp_per_row_and_per_column():
+    v0 = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    v1 = torch.tensor([[0.0, 1.0], [4.0, 0.0]])  # row 0 orthogonal, row 1 colinear -> lerp
+    out = call("nuslerp", [v0, v1], None, weight=[1.0, 1.0], nuslerp_flatten=False)
+    s = math.sin(math.pi / 4)
+    torch.testing.assert_close(out, torch.tensor([[s, s], [3.0, 0.0]]))
+    out_cols = call("nuslerp", [v0.T.contiguous(), v1.T.contiguous()], None, weight=[1.0, 1.0],
+                    nuslerp_flatten=False, nuslerp_row_wise=True)
+    torch.testing.assert_close(out_cols, out.T)
+
+
+def test_nuslerp_with_base_slerps_task_vectors():
+    base = rnd(3, 4, seed=14)
+    a, b = rnd(3, 4, seed=15), rnd(3, 4, seed=16)
+    out = mx.nuslerp([base + a, base + b], base, weight=[1.0, 1.0])
+    torch.testing.assert_close(out, base + mx.nuslerp_pair(0.5, a, b), rtol=1e-5, atol=1e-5)
+
+
+def _np_multislerp(xs, w):
+    x = np.stack([v.reshape(-1) for v in xs]).astype(np.float64)
+    w = np.asarray(w, dtype=np.float64) / np.sum(w)
+    nrm = np.linalg.norm(x, axis=1)
+    u = x / nrm[:, None]
+    m = (w[:, None] * u).sum(0)
+    m /= np.linalg.norm(m)
+    tang = (w[:, None] * (u - (u @ m)[:, None] * m[None, :])).sum(0)
+    tn = np.linalg.norm(tang)
+    return (np.cos(tn) * m + np.sin(tn) * tang / tn) * (w * nrm).sum()
+
+
+def test_multislerp_formula_and_symmetric_midpoint():
+    xs = [rnd(4, 3, seed=17 + i) for i in range(3)]
+    w = [0.2, 0.5, 0.3]
+    out = call("multislerp", xs, None, weight=w)
+    np.testing.assert_allclose(out.numpy().reshape(-1), _np_multislerp([x.numpy() for x in xs], w), rtol=1e-5, atol=1e-6)
+    # two orthogonal vectors, equal weights -> the normalised midpoint times the mean norm
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    out = call("multislerp", [e0, e1], None, weight=[1.0, 1.0])
+    torch.testing.assert_close(out, 2.0 * torch.tensor([1.0, 1.0]) / math.sqrt(2))
+    with pytest.raises(EvomergeError):
+        call("multislerp", [e0, -e0, e0], None, weight=[1.0, 2.0, 1.0])  # directions cancel
+
+
+def test_karcher_on_a_great_circle():
+    # points on a circle (angles 0, 0.4, 1.0) embedded by a random orthogonal map in R^6
+    q, _ = torch.linalg.qr(rnd(6, 6, seed=20).double())
+    angles, norms, w = [0.0, 0.4, 1.0], [1.0, 2.0, 3.0], [1.0, 2.0, 1.0]
+    xs = [(nm * (math.cos(a) * q[:, 0] + math.sin(a) * q[:, 1])).float() for a, nm in zip(angles, norms)]
+    out = call("karcher", xs, None, weight=w)
+    phi = sum(wi * a for wi, a in zip(w, angles)) / sum(w)  # exact Fréchet mean on a circle arc
+    scale = sum(wi * nm for wi, nm in zip(w, norms)) / sum(w)
+    exp = (scale * (math.cos(phi) * q[:, 0] + math.sin(phi) * q[:, 1])).float()
+    torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-4)
+    # differs from the one-step multislerp rule when weights are unequal
+    assert not torch.allclose(call("multislerp", xs, None, weight=w), exp, atol=1e-4)
+    # zero tensors: skipped in the direction, counted in the norm
+    z = call("karcher", [xs[0], torch.zeros(6)], None, weight=[1.0, 1.0])
+    torch.testing.assert_close(z, 0.5 * xs[0])
+
+
+# ----------------------------------------------------------------------------- SCE, nearswap
+
+
+def _np_sce(deltas, topk):
+    d = np.stack(deltas).astype(np.float64)
+    if topk < 1:
+        var = d.var(0).reshape(-1)
+        k = int(topk * np.count_nonzero(var))
+        mask = np.zeros(var.shape, bool)
+        mask[np.argsort(-var)[:k]] = True
+        d = d * mask.reshape(d.shape[1:])
+    msq = (d ** 2).reshape(len(d), -1).mean(1)
+    w = msq / msq.sum()
+    sign = np.where(d.sum(0) >= 0, 1.0, -1.0)
+    m = np.sign(d) == sign
+    num = (w[:, None] * (d * m).reshape(len(d), -1)).sum(0)
+    den = (w[:, None] * m.reshape(len(d), -1)).sum(0)
+    den[den == 0] = 1
+    return (num / den).reshape(d.shape[1:])
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.3])
+def test_sce_formula(topk):
+    base = rnd(6, 6, seed=21)
+    models = [base + (1 + i) * rnd(6, 6, seed=22 + i) for i in range(3)]
+    out = call("sce", models, base, select_topk=topk)
+    exp = base.numpy() + _np_sce([(m - base).numpy() for m in models], topk)
+    np.testing.assert_allclose(out.numpy(), exp, rtol=1e-5, atol=1e-5)
+
+
+def test_sce_tiny_topk_keeps_one_position():
+    base = torch.zeros(4)
+    models = [torch.tensor([1.0, 0.0, 0.0, 0.2]), torch.tensor([-1.0, 0.0, 0.0, 0.1])]
+    out = call("sce", models, base, select_topk=0.1)  # int(0.1 * 2) = 0 -> kept 1 position
+    assert int((out != 0).sum()) == 1 and out[0] != 0
+
+
+def test_nearswap_formula():
+    base = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    other = torch.tensor([0.0, 1.05, 3.0, 2.0])
+    out = call("nearswap", [other], base, t=0.1)
+    lw = torch.tensor([1.0, 1.0, 0.1, 0.1])
+    torch.testing.assert_close(out, base + lw * (other - base))
+    with pytest.raises(EvomergeError):
+        call("nearswap", [other], base, t=0.0)
+
+
+# ----------------------------------------------------------------------------- SVD-based
+
+
+def _np_tsv(deltas, k, lam=1.0):
+    us, ss, vs = [], [], []
+    for d in deltas:
+        u, s, vh = np.linalg.svd(d.astype(np.float64), full_matrices=False)
+        us.append(u[:, :k]); ss.append(s[:k]); vs.append(vh[:k])
+    U, _ = polar(np.concatenate(us, 1))
+    V, _ = polar(np.concatenate(vs, 0).T)
+    return lam * U @ np.diag(np.concatenate(ss)) @ V.T
+
+
+def test_tsv_against_formula():
+    base = rnd(12, 9, seed=30)
+    models = [base + rnd(12, 9, seed=31 + i) for i in range(3)]
+    out = call("tsv", models, base, **{"lambda": 0.7})
+    exp = base.numpy() + _np_tsv([(m - base).numpy() for m in models], k=3, lam=0.7)  # r = 9, k = 9 // 3
+    np.testing.assert_allclose(out.numpy(), exp, rtol=1e-4, atol=1e-4)
+    out = call("tsv", models, base, rank_fraction=0.2)  # k = int(9 * 0.2) = 1
+    exp = base.numpy() + _np_tsv([(m - base).numpy() for m in models], k=1)
+    np.testing.assert_allclose(out.numpy(), exp, rtol=1e-4, atol=1e-4)
+
+
+def test_tsv_orthogonal_low_rank_tasks_reduce_to_task_arithmetic():
+    q1, _ = torch.linalg.qr(rnd(10, 10, seed=32))
+    q2, _ = torch.linalg.qr(rnd(8, 8, seed=33))
+    # task i lives in its own singular subspace, rank 2 <= k = 8 // 3 = 2
+    taus = [q1[:, 2 * i:2 * i + 2] @ torch.diag(torch.tensor([3.0 + i, 1.0])) @ q2[:, 2 * i:2 * i + 2].T
+            for i in range(3)]
+    base = rnd(10, 8, seed=34)
+    out = call("tsv", [base + t for t in taus], base)
+    torch.testing.assert_close(out, base + sum(taus), rtol=1e-4, atol=1e-5)
+
+
+def test_iso_c_isotropic_spectrum():
+    base = rnd(7, 5, seed=35)
+    models = [base + rnd(7, 5, seed=36 + i) for i in range(3)]
+    w = [1.0, 0.5, 2.0]
+    out = call("iso_c", models, base, weight=w, **{"lambda": 1.3})
+    total = sum(wi * (m - base).double().numpy() for wi, m in zip(w, models))
+    u, s, vh = np.linalg.svd(total, full_matrices=False)
+    np.testing.assert_allclose(out.numpy(), base.numpy() + 1.3 * s.mean() * u @ vh, rtol=1e-4, atol=1e-4)
+    sv = np.linalg.svd((out - base).double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(sv, np.full(5, 1.3 * s.mean()), rtol=1e-4)
+
+
+def _np_iso_cts(deltas, frac):
+    T = len(deltas)
+    total = sum(deltas)
+    u, s, vh = np.linalg.svd(total, full_matrices=False)
+    r = len(s)
+    k = int(r * frac)
+    per = round((r - k) / T)
+    k = r - T * per
+    us, ss, vs = [], [], []
+    for d in deltas:
+        res = d - u[:, :k] @ u[:, :k].T @ d
+        ut, st, vht = np.linalg.svd(res, full_matrices=False)
+        us.append(ut[:, :per]); ss.append(st[:per]); vs.append(vht[:per])
+    U, _ = polar(np.concatenate(us + [u[:, :k]], 1))
+    V, _ = polar(np.concatenate(vs + [vh[:k]], 0).T)
+    return np.concatenate(ss + [s[:k]]).mean() * U @ V.T
+
+
+def test_iso_cts_against_formula_and_reduces_to_iso_c():
+    base = rnd(16, 12, seed=40)
+    models = [base + rnd(16, 12, seed=41 + i) for i in range(3)]
+    deltas = [(m - base).double().numpy() for m in models]
+    out = call("iso_cts", models, base, common_space_fraction=0.5)  # r = 12: k = 6 -> s = 2, k = 6
+    np.testing.assert_allclose(out.numpy(), base.numpy() + _np_iso_cts(deltas, 0.5), rtol=1e-4, atol=1e-4)
+    sv = np.linalg.svd((out - base).double().numpy(), compute_uv=False)
+    assert np.ptp(sv) < 1e-4 * sv.mean()  # isotropic
+    torch.testing.assert_close(call("iso_cts", models, base, common_space_fraction=1.0), call("iso_c", models, base))
+
+
+def test_iso_cts_sizes():
+    assert mx.iso_cts_sizes(768, 8, 0.8) == (616, 19)  # k = 614, s = round(154 / 8)
+    assert mx.iso_cts_sizes(12, 3, 0.5) == (6, 2)
+    assert mx.iso_cts_sizes(2, 3, 0.0) == (2, 0)  # the reference would give k = -1 here
+    k, s = mx.iso_cts_sizes(5, 2, 0.3)
+    assert k + 2 * s == 5 and k >= 0
+
+
+def test_svd_methods_1d_fallback_is_mean_task_vector():
+    base = rnd(9, seed=50)
+    models = [base + rnd(9, seed=51 + i) for i in range(3)]
+    mean = sum(m - base for m in models) / 3
+    for name in ("tsv", "iso_c", "iso_cts"):
+        torch.testing.assert_close(call(name, models, base, **{"lambda": 2.0}), base + 2.0 * mean)
+
+
+def test_svd_methods_reshape_nd_tensors():
+    base = rnd(4, 3, 2, seed=60)
+    models = [base + rnd(4, 3, 2, seed=61 + i) for i in range(2)]
+    out = call("iso_c", models, base)
+    flat = call("iso_c", [m.reshape(4, 6) for m in models], base.reshape(4, 6))
+    torch.testing.assert_close(out, flat.reshape(4, 3, 2))
