@@ -441,3 +441,13 @@ def test_svd_methods_reshape_nd_tensors():
     out = call("iso_c", models, base)
     flat = call("iso_c", [m.reshape(4, 6) for m in models], base.reshape(4, 6))
     torch.testing.assert_close(out, flat.reshape(4, 3, 2))
+
+
+def test_docs_table_lists_every_method():
+    from pathlib import Path
+
+    from evomerge.merge.registry import method_names
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    for name in method_names():
+        assert f"| `{name}` |" in text, name
