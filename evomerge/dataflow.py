@@ -754,18 +754,23 @@ def _iter_specs(a: _Source, b: _Source, plan) -> Iterator[tuple[str, tuple[int, 
             yield (f"model.layers.{k}.{suf}", *src.spec(f"model.layers.{l}.{suf}"))
 
 
-def _iter_tensors(a: _Source, b: _Source, plan) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """(output name, tensor) for the folded model, one tensor at a time."""
+def _iter_tensors(a: _Source, b: _Source, plan, dtype=None) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """(output name, tensor) for the folded model, one tensor at a time. ``dtype``: floating
+    tensors are cast to it *before* folding (as the builder does), so disk == memory bitwise."""
+
+    def cast(t):
+        return t.to(dtype) if (dtype is not None and t.is_floating_point() and t.dtype != dtype) else t
+
     layer_names = {id(a): _layer_tensor_names(a), id(b): _layer_tensor_names(b)}
     for n in a.names():
         if not _LAYER_RE.match(n):
-            yield n, a.get(n)
+            yield n, cast(a.get(n))
     for k, (src, l, c) in enumerate(plan):
         suffixes = layer_names[id(src)].get(l)
         if not suffixes:
             raise DataflowError(f"model {src.label}: no tensors for decoder layer {l} (model.layers.{l}.*)")
         for suf in suffixes:
-            t = src.get(f"model.layers.{l}.{suf}")
+            t = cast(src.get(f"model.layers.{l}.{suf}"))
             yield f"model.layers.{k}.{suf}", _fold(suf, t, c, f"step {k} ({src.label}{l}) {suf}")
 
 
@@ -998,14 +1003,11 @@ def write_dataflow_checkpoint(
     tok = Path(tokenizer_from) if tokenizer_from is not None else a.dir
     a_dtype = a.float_dtype()
 
-    def cast(t):
-        return t.to(a_dtype) if (a_dtype is not None and t.is_floating_point() and t.dtype != a_dtype) else t
-
     def tensors():
-        for n, t in _iter_tensors(a, b, plan):
+        for n, t in _iter_tensors(a, b, plan, dtype=a_dtype):
             if tied and n == "lm_head.weight":
                 continue
-            yield n, cast(t)
+            yield n, t
 
     meta = {
         "model_a": str(a.dir) if a.dir else f"<in-memory {type(a.model).__name__}>",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -317,6 +318,14 @@ def test_half_precision_sources(models):
     assert torch.equal(_logits(m), _logits(a16))
     m2 = DataflowBuilder(a16, models["b"]).build(DataflowPath([("A", 0), ("B", 1, 0.5)]))
     assert m2.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16  # B cast to A's dtype
+    # B in bf16 under a float32 A: cast before folding, on disk and in memory alike
+    b16_dir = models["root"] / "b16"
+    if not b16_dir.exists():
+        copy.deepcopy(models["b"]).to(torch.bfloat16).save_pretrained(b16_dir)
+    p = DataflowPath([("A", 0), ("B", 1, 0.7), ("A", 2, 1.3)])
+    out = write_dataflow_checkpoint(p, models["a_dir"], b16_dir, models["root"] / "mixed")
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(_logits(loaded), _logits(DataflowBuilder(models["a_dir"], b16_dir).build(p)))
     f16 = _tiny(1, LA).to(torch.float16)
     with pytest.raises(DataflowError, match="overflows"):
         DataflowBuilder(f16).build(DataflowPath([("A", 0), ("A", 1, 1e-6)]))
