@@ -519,6 +519,20 @@ class DataflowSpace:
             raise DataflowError(f"DataflowSpace.encode: path has {len(path)} steps > max_layers={self.max_layers}")
         return x
 
+    def labels(self) -> list[str]:
+        """One name per gene: ``I[r<repeat>:A3]`` indicators, then ``W[A2->B1]`` (matrix) or
+        ``W[->B1]`` (layer) scales -- same role as ``ParameterSpace.labels``."""
+        def nm(m: int) -> str:
+            return f"A{m}" if m < self.layers_a else f"B{m - self.layers_a}"
+
+        M = self.num_layers
+        out = [f"I[r{t // M}:{nm(t % M)}]" for t in range(self.num_slots)]
+        if self.scale_mode == "matrix":
+            out += [f"W[{nm(i)}->{nm(j)}]" for i in range(M) for j in range(M)]
+        elif self.scale_mode == "layer":
+            out += [f"W[->{nm(j)}]" for j in range(M)]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "layers_a": self.layers_a,

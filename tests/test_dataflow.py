@@ -84,6 +84,9 @@ def test_space_dims_and_initial_genome_decodes_to_a():
     x0 = sp.initial_genome()
     assert x0.shape == (sp.dim,) and np.all((x0 >= 0) & (x0 <= 1))
     assert sp.decode(x0) == DataflowPath.identity(LA)
+    labels = sp.labels()
+    assert len(labels) == sp.dim and labels[0] == "I[r0:A0]" and labels[M + 3] == "I[r1:B0]"
+    assert labels[2 * M + 1 * M + 4] == "W[A1->B1]"
     assert DataflowSpace(LA, LB, 3, scale_mode="layer").dim == 3 * M + M
     assert DataflowSpace(LA, LB, 3, scale_bounds=None).dim == 3 * M
     assert DataflowSpace(LA, LB, 3, scale_mode="layer").decode(DataflowSpace(LA, LB, 3, scale_mode="layer").initial_genome()) == DataflowPath.identity(LA)
