@@ -14,6 +14,15 @@ from evomerge.errors import EvomergeError
 from evomerge.merge import methods_extra as mx
 from evomerge.merge.registry import REQUIRED, get_method
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """LAPACK's threaded SVD on tiny matrices is ~1000x slower on a busy 2-core box; tests are tiny."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 EXTRA = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp",
          "karcher", "sce", "nearswap", "tsv", "iso_c", "iso_cts"]
 
@@ -451,3 +460,99 @@ def test_docs_table_lists_every_method():
     text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
     for name in method_names():
         assert f"| `{name}` |" in text, name
+
+
+# ----------------------------------------------------------------------------- on real (tiny) Llama checkpoints
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _tiny_llama import make_base, make_variant
+
+    root = tmp_path_factory.mktemp("tiny_extra")
+    base = make_base(root / "base", num_layers=2)
+    return {"base": base, **{k: make_variant(base, root / k, seed=s) for k, s in (("a", 1), ("b", 2), ("c", 3))}}
+
+
+def _merged(fam, method, models, parameters=None, base=True):
+    from evomerge.merge.engine import InMemoryMerger
+    from evomerge.merge.recipe import MergeRecipe
+
+    d = {"merge_method": method, "models": [{"model": str(fam[k]), "parameters": p} for k, p in models],
+         "parameters": parameters or {}}
+    if base:
+        d["base_model"] = str(fam["base"])
+    rec = MergeRecipe.from_dict(d)
+    paths = [fam["base"]] + [fam[k] for k, _ in models]
+    return dict(InMemoryMerger(paths).merged_tensors(rec))
+
+
+def _state(path):
+    from evomerge.checkpoint import CheckpointReader
+
+    r = CheckpointReader(path)
+    return {n: r.get(n).float() for n in r.tensor_names()}
+
+
+def _close(got, want, atol=1e-5):
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.isfinite(got[n]).all(), n
+        torch.testing.assert_close(got[n].float(), want[n], rtol=1e-4, atol=atol, msg=n)
+
+
+@pytest.mark.parametrize("method,params,model_params", [
+    ("breadcrumbs", {}, {"weight": 1.0}),
+    ("breadcrumbs_ties", {}, {"weight": 1.0}),
+    ("della", {}, {"weight": 1.0}),
+    ("della_linear", {}, {"weight": 1.0}),
+    ("sce", {}, {}),
+    ("nearswap", {"t": 1e6}, {}),
+    ("tsv", {"rank_fraction": 1.0}, {}),
+])
+def test_model_endpoint_single_fine_tune_gives_it_back(fam, method, params, model_params):
+    _close(_merged(fam, method, [("a", model_params)], params), _state(fam["a"]), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp", "karcher"])
+def test_model_endpoint_spherical_weights_one_zero(fam, method):
+    got = _merged(fam, method, [("a", {"weight": 1.0}), ("b", {"weight": 0.0})], base=False)
+    _close(got, _state(fam["a"]), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv"])
+def test_model_endpoint_lambda_zero_gives_base(fam, method):
+    got = _merged(fam, method, [("a", {}), ("b", {})], {"lambda": 0.0})
+    _close(got, _state(fam["base"]))
+
+
+@pytest.mark.parametrize("method,params,model_params", [
+    ("breadcrumbs", {}, {"weight": 0.5, "density": 0.8, "gamma": 0.02}),
+    ("breadcrumbs_ties", {}, {"weight": 0.5, "density": 0.8, "gamma": 0.02}),
+    ("della", {}, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}),
+    ("della_linear", {}, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}),
+    ("model_stock", {"filter_wise": True}, {}),
+    ("multislerp", {}, {"weight": 1.0}),
+    ("karcher", {}, {}),
+    ("sce", {"select_topk": 0.5}, {}),
+    ("tsv", {}, {}),
+    ("iso_c", {"lambda": 0.5}, {}),
+    ("iso_cts", {"lambda": 0.5}, {}),
+])
+def test_model_three_way_merge_loads_and_runs(fam, method, params, model_params):
+    from _tiny_llama import load_model
+
+    got = _merged(fam, method, [(k, dict(model_params)) for k in ("a", "b", "c")], params,
+                  base=method not in ("multislerp", "karcher"))
+    model = load_model(fam["base"])
+    sd = model.state_dict()
+    with torch.no_grad():
+        for n, t in got.items():
+            assert torch.isfinite(t).all(), n
+            sd[n].copy_(t)
+        logits = model(torch.tensor([[1, 5, 9, 3]])).logits
+    assert torch.isfinite(logits).all()
