@@ -25,6 +25,9 @@ app = typer.Typer(
 from evomerge import merge_cli as _merge_cli  # noqa: E402
 
 _merge_cli.register(app)
+from evomerge import irt_cli as _irt_cli  # noqa: E402
+
+_irt_cli.register(app)
 from evomerge.search import cli as _search_cli  # noqa: E402
 
 _search_cli.register(app)

@@ -1,1 +1,36 @@
-"""Item Response Theory for shrinking benchmarks (independent of evomerge)."""
+"""Item Response Theory for shrinking benchmarks (independent of evomerge).
+
+Fit a multidimensional 2PL item bank on a subjects × items 0/1 matrix, pick a few anchor items,
+and estimate a new subject's full accuracy from its answers to those anchors::
+
+    from irt import ItemBank, select_anchors, estimate_accuracy
+    bank = ItemBank.fit(Y, item_ids, subject_names, dim=None, seed=0)   # Y: NaN = missing
+    anchors = select_anchors(bank, n=20, method="irt", seed=0)          # .idx, .weights, .item_ids
+    E = bank.subject_theta(["expert_a", "expert_b"])                    # endpoint abilities
+    acc = estimate_accuracy("mpirt", bank, anchors.idx, anchors.weights, answers, endpoint_theta=E)
+
+Modules: :mod:`irt.model` (MIRT2PL, fit_ability, select_dim), :mod:`irt.bank` (ItemBank and
+its file format), :mod:`irt.anchors`, :mod:`irt.estimators`, :mod:`irt.io` (response files),
+:mod:`irt.bayes` (optional pymc fitter, ``pip install evomerge[pymc]``).
+"""
+
+from irt.anchors import Anchors, select_anchors
+from irt.bank import ItemBank
+from irt.errors import IRTError
+from irt.estimators import ESTIMATORS, estimate_accuracy, estimate_accuracy_batch, gp_lambda
+from irt.model import MIRT2PL, fit_ability, procrustes_align, select_dim
+
+__all__ = [
+    "Anchors",
+    "ESTIMATORS",
+    "IRTError",
+    "ItemBank",
+    "MIRT2PL",
+    "estimate_accuracy",
+    "estimate_accuracy_batch",
+    "fit_ability",
+    "gp_lambda",
+    "procrustes_align",
+    "select_anchors",
+    "select_dim",
+]

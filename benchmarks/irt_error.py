@@ -1,0 +1,196 @@
+"""How well do few anchor items estimate full accuracy? (issue 3)
+
+Prints, for each estimator × number of anchors × anchor-selection method, the mean absolute
+error (MAE) of the estimated full accuracy over held-out subjects, the plain mean of the anchor
+answers being the baseline; then the fit time of a 300 × 1000, d = 3 bank.
+
+(a) simulated: items from a d = 3 MIRT-2PL; K = 3 endpoint subjects; every other subject is a
+    merge: θ = Σ_j λ_j θ_j + ε, λ ~ Dirichlet(1) × U(0.6, 1.6) (merges are not confined to the
+    simplex), ε ~ N(0, 0.15² I) (merges are not exact mixtures). The bank is calibrated on the
+    endpoints + 300 merges; MAE is measured on 200 other merges against their observed accuracy
+    on all 1000 items. mp-IRT uses the endpoints' abilities fitted from their full answers.
+(b) real: ``real_table(path, endpoints)`` does the same on a response-matrix file (CSV / JSONL
+    / npz, see irt.io) of real answers, e.g. the zoo's merges — WIRE THE ZOO DATA IN THERE.
+
+Usage:  python benchmarks/irt_error.py [--quick] [--real RESPONSES --endpoints a,b,c]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from irt import ItemBank, select_anchors  # noqa: E402
+from irt.estimators import ESTIMATORS, estimate_accuracy_batch  # noqa: E402
+
+N_ANCHORS = (5, 10, 20, 50, 100)
+METHODS = ("random", "correctness", "irt", "info")
+
+
+def simulate_ability(n_items=1000, n_calib=300, n_test=200, K=3, d=3, noise=0.15, seed=0):
+    """Responses of K endpoints + (n_calib + n_test) merges; returns dict of arrays.
+
+    Items: a_i1 ~ |N(1.5, 0.5²)| on a first ("general skill") axis, a_ik ~ |N(0.9, 0.5²)| on the
+    others (a quarter of them negative), b ~ N(0, 1.5²). Endpoints: θ_j ~ N(0, I) with the first
+    coordinate set to 2 for the task's expert and spread over [0.5, −0.5] for the others. Merges: θ = Σ_j λ_j θ_j + ε with
+    λ ~ Dirichlet(0.7) × U(0.3, 1.5) (merges are neither convex nor exact mixtures),
+    ε ~ N(0, noise² I). Accuracy then spreads over merges roughly as in real merge populations.
+    """
+    rng = np.random.default_rng(seed)
+    a = np.abs(rng.normal(0.9, 0.5, (n_items, d))) * rng.choice([1, 1, 1, -1], (n_items, d))
+    a[:, 0] = np.abs(rng.normal(1.5, 0.5, n_items))
+    b = rng.normal(0, 1.5, n_items)
+    E = rng.normal(0, 1.0, (K, d))
+    E[:, 0] = np.r_[2.0, np.linspace(0.5, -0.5, K - 1)] if K > 1 else 2.0
+    n_m = n_calib + n_test
+    lam = rng.dirichlet(np.full(K, 0.7), n_m) * rng.uniform(0.3, 1.5, (n_m, 1))
+    th = np.vstack([E, lam @ E + noise * rng.standard_normal((n_m, d))])
+    P = 1 / (1 + np.exp(-(th @ a.T - b)))
+    Y = (rng.random(P.shape) < P).astype(np.float64)
+    names = [f"endpoint{j}" for j in range(K)] + [f"merge{m}" for m in range(n_m)]
+    calib = np.arange(K + n_calib)
+    test = np.arange(K + n_calib, K + n_m)
+    floor = float(np.abs(P[test].mean(1) - Y[test].mean(1)).mean())
+    return {"Y": Y, "names": names, "calib": calib, "test": test, "endpoints": names[:K],
+            "item_ids": [f"q{i}" for i in range(n_items)], "floor": floor}
+
+
+def simulate(n_items=1000, n_calib=300, n_test=200, K=3, d=3, resid=1.5, noise=0.5, sharpness=1.0, seed=0):
+    """Merges as mixtures of endpoint subjects (the main simulation).
+
+    Each endpoint j has a latent logit per item z_ji = a_i·θ_j − b_i + u_ji: a d-dimensional IRT
+    part (a, b, θ as in :func:`simulate_ability`) plus an endpoint-specific residual
+    u_ji ~ N(0, resid²) (what that fine-tune knows beyond the smooth trait). A merge mixes the
+    endpoints' logits, z_mi = Σ_j λ_j z_ji + ε_mi, λ ~ Dirichlet(0.7) × U(0.5, 1.5),
+    ε_mi ~ N(0, noise²), and answers Y_mi ~ Bernoulli(σ(κ z_mi)), κ = ``sharpness`` (how
+    deterministic a model's answer to an item is; greedy-decoded LLM answers are deterministic,
+    so real data sit at larger κ than 1). So merges inherit their
+    endpoints' item-level strengths, as merged models do, and are not convex mixtures.
+    """
+    rng = np.random.default_rng(seed)
+    a = np.abs(rng.normal(0.9, 0.5, (n_items, d))) * rng.choice([1, 1, 1, -1], (n_items, d))
+    a[:, 0] = np.abs(rng.normal(1.5, 0.5, n_items))
+    b = rng.normal(0, 1.5, n_items)
+    E = rng.normal(0, 1.0, (K, d))
+    E[:, 0] = np.r_[2.0, np.linspace(0.5, -0.5, K - 1)] if K > 1 else 2.0
+    Z = E @ a.T - b + resid * rng.standard_normal((K, n_items))
+    n_m = n_calib + n_test
+    lam = rng.dirichlet(np.full(K, 0.7), n_m) * rng.uniform(0.5, 1.5, (n_m, 1))
+    Zm = np.vstack([Z, lam @ Z + noise * rng.standard_normal((n_m, n_items))])
+    P = 1 / (1 + np.exp(-sharpness * Zm))
+    Y = (rng.random(P.shape) < P).astype(np.float64)
+    names = [f"endpoint{j}" for j in range(K)] + [f"merge{m}" for m in range(n_m)]
+    calib = np.arange(K + n_calib)
+    test = np.arange(K + n_calib, K + n_m)
+    floor = float(np.abs(P[test].mean(1) - Y[test].mean(1)).mean())
+    return {"Y": Y, "names": names, "calib": calib, "test": test, "endpoints": names[:K],
+            "item_ids": [f"q{i}" for i in range(n_items)], "floor": floor}
+
+
+def error_table(Y_calib, calib_names, Y_test, item_ids, endpoints, dim=None, seeds=(0, 1, 2),
+                n_anchors=N_ANCHORS, methods=METHODS, verbose=True):
+    """MAE table {(estimator, n, method): mae} for held-out rows ``Y_test`` (full answers)."""
+    t0 = time.perf_counter()
+    bank = ItemBank.fit(Y_calib, item_ids, calib_names, dim=dim, seed=0)
+    if verbose:
+        print(f"bank: {Y_calib.shape[0]} subjects × {Y_calib.shape[1]} items, d = {bank.dim} "
+              f"({time.perf_counter() - t0:.1f} s incl. dimension choice)")
+    E = bank.fit_ability(np.asarray(Y_calib)[[calib_names.index(e) for e in endpoints]])
+    truth = np.nanmean(Y_test, axis=1)
+    res = {}
+    for n in n_anchors:
+        for method in methods:
+            errs = {e: [] for e in ESTIMATORS}
+            for s in seeds if method in ("random", "correctness", "irt") else seeds[:1]:
+                anc = select_anchors(bank, n=n, method=method, seed=s)
+                ans = Y_test[:, anc.idx]
+                for est in ESTIMATORS:
+                    z = estimate_accuracy_batch(est, bank, anc.idx, anc.weights, ans, endpoint_theta=E,
+                                                gp_lambda=anc.gp_lambda, random_anchors=anc.random)
+                    errs[est].append(np.abs(z - truth))
+            for est in ESTIMATORS:
+                res[(est, n, method)] = float(np.mean(errs[est]))
+    return res, bank
+
+
+def print_table(res, title, n_anchors=N_ANCHORS, methods=METHODS):
+    print(f"\n{title}\nMAE of estimated accuracy (held-out subjects); columns = anchors per task")
+    hdr = f"{'estimator':9s} {'method':12s}" + "".join(f"{n:>8d}" for n in n_anchors)
+    print(hdr)
+    print("-" * len(hdr))
+    for method in methods:
+        for est in ESTIMATORS:
+            row = "".join(f"{res[(est, n, method)]:8.4f}" for n in n_anchors)
+            print(f"{est:9s} {method:12s}{row}")
+        print()
+    # summary at 20 anchors
+    if 20 in n_anchors:
+        base = min(res[("mean", 20, m)] for m in methods)
+        best = min(((res[(e, 20, m)], e, m) for e in ESTIMATORS for m in methods))
+        print(f"at 20 anchors: best {best[1]}/{best[2]} MAE {best[0]:.4f}; best plain mean {base:.4f}; "
+              f"ratio {best[0] / base:.2f} (target ≤ 0.02 and ≤ 0.5)")
+
+
+def fit_time(M=300, I=1000, d=3, seed=0):
+    from irt import MIRT2PL
+
+    rng = np.random.default_rng(seed)
+    th = rng.standard_normal((M, d))
+    a = np.abs(rng.normal(0.9, 0.5, (I, d)))
+    b = rng.normal(0, 1.5, I)
+    Y = (rng.random((M, I)) < 1 / (1 + np.exp(-(th @ a.T - b)))).astype(float)
+    t = time.perf_counter()
+    m = MIRT2PL(dim=d).fit(Y)
+    dt = time.perf_counter() - t
+    print(f"\nfit time {M} × {I}, d = {d}: {dt:.2f} s ({m.n_iter_} L-BFGS iterations; "
+          f"corr(b̂, b) = {np.corrcoef(m.b_, b)[0, 1]:.3f})")
+
+
+def real_table(path, endpoints, test_frac=0.3, seed=0, dim=None, **kw):
+    """(b) Real answers: ``path`` is a response-matrix file (irt.io formats) whose subjects are the
+    endpoints (names in ``endpoints``, always in the calibration part) and merges; a random
+    ``test_frac`` of the merges is held out. THE LEAD WIRES THE ZOO'S MERGE ANSWERS IN HERE
+    (one file per task; call once per task)."""
+    from irt.io import read_responses
+
+    Y, item_ids, names = read_responses(path)
+    rng = np.random.default_rng(seed)
+    others = [i for i, n in enumerate(names) if n not in endpoints]
+    missing = [e for e in endpoints if e not in names]
+    if missing:
+        raise SystemExit(f"endpoints {missing} not in {path}")
+    test = np.sort(rng.choice(others, max(1, int(test_frac * len(others))), replace=False))
+    calib = np.setdiff1d(np.arange(len(names)), test)
+    res, _ = error_table(Y[calib], [names[i] for i in calib], Y[test], item_ids, list(endpoints), dim=dim, **kw)
+    n_anchors = tuple(n for n in N_ANCHORS if n < len(item_ids))
+    print_table(res, f"(b) real answers: {path}", n_anchors=n_anchors)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer seeds, fixed d = 3")
+    ap.add_argument("--real", help="response-matrix file of real answers (part b)")
+    ap.add_argument("--endpoints", default="", help="comma-separated endpoint subject names in --real")
+    args = ap.parse_args(argv)
+    if args.real:
+        real_table(args.real, [e for e in args.endpoints.split(",") if e])
+        return
+    sim = simulate()
+    Y, names = sim["Y"], sim["names"]
+    seeds = (0,) if args.quick else (0, 1, 2)
+    res, bank = error_table(Y[sim["calib"]], [names[i] for i in sim["calib"]], Y[sim["test"]], sim["item_ids"],
+                            sim["endpoints"], dim=3 if args.quick else None, seeds=seeds)
+    print_table(res, "(a) simulated merges of 3 endpoints (1000 items, d = 3, 300 calibration, 200 held-out)")
+    print("\n(b) real zoo merges: not run here; use --real RESPONSES --endpoints a,b,c (see real_table)")
+    fit_time()
+
+
+if __name__ == "__main__":
+    main()

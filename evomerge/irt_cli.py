@@ -1,0 +1,158 @@
+"""``evomerge irt ...``: fit item banks, choose anchors, estimate accuracies (wraps :mod:`irt`).
+
+Response files (RESPONSES, ANSWERS, --endpoint-answers) are CSV / JSONL / npz as defined in
+:mod:`irt.io`. Banks are ``.safetensors`` files (:mod:`irt.bank`); anchors are JSON
+(:class:`irt.anchors.Anchors`). Import-light: numpy / scipy / sklearn load inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from evomerge.errors import EvomergeError
+
+app = typer.Typer(help="Item banks, anchor items and few-item accuracy estimates (IRT).", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+
+@contextmanager
+def _user_errors():
+    from irt.errors import IRTError
+
+    try:
+        yield
+    except IRTError as exc:
+        raise EvomergeError(str(exc)) from None
+
+
+def _csv_list(s: str | None) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
+@app.command("fit")
+def fit_cmd(
+    responses: Path = typer.Argument(..., help="subjects × items answers: .csv / .jsonl / .npz (see irt.io)"),
+    out: Path = typer.Option(..., "--out", "-o", help="item bank to write (.safetensors)"),
+    dim: Optional[int] = typer.Option(None, "--dim", "-d", help="dimension d (default: chosen by validation)"),
+    dims: str = typer.Option("1,2,3,5", "--dims", help="candidate dimensions when --dim is not given"),
+    seed: int = typer.Option(0, "--seed"),
+    task: Optional[str] = typer.Option(None, "--task", help="task name stored in the bank"),
+    items: Optional[Path] = typer.Option(None, "--items", help="task items JSONL ({id, subgroup}) for subgroups"),
+) -> None:
+    """Calibrate an item bank on a response matrix."""
+    with _user_errors():
+        from irt import ItemBank
+        from irt.errors import IRTError
+        from irt.io import read_responses
+
+        Y, item_ids, names = read_responses(responses)
+        subgroups = None
+        if items is not None:
+            groups = {}
+            try:
+                for ln, line in enumerate(items.read_text().splitlines(), start=1):
+                    if line.strip():
+                        rec = json.loads(line)
+                        groups[str(rec["id"])] = str(rec.get("subgroup", ""))
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise IRTError(f"{items}: cannot read item ids / subgroups ({exc})") from None
+            unknown = [i for i in item_ids if i not in groups]
+            if unknown:
+                raise IRTError(f"{items}: no entry for item ids {unknown[:5]} of {responses}")
+            subgroups = [groups[i] for i in item_ids]
+        try:
+            dims_t = tuple(int(x) for x in _csv_list(dims))
+        except ValueError:
+            raise IRTError(f"--dims: expected comma-separated integers, got {dims!r}") from None
+        bank = ItemBank.fit(Y, item_ids, names, dim=dim, seed=seed, dims=dims_t, subgroups=subgroups, task=task)
+        bank.save(out)
+        q = bank.meta["quality"]
+        typer.echo(f"wrote {out}: {len(names)} subjects × {len(item_ids)} items, d = {bank.dim}, "
+                   f"train log-loss {q['train_logloss']:.4f}, fit {q['fit_seconds']:.1f} s")
+
+
+@app.command("anchors")
+def anchors_cmd(
+    bank_path: Path = typer.Argument(..., metavar="BANK", help="item bank (.safetensors)"),
+    n: int = typer.Option(20, "-n", "--n", help="number of anchor items"),
+    method: str = typer.Option("irt", "--method", "-m", help="random | correctness | irt | info"),
+    seed: int = typer.Option(0, "--seed"),
+    stratify: bool = typer.Option(False, "--stratify", help="split anchors over the items' subgroups"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write anchors JSON here (default: stdout)"),
+) -> None:
+    """Choose anchor items (and weights) from a bank."""
+    with _user_errors():
+        from irt import ItemBank, select_anchors
+
+        bank = ItemBank.load(bank_path)
+        anc = select_anchors(bank, n=n, method=method, seed=seed, stratify=stratify)
+        if out is None:
+            typer.echo(json.dumps(anc.to_dict(), indent=1))
+        else:
+            anc.save(out)
+            typer.echo(f"wrote {out}: {len(anc)} anchors ({method}), gp_lambda = {anc.gp_lambda}")
+
+
+@app.command("estimate")
+def estimate_cmd(
+    bank_path: Path = typer.Argument(..., metavar="BANK", help="item bank (.safetensors)"),
+    answers: Path = typer.Argument(..., help="answers of the subject(s) to estimate: .csv / .jsonl / .npz"),
+    anchors: Optional[Path] = typer.Option(None, "--anchors", "-a",
+                                           help="anchors JSON (default: every item in ANSWERS, uniform weights)"),
+    estimator: str = typer.Option("gpirt", "--estimator", "-e", help="mean | pirt | gpirt | mpirt | gmpirt"),
+    endpoints: Optional[str] = typer.Option(None, "--endpoints",
+                                            help="comma-separated calibration subjects of the bank that are the endpoints"),
+    endpoint_answers: Optional[Path] = typer.Option(None, "--endpoint-answers",
+                                                    help="full answers of the endpoints (response file); abilities are fitted"),
+    gp_lambda: Optional[float] = typer.Option(None, "--gp-lambda", help="override the gp mixing weight"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per subject"),
+) -> None:
+    """Estimate full accuracy from anchor answers, one line per subject in ANSWERS."""
+    with _user_errors():
+        import numpy as np
+
+        from irt import Anchors, ItemBank
+        from irt.errors import IRTError
+        from irt.estimators import estimate_accuracy_batch
+        from irt.io import read_responses
+
+        bank = ItemBank.load(bank_path)
+        Y, item_ids, names = read_responses(answers)
+        col = bank.index(item_ids)  # unknown ids → clear error
+        if anchors is not None:
+            anc = Anchors.load(anchors, bank)
+        else:
+            anc = Anchors(idx=col, weights=np.full(len(col), 1.0 / len(col)), item_ids=item_ids, method="given")
+        pos = {int(c): k for k, c in enumerate(col)}
+        absent = [anc.item_ids[k] for k, i in enumerate(anc.idx) if int(i) not in pos]
+        if absent:
+            raise IRTError(f"{answers}: no answers for anchor items {absent[:5]}")
+        A = Y[:, [pos[int(i)] for i in anc.idx]]
+        E = None
+        if estimator in ("mpirt", "gmpirt"):
+            if endpoint_answers is not None:
+                Ye, ids_e, _ = read_responses(endpoint_answers)
+                E = bank.fit_ability(Ye, item_ids=ids_e)
+            elif endpoints:
+                E = bank.subject_theta(_csv_list(endpoints))
+            else:
+                raise IRTError(f"estimator {estimator!r} needs --endpoints NAME,... (calibration subjects of the "
+                               "bank) or --endpoint-answers FILE")
+        est = estimate_accuracy_batch(estimator, bank, anc.idx, anc.weights, A, endpoint_theta=E,
+                                      gp_lambda=gp_lambda if gp_lambda is not None else anc.gp_lambda,
+                                      random_anchors=anc.random)
+        for name, z in zip(names, est):
+            if as_json:
+                typer.echo(json.dumps({"subject": name, "estimator": estimator, "accuracy": float(z),
+                                       "n_anchors": len(anc)}))
+            else:
+                typer.echo(f"{name}\t{z:.4f}")
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="irt")

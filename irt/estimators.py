@@ -1,0 +1,250 @@
+"""Estimators of a subject's full-benchmark accuracy from its answers to a few anchor items.
+
+Notation: N items in the bank, anchors A (n items) with weights w (Σ w = 1), answers y_i for
+i ∈ A, item parameters (a_i, b_i), P_i(θ) = σ(a_i·θ − b_i).
+
+``mean``
+    Weighted mean of the anchor answers: Σ_{i∈A} w_i y_i.
+``pirt`` (p-IRT; Polo et al., "tinyBenchmarks", ICML 2024, Sec. 3.2)
+    θ̂ = MAP ability from the anchor answers (:func:`irt.model.fit_ability`), then
+    Ẑ = (1/N) [Σ_{i∈A} y_i + Σ_{i∉A} P_i(θ̂)] = λ ȳ_A + (1 − λ) mean_{i∉A} P_i(θ̂), λ = n/N.
+``gpirt`` (gp-IRT; same paper)
+    Ẑ = λ_gp Σ_{i∈A} w_i y_i + (1 − λ_gp) Ẑ_pIRT with λ_gp = b² / (b² + v/(c n)): the
+    mixing weight that minimises the error of a convex combination of an unbiased estimator of
+    variance v/(c n) (the weighted anchor mean) and one of bias b and small variance (p-IRT).
+    b = mean absolute error of the IRT-only prediction on the calibration subjects (see
+    :func:`gp_lambda`), v = mean over those subjects of acc(1 − acc) (Bernoulli variance of
+    item correctness), c = 1 for random anchors, 4 for clustered / designed anchors (their
+    weighted mean has much smaller variance than a random sample; tinyBenchmarks' choice).
+``mpirt`` (mp-IRT; Mencattini et al., "MERGE³", ICML 2025)
+    The merged model's ability is a combination of the K endpoint models' abilities,
+    θ = Σ_j λ_j θ_j = λᵀ Θ_E, with λ fitted on the anchor answers:
+    λ̂ = argmax_λ Σ_{i∈A} log Bernoulli(y_i; σ(a_i·Θ_Eᵀλ − b_i)) − |λ − 1/K|² / (2 τ²),
+    then the p-IRT formula with θ̂ = λ̂ᵀ Θ_E.
+    Regularisation of λ (MERGE³ runs unconstrained BFGS from λ = 1/K): a Gaussian prior centred
+    on the uniform average 1/K with sd τ (``lambda_prior_sd``, default 1). Why: (i) with ~20
+    anchors an all-right or all-wrong answer vector makes the unpenalised likelihood increase
+    without bound along some λ direction, so λ (and the estimate, pushed to 0 or 1) runs off;
+    (ii) when K > d, or endpoints have near-collinear abilities, λ is not identified and
+    unconstrained BFGS returns an arbitrary, often huge, λ; (iii) merges are not confined to the
+    simplex (task arithmetic amplifies: Sakana's evolved weights summed to ~2; a broken merge
+    lies below every endpoint), so a simplex constraint would be wrong. A mild ridge around the
+    uniform average keeps λ finite and unique while letting ~20 answers move it well outside the
+    simplex. The problem is a K-dimensional ridge logistic regression, solved by damped Newton
+    in well under a millisecond.
+``gmpirt`` (gmp-IRT; MERGE³)
+    Ẑ = λ_gp Σ_{i∈A} w_i y_i + (1 − λ_gp) Ẑ_mpIRT. MERGE³'s code uses λ_gp = 0.5; here the
+    default is the gp-IRT rule above (pass ``gp_lambda=0.5`` for MERGE³'s choice).
+
+Degenerate case: when the anchors are all N items (uniform weights) and all are answered, every
+estimator returns the observed accuracy exactly (the unseen sums are empty, λ = n/N = 1).
+Missing anchor answers (NaN) are skipped by the fits and replaced by P_i(θ̂) in the p-IRT sum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from irt.errors import IRTError
+from irt.model import _sigmoid, map_logistic
+
+__all__ = ["ESTIMATORS", "estimate_accuracy", "estimate_accuracy_batch", "gp_lambda"]
+
+ESTIMATORS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")
+
+
+def _prior_prec(bank) -> float:
+    return 1.0 / float(bank.meta.get("fit", {}).get("prior_theta", 1.0)) ** 2
+
+
+def ability_prior(bank, kind: str = "population"):
+    """(mean, precision) of the ability prior used to fit a new subject from few answers.
+
+    ``"standard"``: the calibration prior N(0, σ_θ² I). ``"population"`` (default): the
+    empirical distribution of the calibration subjects' abilities, N(mean θ̂, cov θ̂ + 0.01 I)
+    — an empirical-Bayes prior: in evomerge the calibration population is drawn from the same
+    search space as the candidates, so it is the right prior for them and sharpens estimates
+    from ~20 answers. Falls back to "standard" with fewer than 2 d calibration subjects.
+    """
+    if kind not in ("population", "standard"):
+        raise IRTError(f"ability prior must be 'population' or 'standard', got {kind!r}")
+    d = bank.dim
+    if kind == "standard" or len(bank.theta) < 2 * d:
+        return np.zeros(d), _prior_prec(bank)
+    key = ("abprior",)
+    if key not in bank._cache:
+        mu = bank.theta.mean(0)
+        C = np.cov(bank.theta, rowvar=False).reshape(d, d) + 0.01 * np.eye(d)
+        bank._cache[key] = (mu, np.linalg.inv(C))
+    return bank._cache[key]
+
+
+def _check_anchor_inputs(bank, idx, w, Y):
+    idx = np.asarray(idx)
+    if idx.ndim != 1 or idx.size == 0:
+        raise IRTError(f"anchors: need a non-empty 1-D list of item positions, got shape {idx.shape}")
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise IRTError("anchors: anchor_idx must be integer positions in the bank (use bank.index(ids))")
+    if idx.min() < 0 or idx.max() >= bank.n_items:
+        raise IRTError(f"anchors: positions must be in [0, {bank.n_items}); got {idx.min()}..{idx.max()}")
+    if len(np.unique(idx)) != idx.size:
+        raise IRTError("anchors: the same item appears twice among the anchors")
+    if w is None:
+        w = np.full(idx.size, 1.0 / idx.size)
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape != idx.shape:
+        raise IRTError(f"anchors: {w.size} weights for {idx.size} anchors")
+    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise IRTError("anchors: weights must be finite, non-negative and not all zero")
+    try:
+        Y = np.asarray(Y, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise IRTError("answers: must be numbers 0/1 (NaN = not answered)") from None
+    if Y.shape[-1:] != idx.shape or Y.ndim not in (1, 2):
+        raise IRTError(f"answers: expected {idx.size} answers (one per anchor) per subject, got shape {Y.shape}")
+    bad = ~(np.isnan(Y) | (Y == 0) | (Y == 1))
+    if bad.any():
+        raise IRTError(f"answers: must be 0, 1 or NaN (not answered); found {Y[bad][0]!r}")
+    return idx.astype(np.int64), w / w.sum(), Y
+
+
+def gp_lambda(bank, anchor_idx, random: bool = False) -> float:
+    """tinyBenchmarks' gp-IRT mixing weight λ = b² / (b² + v/(c n)) for these anchors.
+
+    Computed on the bank's calibration subjects (needs ``bank.responses``): b = mean over them
+    of |mean_i P_i(θ̂_m) − acc_m| with θ̂_m fitted on their anchor answers only (in-sample for the
+    item parameters, so b is slightly optimistic), v = mean_m acc_m (1 − acc_m), c = 1 if the
+    anchors are a random sample else 4. Returns 1.0 when the anchors are all the items.
+    """
+    idx = np.asarray(anchor_idx, dtype=np.int64)
+    n, N = idx.size, bank.n_items
+    if n >= N:
+        return 1.0
+    key = ("gp", tuple(idx.tolist()), bool(random))
+    if key in bank._cache:
+        return bank._cache[key]
+    if bank.responses is None:
+        raise IRTError("gp_lambda needs the bank's calibration responses (bank saved without them); "
+                       "pass gp_lambda explicitly")
+    R = bank.responses
+    ok = (~np.isnan(R[:, idx])).any(1) & (~np.isnan(R)).sum(1).astype(bool)
+    R = R[ok]
+    theta = map_logistic(bank.a[idx], -bank.b[idx], R[:, idx], 0.0, _prior_prec(bank))
+    P = _sigmoid(theta @ bank.a.T - bank.b)
+    obs = ~np.isnan(R)
+    acc = np.nanmean(R, axis=1)
+    pred = np.where(obs, P, 0).sum(1) / obs.sum(1)
+    b = float(np.mean(np.abs(pred - acc)))
+    v = float(np.mean(acc * (1 - acc)))
+    c = 1.0 if random else 4.0
+    lam = 1.0 if b == 0 and v == 0 else b * b / (b * b + v / (c * n))
+    bank._cache[key] = lam
+    return lam
+
+
+def _pirt_from_theta(bank, idx, Y, theta):
+    """(1/N)[Σ_{observed anchors} y_i + Σ_{other items} P_i(θ̂)] for each row."""
+    P = _sigmoid(theta @ bank.a.T - bank.b)  # S × N
+    obs = ~np.isnan(Y)
+    total = P.sum(1) - np.where(obs, P[:, idx], 0.0).sum(1) + np.where(obs, Y, 0.0).sum(1)
+    return total / bank.n_items
+
+
+def estimate_accuracy_batch(
+    name: str,
+    bank,
+    anchor_idx,
+    anchor_weights,
+    anchor_answers,
+    *,
+    endpoint_theta=None,
+    gp_lambda: float | None = None,
+    random_anchors: bool = False,
+    lambda_prior_sd: float = 1.0,
+    ability_prior_kind: str = "population",
+) -> np.ndarray:
+    """Vectorised :func:`estimate_accuracy`: ``anchor_answers`` is S × n, returns S estimates."""
+    if name not in ESTIMATORS:
+        raise IRTError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+    idx, w, Y = _check_anchor_inputs(bank, anchor_idx, anchor_weights, anchor_answers)
+    Y2 = Y[None, :] if Y.ndim == 1 else Y
+    obs = ~np.isnan(Y2)
+    wmean = np.where(obs, Y2, 0.0) @ w / np.maximum(obs @ w, 1e-300)
+    wmean = np.where(obs.any(1), wmean, np.nan)
+    if name == "mean":
+        return wmean
+    if name in ("pirt", "gpirt"):
+        mu, prec = ability_prior(bank, ability_prior_kind)
+        theta = map_logistic(bank.a[idx], -bank.b[idx], Y2, mu, prec)
+    else:
+        if endpoint_theta is None:
+            raise IRTError(f"estimator {name!r} needs endpoint_theta (K × d abilities of the endpoint models; "
+                           "e.g. bank.subject_theta(names) or bank.fit_ability(full_answers, item_ids))")
+        E = np.asarray(endpoint_theta, dtype=np.float64)
+        if E.ndim == 1:
+            E = E[None, :]
+        if E.ndim != 2 or E.shape[1] != bank.dim or E.shape[0] == 0 or not np.isfinite(E).all():
+            raise IRTError(f"endpoint_theta: expected a finite K × {bank.dim} array, got shape {E.shape}")
+        if not lambda_prior_sd > 0:
+            raise IRTError(f"lambda_prior_sd must be > 0, got {lambda_prior_sd!r}")
+        K = E.shape[0]
+        X = bank.a[idx] @ E.T  # n × K
+        lam = map_logistic(X, -bank.b[idx], Y2, 1.0 / K, 1.0 / lambda_prior_sd**2)
+        theta = lam @ E
+    est = _pirt_from_theta(bank, idx, Y2, theta)
+    if name in ("gpirt", "gmpirt"):
+        lam_gp = gp_lambda_value(bank, idx, gp_lambda, random_anchors)
+        est = lam_gp * wmean + (1 - lam_gp) * est
+    return est
+
+
+def gp_lambda_value(bank, idx, given, random_anchors):
+    if given is not None:
+        if not 0.0 <= float(given) <= 1.0:
+            raise IRTError(f"gp_lambda must be in [0, 1], got {given!r}")
+        return float(given)
+    return gp_lambda(bank, idx, random=random_anchors)
+
+
+def estimate_accuracy(
+    name: str,
+    bank,
+    anchor_idx,
+    anchor_weights=None,
+    anchor_answers=None,
+    *,
+    endpoint_theta=None,
+    gp_lambda: float | None = None,
+    random_anchors: bool | None = None,
+    lambda_prior_sd: float = 1.0,
+) -> float:
+    """Estimated full accuracy of one subject from its answers to the anchors.
+
+    ``name``: one of ``mean | pirt | gpirt | mpirt | gmpirt`` (formulas in the module docstring).
+    ``anchor_idx``: positions in ``bank`` (or an :class:`irt.anchors.Anchors`, which then also
+    supplies weights, ``gp_lambda`` and whether it is random); ``anchor_weights``: n weights
+    (None = uniform); ``anchor_answers``: n answers 0/1 (NaN = not answered).
+    ``endpoint_theta``: K × d endpoint abilities (mpirt / gmpirt). ``gp_lambda``: override the
+    gp mixing weight (default: :func:`gp_lambda` for these anchors, cached on the bank).
+    ``lambda_prior_sd``: τ of the mp-IRT prior on λ.
+    """
+    from irt.anchors import Anchors
+
+    if isinstance(anchor_idx, Anchors):
+        anc = anchor_idx
+        anchor_idx = anc.idx
+        if anchor_weights is None:
+            anchor_weights = anc.weights
+        if gp_lambda is None:
+            gp_lambda = anc.gp_lambda
+        if random_anchors is None:
+            random_anchors = anc.random
+    if anchor_answers is None:
+        raise IRTError("estimate_accuracy: anchor_answers missing")
+    ans = np.asarray(anchor_answers)
+    if ans.ndim != 1:
+        raise IRTError(f"answers: expected one answer per anchor (1-D), got shape {ans.shape}; "
+                       "use estimate_accuracy_batch for several subjects")
+    return float(estimate_accuracy_batch(
+        name, bank, anchor_idx, anchor_weights, ans, endpoint_theta=endpoint_theta, gp_lambda=gp_lambda,
+        random_anchors=bool(random_anchors), lambda_prior_sd=lambda_prior_sd)[0])
