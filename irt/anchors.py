@@ -257,8 +257,8 @@ def select_anchors(
         idx, w = _select(bank, all_items, n, method, seed)
     anchors = Anchors(idx=np.asarray(idx, dtype=np.int64), weights=np.asarray(w, dtype=np.float64),
                       item_ids=[bank.item_ids[i] for i in idx], method=method, seed=seed)
-    if compute_gp_lambda and bank.responses is not None:
+    if compute_gp_lambda:
         from irt.estimators import gp_lambda
 
-        anchors.gp_lambda = gp_lambda(bank, anchors.idx, random=anchors.random)
+        anchors.gp_lambda = gp_lambda(bank, anchors.idx, anchors.weights, random=anchors.random)
     return anchors

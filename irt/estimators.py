@@ -9,20 +9,20 @@ i ∈ A, item parameters (a_i, b_i), P_i(θ) = σ(a_i·θ − b_i).
     θ̂ = MAP ability from the anchor answers (:func:`irt.model.fit_ability`), then
     Ẑ = (1/N) [Σ_{i∈A} y_i + Σ_{i∉A} P_i(θ̂)] = λ ȳ_A + (1 − λ) mean_{i∉A} P_i(θ̂), λ = n/N.
 ``gpirt`` (gp-IRT; same paper)
-    Ẑ = λ_gp Σ_{i∈A} w_i y_i + (1 − λ_gp) Ẑ_pIRT with λ_gp = b² / (b² + v/(c n)): the
-    mixing weight that minimises the error of a convex combination of an unbiased estimator of
-    variance v/(c n) (the weighted anchor mean) and one of bias b and small variance (p-IRT).
-    b = mean absolute error of the IRT-only prediction on the calibration subjects (see
-    :func:`gp_lambda`), v = mean over those subjects of acc(1 − acc) (Bernoulli variance of
-    item correctness), c = 1 for random anchors, 4 for clustered / designed anchors (their
-    weighted mean has much smaller variance than a random sample; tinyBenchmarks' choice).
+    Ẑ = λ_gp Σ_{i∈A} w_i y_i + (1 − λ_gp) Ẑ_pIRT with λ_gp = b² / (b² + s²): the mixing
+    weight that minimises the error of a convex combination of a nearly unbiased estimator of
+    variance s² (the weighted anchor mean) and one of bias b and small variance (IRT).
+    tinyBenchmarks uses s² ≈ v/(c n) (v = per-subject variance of item correctness, c = 1 for
+    random anchors, 4 for clustered); here b² and s² are both measured on the calibration
+    subjects (see :func:`gp_lambda` for why).
 ``mpirt`` (mp-IRT; Mencattini et al., "MERGE³", ICML 2025)
     The merged model's ability is a combination of the K endpoint models' abilities,
     θ = Σ_j λ_j θ_j = λᵀ Θ_E, with λ fitted on the anchor answers:
     λ̂ = argmax_λ Σ_{i∈A} log Bernoulli(y_i; σ(a_i·Θ_Eᵀλ − b_i)) − |λ − 1/K|² / (2 τ²),
     then the p-IRT formula with θ̂ = λ̂ᵀ Θ_E.
     Regularisation of λ (MERGE³ runs unconstrained BFGS from λ = 1/K): a Gaussian prior centred
-    on the uniform average 1/K with sd τ (``lambda_prior_sd``, default 1). Why: (i) with ~20
+    on the uniform average 1/K with sd τ (``lambda_prior_sd``, default 0.5), or by default its
+    empirical-Bayes version fitted on the calibration population (:func:`lambda_prior`). Why: (i) with ~20
     anchors an all-right or all-wrong answer vector makes the unpenalised likelihood increase
     without bound along some λ direction, so λ (and the estimate, pushed to 0 or 1) runs off;
     (ii) when K > d, or endpoints have near-collinear abilities, λ is not identified and
@@ -108,36 +108,74 @@ def _check_anchor_inputs(bank, idx, w, Y):
     return idx.astype(np.int64), w / w.sum(), Y
 
 
-def gp_lambda(bank, anchor_idx, random: bool = False) -> float:
-    """tinyBenchmarks' gp-IRT mixing weight λ = b² / (b² + v/(c n)) for these anchors.
+def lambda_prior(bank, endpoint_theta, kind: str = "population", sd: float = 0.5):
+    """(mean, precision) of the mp-IRT prior on λ for endpoints ``endpoint_theta`` (K × d).
 
-    Computed on the bank's calibration subjects (needs ``bank.responses``): b = mean over them
-    of |mean_i P_i(θ̂_m) − acc_m| with θ̂_m fitted on their anchor answers only (in-sample for the
-    item parameters, so b is slightly optimistic), v = mean_m acc_m (1 − acc_m), c = 1 if the
-    anchors are a random sample else 4. Returns 1.0 when the anchors are all the items.
+    ``"fixed"``: N(1/K, sd² I). ``"population"`` (default; falls back to "fixed" when the bank has
+    no calibration responses or fewer than 2K subjects): fit λ_m for every calibration subject on
+    all its answers (under the fixed prior) and use N(mean λ_m, cov λ_m + 0.01 I) — the
+    empirical-Bayes prior of the candidates' population, which in evomerge is sampled from the
+    same search space. Cached on the bank per endpoint set.
+    """
+    if kind not in ("population", "fixed"):
+        raise IRTError(f"lambda prior must be 'population' or 'fixed', got {kind!r}")
+    E = np.asarray(endpoint_theta, dtype=np.float64)
+    K = E.shape[0]
+    fixed = (np.full(K, 1.0 / K), 1.0 / sd**2)
+    R = bank.responses
+    if kind == "fixed" or R is None or len(R) < 2 * K:
+        return fixed
+    key = ("lamprior", E.tobytes(), float(sd))
+    if key not in bank._cache:
+        L = map_logistic(bank.a @ E.T, -bank.b, R, fixed[0], fixed[1])
+        C = np.cov(L, rowvar=False).reshape(K, K) + 0.01 * np.eye(K)
+        bank._cache[key] = (L.mean(0), np.linalg.inv(C))
+    return bank._cache[key]
+
+
+def gp_lambda(bank, anchor_idx, weights=None, random: bool = False) -> float:
+    """gp-IRT mixing weight λ = b² / (b² + s²) for these anchors (weight on the anchor mean).
+
+    tinyBenchmarks (Polo et al. 2024) set b = validation error of the IRT-only prediction and
+    approximate the variance of the weighted anchor mean by v/(c n), v = mean per-subject
+    variance of item correctness, c = 1 for random anchors and 4 for clustered ones. That c is a
+    guess that fails when the anchors are far from a stratified sample (measured here: the
+    weighted mean of 20 clustered anchors had 3–4× the error v/(4n) predicts, which pushed λ
+    to ~0.5 and made gp-IRT worse than p-IRT). So both terms are *measured* on the bank's
+    calibration subjects: b² = mean_m (mean_i P_i(θ̂_m) − acc_m)² with θ̂_m fitted on the
+    anchor answers only, and s² = mean_m (Σ_{i∈A} w_i y_mi − acc_m)². Without calibration
+    responses the tinyBenchmarks formula is used with b = 0.03 (a typical value) — pass λ
+    explicitly instead. Both are in-sample (items were fitted on those subjects; 'correctness'
+    anchors were chosen on them), hence slightly optimistic. Returns 1.0 when the anchors are
+    all the items. Cached on the bank per (anchors, weights).
     """
     idx = np.asarray(anchor_idx, dtype=np.int64)
     n, N = idx.size, bank.n_items
     if n >= N:
         return 1.0
-    key = ("gp", tuple(idx.tolist()), bool(random))
+    w = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    key = ("gp", tuple(idx.tolist()), w.tobytes(), bool(random))
     if key in bank._cache:
         return bank._cache[key]
-    if bank.responses is None:
-        raise IRTError("gp_lambda needs the bank's calibration responses (bank saved without them); "
-                       "pass gp_lambda explicitly")
     R = bank.responses
-    ok = (~np.isnan(R[:, idx])).any(1) & (~np.isnan(R)).sum(1).astype(bool)
+    if R is None:
+        lam = 0.03**2 / (0.03**2 + 0.2 / ((1.0 if random else 4.0) * n))
+        bank._cache[key] = lam
+        return lam
+    ok = (~np.isnan(R[:, idx])).any(1)
     R = R[ok]
-    theta = map_logistic(bank.a[idx], -bank.b[idx], R[:, idx], 0.0, _prior_prec(bank))
+    mu, prec = ability_prior(bank, "population")
+    theta = map_logistic(bank.a[idx], -bank.b[idx], R[:, idx], mu, prec)
     P = _sigmoid(theta @ bank.a.T - bank.b)
     obs = ~np.isnan(R)
     acc = np.nanmean(R, axis=1)
     pred = np.where(obs, P, 0).sum(1) / obs.sum(1)
-    b = float(np.mean(np.abs(pred - acc)))
-    v = float(np.mean(acc * (1 - acc)))
-    c = 1.0 if random else 4.0
-    lam = 1.0 if b == 0 and v == 0 else b * b / (b * b + v / (c * n))
+    RA = R[:, idx]
+    oa = ~np.isnan(RA)
+    wmean = np.where(oa, RA, 0) @ w / np.maximum(oa @ w, 1e-300)
+    b2 = float(np.mean((pred - acc) ** 2))
+    s2 = float(np.mean((wmean - acc) ** 2))
+    lam = 1.0 if b2 + s2 == 0 else b2 / (b2 + s2)
     bank._cache[key] = lam
     return lam
 
@@ -160,8 +198,9 @@ def estimate_accuracy_batch(
     endpoint_theta=None,
     gp_lambda: float | None = None,
     random_anchors: bool = False,
-    lambda_prior_sd: float = 1.0,
+    lambda_prior_sd: float = 0.5,
     ability_prior_kind: str = "population",
+    lambda_prior_kind: str = "population",
 ) -> np.ndarray:
     """Vectorised :func:`estimate_accuracy`: ``anchor_answers`` is S × n, returns S estimates."""
     if name not in ESTIMATORS:
@@ -187,23 +226,23 @@ def estimate_accuracy_batch(
             raise IRTError(f"endpoint_theta: expected a finite K × {bank.dim} array, got shape {E.shape}")
         if not lambda_prior_sd > 0:
             raise IRTError(f"lambda_prior_sd must be > 0, got {lambda_prior_sd!r}")
-        K = E.shape[0]
         X = bank.a[idx] @ E.T  # n × K
-        lam = map_logistic(X, -bank.b[idx], Y2, 1.0 / K, 1.0 / lambda_prior_sd**2)
+        mu, prec = lambda_prior(bank, E, lambda_prior_kind, lambda_prior_sd)
+        lam = map_logistic(X, -bank.b[idx], Y2, mu, prec)
         theta = lam @ E
     est = _pirt_from_theta(bank, idx, Y2, theta)
     if name in ("gpirt", "gmpirt"):
-        lam_gp = gp_lambda_value(bank, idx, gp_lambda, random_anchors)
+        lam_gp = gp_lambda_value(bank, idx, gp_lambda, random_anchors, w)
         est = lam_gp * wmean + (1 - lam_gp) * est
     return est
 
 
-def gp_lambda_value(bank, idx, given, random_anchors):
+def gp_lambda_value(bank, idx, given, random_anchors, w=None):
     if given is not None:
         if not 0.0 <= float(given) <= 1.0:
             raise IRTError(f"gp_lambda must be in [0, 1], got {given!r}")
         return float(given)
-    return gp_lambda(bank, idx, random=random_anchors)
+    return gp_lambda(bank, idx, weights=w, random=random_anchors)
 
 
 def estimate_accuracy(
@@ -216,7 +255,9 @@ def estimate_accuracy(
     endpoint_theta=None,
     gp_lambda: float | None = None,
     random_anchors: bool | None = None,
-    lambda_prior_sd: float = 1.0,
+    lambda_prior_sd: float = 0.5,
+    ability_prior_kind: str = "population",
+    lambda_prior_kind: str = "population",
 ) -> float:
     """Estimated full accuracy of one subject from its answers to the anchors.
 
@@ -247,4 +288,5 @@ def estimate_accuracy(
                        "use estimate_accuracy_batch for several subjects")
     return float(estimate_accuracy_batch(
         name, bank, anchor_idx, anchor_weights, ans, endpoint_theta=endpoint_theta, gp_lambda=gp_lambda,
-        random_anchors=bool(random_anchors), lambda_prior_sd=lambda_prior_sd)[0])
+        random_anchors=bool(random_anchors), lambda_prior_sd=lambda_prior_sd,
+        ability_prior_kind=ability_prior_kind, lambda_prior_kind=lambda_prior_kind)[0])
