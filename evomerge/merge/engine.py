@@ -33,6 +33,7 @@ from evomerge.checkpoint.io import CheckpointReader, CheckpointWriter
 from evomerge.errors import EvomergeError
 from evomerge.merge.recipe import MergeRecipe, ModelEntry, evaluate_setting, load_recipe, resolve_model_path
 from evomerge.merge.registry import REQUIRED, MergeMethod, get_method
+from evomerge.merge.vocab import prepare_vocab
 
 __all__ = ["MergePlan", "TensorJob", "build_plan", "merge_one", "merge_to_disk", "InMemoryMerger", "tensor_seed"]
 
@@ -119,6 +120,9 @@ def build_plan(
         return key
 
     base_key = key_of(recipe.base_model) if recipe.base_model else None
+    # vocabulary hook (issue 6): when the models' vocabularies differ, readers become VocabReaders
+    # that return embedding / lm_head rows already mapped by token to the output vocabulary.
+    vocab = prepare_vocab(recipe, readers, key_of)
 
     def split(entries: list[ModelEntry], slice_base: str | None):
         bkey = key_of(slice_base) if slice_base else base_key
@@ -211,7 +215,9 @@ def build_plan(
         if "torch_dtype" in config:
             config["torch_dtype"] = dt
     tok = recipe.tokenizer_source
-    if tok in (None, "base"):
+    if vocab is not None and vocab.tokenizer_dir is not None:
+        tok_dir = vocab.tokenizer_dir  # tokenizer_source: union
+    elif tok in (None, "base"):
         tok_dir = readers[ref_key].path
     else:
         tok_dir = resolve_model_path(tok, recipe)
@@ -317,6 +323,14 @@ def tensor_seed(seed: int | None, name: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN / inf in ``t`` (one reduction pass: min and max propagate NaN and show ±inf)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def merge_one(
     plan: MergePlan,
     recipe: MergeRecipe,
@@ -337,9 +351,9 @@ def merge_one(
         out = spec.fn(inputs, base, generator=gen, **params)
     if tuple(out.shape) != job.shape:
         raise EvomergeError(f"merge_method {spec.name!r} returned shape {list(out.shape)} for tensor {job.name!r}, expected {list(job.shape)}")
-    if not bool(torch.isfinite(out).all()):
-        bad = [plan.labels.get(k, k) for (k, _), x in zip(job.sources, inputs) if not bool(torch.isfinite(x).all())]
-        if base is not None and not bool(torch.isfinite(base).all()):
+    if not is_finite(out):
+        bad = [plan.labels.get(k, k) for (k, _), x in zip(job.sources, inputs) if not is_finite(x)]
+        if base is not None and not is_finite(base):
             bad.append(plan.labels.get(job.base[0], job.base[0]) + " (base)")
         why = (f"the input model(s) {bad} already hold NaN/inf there" if bad
                else "check the recipe's parameters (weights, lambda, normalize with weights summing to ~0)")
@@ -392,7 +406,7 @@ def merge_to_disk(
                 out = merge_one(plan, recipe, job, inputs, base)
                 del inputs, base
                 res = out.to(job.out_dtype)
-                if job.out_dtype == torch.float16 and not bool(torch.isfinite(res).all()):
+                if job.out_dtype == torch.float16 and not is_finite(res):
                     raise EvomergeError(f"tensor {job.name!r} overflows float16; use dtype bfloat16 or float32")
                 writer.write(job.name, res)
                 del out, res

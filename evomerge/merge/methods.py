@@ -188,30 +188,30 @@ def combine_deltas(
     """
     if len(deltas) != len(weights):
         raise EvomergeError(f"got {len(weights)} weights for {len(deltas)} models")
-    wdeltas = [d * float(w) for d, w in zip(deltas, weights)]
     if consensus is not None:
+        wdeltas = [d * float(w) for d, w in zip(deltas, weights)]
         majority = elect_sign(wdeltas, consensus)
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base) if normalize else None
         for wd, w in zip(wdeltas, weights):
             mask = sign_agreement_mask(wd, majority)
-            mixed.add_(wd * mask)
+            mixed.add_(wd.mul_(mask))  # wd is our own temporary
             if divisor is not None:
                 divisor.add_(mask, alpha=float(w))
+        del wdeltas
         if divisor is not None:
             divisor[divisor == 0] = 1.0
             mixed.div_(divisor)
     else:
-        mixed = wdeltas[0]
-        for wd in wdeltas[1:]:
-            mixed.add_(wd)
+        # Σ w_i δ_i accumulated in one buffer (the inputs are never modified)
+        mixed = weighted_sum(deltas, weights)
         if normalize:
             total = float(sum(float(w) for w in weights))
             if abs(total) >= WEIGHT_EPS:
-                mixed = mixed / total
+                mixed.div_(total)
     if float(lam) != 1.0:
-        mixed = mixed * float(lam)
-    return base + mixed
+        mixed.mul_(float(lam))
+    return mixed.add_(base)
 
 
 def lerp(t: float, v0: Tensor, v1: Tensor) -> Tensor:
