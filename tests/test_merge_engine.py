@@ -114,13 +114,15 @@ def test_disk_and_in_memory_are_bit_identical(fam, tmp_path, method, globals_, m
                 "parameters": globals_, "dtype": "bfloat16", "seed": 11})
     out = merge_to_disk(r, tmp_path / "o", max_shard_bytes=30_000)
     model = load_model(fam["base"], dtype=torch.bfloat16)
-    merger = InMemoryMerger(r)
+    merger = InMemoryMerger(r, magnitude_cache=(method == "ties"))
     # a first apply with other values (plan cache, resident task vectors) must not matter
     other_models = [{"model": str(fam[k]), "parameters": {**mparams, "weight": 0.9}} for k in ("a", "b", "c")]
     other = recipe({"merge_method": method, "base_model": str(fam["base"]), "models": other_models,
                     "parameters": {**globals_, **({"lambda": 0.1} if "lambda" in globals_ else {})}, "seed": 5})
     merger.apply(other, model)
     merger.apply(r, model)
+    if method == "ties":  # the sorted-magnitude cache was used
+        assert merger.resident_bytes > 1.9 * sum(t.numel() * 4 for t in merger._cache.values())
     so, sd = state(out), model.state_dict()
     assert so.keys() <= sd.keys()
     for n in so:

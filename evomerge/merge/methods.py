@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 WEIGHT_EPS = 1e-8
+SORTED_ABS_ATTR = "_evomerge_sorted_abs"
+"""Attribute a resident tensor may carry: ``True`` (sort on first use) or its sorted |values|."""
 SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
 
@@ -95,6 +97,14 @@ def magnitude_threshold(delta: Tensor, density: float) -> Tensor | None:
     k = max(1, int(density * n))
     if k >= n:
         return None
+    cache = getattr(delta, SORTED_ABS_ATTR, None)
+    if cache is not None:
+        # A resident task vector may carry its sorted magnitudes (InMemoryMerger with
+        # magnitude_cache=True): the same value as kthvalue, found by indexing.
+        if cache is True:
+            cache = delta.abs().reshape(-1).sort().values
+            setattr(delta, SORTED_ABS_ATTR, cache)
+        return cache[n - k]
     mags = delta.abs().reshape(-1)
     # k-th largest == (n - k + 1)-th smallest.
     return torch.kthvalue(mags, n - k + 1).values
