@@ -32,6 +32,7 @@ from evomerge.checkpoint import DEFAULT_MAX_SHARD_BYTES, layer_index, set_layer_
 from evomerge.checkpoint.io import CheckpointReader, CheckpointWriter
 from evomerge.errors import EvomergeError
 from evomerge.merge.recipe import MergeRecipe, ModelEntry, evaluate_setting, load_recipe, resolve_model_path
+from evomerge.merge.methods import SORTED_ABS_ATTR
 from evomerge.merge.registry import REQUIRED, MergeMethod, get_method
 from evomerge.merge.vocab import prepare_vocab
 
@@ -323,6 +324,14 @@ def tensor_seed(seed: int | None, name: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN / inf in ``t`` (one reduction pass: min and max propagate NaN and show ±inf)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def merge_one(
     plan: MergePlan,
     recipe: MergeRecipe,
@@ -343,9 +352,9 @@ def merge_one(
         out = spec.fn(inputs, base, generator=gen, **params)
     if tuple(out.shape) != job.shape:
         raise EvomergeError(f"merge_method {spec.name!r} returned shape {list(out.shape)} for tensor {job.name!r}, expected {list(job.shape)}")
-    if not bool(torch.isfinite(out).all()):
-        bad = [plan.labels.get(k, k) for (k, _), x in zip(job.sources, inputs) if not bool(torch.isfinite(x).all())]
-        if base is not None and not bool(torch.isfinite(base).all()):
+    if not is_finite(out):
+        bad = [plan.labels.get(k, k) for (k, _), x in zip(job.sources, inputs) if not is_finite(x)]
+        if base is not None and not is_finite(base):
             bad.append(plan.labels.get(job.base[0], job.base[0]) + " (base)")
         why = (f"the input model(s) {bad} already hold NaN/inf there" if bad
                else "check the recipe's parameters (weights, lambda, normalize with weights summing to ~0)")
@@ -398,7 +407,7 @@ def merge_to_disk(
                 out = merge_one(plan, recipe, job, inputs, base)
                 del inputs, base
                 res = out.to(job.out_dtype)
-                if job.out_dtype == torch.float16 and not bool(torch.isfinite(res).all()):
+                if job.out_dtype == torch.float16 and not is_finite(res):
                     raise EvomergeError(f"tensor {job.name!r} overflows float16; use dtype bfloat16 or float32")
                 writer.write(job.name, res)
                 del out, res
@@ -416,6 +425,11 @@ class InMemoryMerger:
     ``recipe_or_paths``: a :class:`MergeRecipe` (its models are loaded at once, inputs prepared
     for its method: task vectors for task-arithmetic methods) or a sequence of model folders
     (loaded lazily on the first :meth:`apply`). Inputs are kept as float32 on ``device``.
+
+    ``magnitude_cache=True`` keeps each task vector's sorted magnitudes (sorted once, on first
+    use) so that magnitude sparsification (TIES) at any density is a lookup instead of a
+    selection pass; it doubles the resident memory of the task vectors and gives the same
+    thresholds (hence the same bits) as the disk path.
     """
 
     def __init__(
@@ -424,8 +438,10 @@ class InMemoryMerger:
         *,
         device: str | torch.device = "cpu",
         allow_pickle: bool = False,
+        magnitude_cache: bool = False,
     ):
         self.device = torch.device(device)
+        self.magnitude_cache = magnitude_cache
         self.allow_pickle = allow_pickle
         self.readers: dict[str, CheckpointReader] = {}
         self._plans: dict[tuple, MergePlan] = {}
@@ -455,6 +471,8 @@ class InMemoryMerger:
             raw = self._cache.get(("t", key, name))
             x = raw if raw is not None else _f32(self.readers[key].get(name), self.device)
             d = x - self._tensor(*base)
+            if self.magnitude_cache:
+                setattr(d, SORTED_ABS_ATTR, True)
             self._cache[ck] = d
         return d
 
@@ -486,7 +504,14 @@ class InMemoryMerger:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._cache.values())
+        """Bytes of resident inputs (and sorted-magnitude caches)."""
+        total = 0
+        for t in self._cache.values():
+            total += t.numel() * t.element_size()
+            extra = getattr(t, SORTED_ABS_ATTR, None)
+            if isinstance(extra, torch.Tensor):
+                total += extra.numel() * extra.element_size()
+        return total
 
     def release(self) -> None:
         """Drop resident tensors and plans (readers stay open)."""
