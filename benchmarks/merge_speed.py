@@ -5,7 +5,8 @@ a temporary folder, then times, for task_arithmetic and ties:
 
 - disk:      ``merge_to_disk`` (read inputs tensor by tensor, merge, stream shards, rename);
 - in-memory: ``InMemoryMerger.apply`` into a live ``LlamaForCausalLM`` (inputs resident, task
-             vectors computed once; the first, warm-up apply is not timed).
+             vectors computed once; the first, warm-up apply is not timed), for ties also with
+             ``magnitude_cache=True`` (sorted magnitudes kept: the TIES trim becomes a lookup).
 
 GB/s is the size of the merged model (the output, at the output dtype) divided by the time;
 "traffic GB/s" counts every tensor read and written once (N inputs + base + output). The
