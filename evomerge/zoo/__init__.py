@@ -1,0 +1,102 @@
+"""The embedded demo: tiny real models and synthetic tasks, built offline and cached.
+
+``build_zoo()`` builds (once) a ~0.7M-parameter ``LlamaForCausalLM`` base with a char-level
+tokenizer, one fine-tuned expert per synthetic task, and the tasks as JSONL, under
+``$EVOMERGE_ZOO`` or ``~/.cache/evomerge/zoo/<version>``. Layout::
+
+    root/zoo.json                    manifest (written last: its presence = complete zoo)
+    root/zoo_report.md               held-out accuracy of base, experts and a few merges
+    root/models/base                 HF checkpoint (safetensors, config, tokenizer)
+    root/models/<task>_expert        one per task that has an expert
+    root/tasks/<task>/{task.json, search.jsonl, heldout.jsonl}
+
+Tasks: ``add``, ``rev``, ``lang`` (each with an expert) and ``addlang`` (compositional: the
+``add`` skill written in the ``lang`` language; no expert).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+
+__all__ = ["Zoo", "build_zoo", "default_root", "ZOO_VERSION"]
+
+ZOO_VERSION = "v1"
+
+
+def default_root() -> Path:
+    env = os.environ.get("EVOMERGE_ZOO")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "evomerge" / "zoo" / ZOO_VERSION
+
+
+@dataclass
+class Zoo:
+    """A built zoo on disk."""
+
+    root: Path
+    base: Path
+    experts: dict[str, Path]
+    task_names: list[str]
+    manifest: dict = field(default_factory=dict, repr=False)
+
+    def task_dir(self, name: str) -> Path:
+        if name not in self.task_names:
+            raise EvomergeError(f"zoo has no task {name!r}; tasks: {', '.join(self.task_names)}")
+        return self.root / "tasks" / name
+
+    @property
+    def expert_tasks(self) -> list[str]:
+        """Tasks that have an expert (the others are compositional)."""
+        return [t for t in self.task_names if t in self.experts]
+
+    def load_task(self, name: str, split: str = "search"):
+        from evomerge.tasks import load_task_dir
+
+        return load_task_dir(self.task_dir(name), split)
+
+    @property
+    def report(self) -> str:
+        p = self.root / "zoo_report.md"
+        return p.read_text() if p.is_file() else ""
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Zoo":
+        root = Path(root)
+        mf = root / "zoo.json"
+        if not mf.is_file():
+            raise EvomergeError(f"{root}: not a built zoo (zoo.json missing); run "
+                                "`evomerge zoo build`")
+        m = json.loads(mf.read_text())
+        return cls(root=root, base=root / m["base"],
+                   experts={t: root / p for t, p in m["experts"].items()},
+                   task_names=list(m["task_names"]), manifest=m)
+
+
+def _is_current(root: Path) -> bool:
+    from evomerge.zoo.build import ZOO_FORMAT
+
+    mf = root / "zoo.json"
+    if not mf.is_file():
+        return False
+    try:
+        return json.loads(mf.read_text()).get("version") == ZOO_FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def build_zoo(root: str | Path | None = None, force: bool = False, verbose: bool = True) -> Zoo:
+    """Build the zoo under ``root`` (default: :func:`default_root`) unless already built."""
+    root = Path(root).expanduser() if root is not None else default_root()
+    if force or not _is_current(root):
+        from evomerge.zoo.build import build
+
+        build(root, force=force or root.exists(), verbose=verbose)
+    elif verbose:
+        print(f"zoo: cached at {root}", flush=True)
+    return Zoo.load(root)

@@ -1,0 +1,330 @@
+"""Build the zoo: a tiny Llama base, one expert per task, the task files and a report.
+
+Deterministic from ``SEED`` (on a given machine / torch build). Everything happens on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+from evomerge.zoo import data
+
+SEED = 1234
+N_SEARCH = 600
+N_HELDOUT = 300
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = list("0123456789" + data.LETTERS + " +=.,:?-")
+
+MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+
+TRAIN = dict(
+    base_steps=500, base_lr=3e-3, base_batch=64, base_generic=0.12,
+    expert_steps=150, expert_lr=1e-3, expert_batch=64, expert_replay=0.2,
+)
+_ENV_TRAIN = os.environ.get("EVOMERGE_ZOO_TRAIN")  # experiments only: JSON overrides
+if _ENV_TRAIN:
+    TRAIN.update({k: v for k, v in json.loads(_ENV_TRAIN).items() if k in TRAIN})
+    MODEL.update({k: v for k, v in json.loads(_ENV_TRAIN).items() if k in MODEL})
+
+# merges shown in the report: (label, kind, arg)
+REPORT_MERGES = [
+    ("avg(experts)", "ta", 1 / 3),
+    ("TA l=0.5", "ta", 0.5),
+    ("TA l=0.7", "ta", 0.7),
+    ("TA l=1.0", "ta", 1.0),
+    ("TA l=2.5 (bad)", "ta", 2.5),
+]
+
+
+def _log(verbose: bool, msg: str) -> None:
+    if verbose:
+        print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- tokenizer
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", padding_side="left", model_max_length=MODEL[
+            "max_position_embeddings"], clean_up_tokenization_spaces=False)
+    return fast, vocab
+
+
+# --------------------------------------------------------------------------- training
+class _Encoder:
+    def __init__(self, vocab: dict[str, int]):
+        self.vocab = vocab
+        self.bos, self.eos, self.pad = vocab["<s>"], vocab["</s>"], vocab["<pad>"]
+
+    def example(self, prompt: str, answer: str | None):
+        """(ids, labels): task example (loss on answer + eos) or plain text (loss on all)."""
+        v = self.vocab
+        if answer is None:
+            ids = [self.bos] + [v[c] for c in prompt] + [self.eos]
+            return ids, ids[1:] + [-100]
+        p = [v[c] for c in prompt]
+        a = [v[c] for c in answer] + [self.eos]
+        ids = [self.bos] + p + a
+        labels = [-100] * (len(p)) + a + [-100]
+        return ids, labels
+
+    def batch(self, examples):
+        import torch
+
+        n = max(len(i) for i, _ in examples)
+        ids = torch.full((len(examples), n), self.pad, dtype=torch.long)
+        lab = torch.full((len(examples), n), -100, dtype=torch.long)
+        for k, (i, lbl) in enumerate(examples):
+            ids[k, :len(i)] = torch.tensor(i)
+            lab[k, :len(lbl)] = torch.tensor(lbl)
+        return ids, lab
+
+
+def _train(model, draw, steps: int, lr: float, batch: int, seed: int, warmup: int = 20):
+    """AdamW with warmup + cosine; labels are next-token targets already aligned."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr * max(f, 0.02)
+        ids, lab = draw(batch)
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
+                               ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _make_drawer(enc: _Encoder, rng: random.Random, mixture: list[tuple[float, str, str]],
+                 forbidden: dict[str, set[str]]):
+    """mixture: (weight, task or 'generic', 'easy' | 'full'). Draws batches of fresh
+    examples (never an evaluation prompt)."""
+    weights = [w for w, _, _ in mixture]
+
+    def draw(n: int):
+        exs = []
+        while len(exs) < n:
+            _, t, kind = rng.choices(mixture, weights)[0]
+            if t == "generic":
+                exs.append(enc.example(data.generic_text(rng), None))
+                continue
+            p, a, _ = data.sample(t, rng, data.TASKS[t][kind])
+            if p in forbidden[t]:
+                continue
+            exs.append(enc.example(p, a))
+        return enc.batch(exs)
+
+    return draw
+
+
+def base_mixture(task_names) -> list[tuple[float, str, str]]:
+    mix = [(1.0, t, "easy") for t in task_names]
+    g = TRAIN["base_generic"]
+    mix.append((g * len(task_names) / (1 - g), "generic", ""))
+    return mix
+
+
+# --------------------------------------------------------------------------- merges
+def task_arithmetic(base_sd: dict, expert_sds: list[dict], lam: float) -> dict:
+    out = {}
+    for k, b in base_sd.items():
+        if not b.is_floating_point():
+            out[k] = b
+            continue
+        delta = sum(e[k] - b for e in expert_sds)
+        out[k] = b + lam * delta
+    return out
+
+
+# --------------------------------------------------------------------------- build
+def build_into(tmp: Path, verbose: bool = True) -> dict:
+    """Build a complete zoo into ``tmp`` (an empty folder). Returns the manifest."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.backends.hf import HFEvaluator
+    from evomerge.tasks import Task, load_task_dir, write_items
+
+    t0 = time.time()
+    torch.manual_seed(SEED)
+    random.seed(SEED)
+    tmp.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    # one thread: deterministic, and much faster than two when other work shares the cores
+    torch.set_num_threads(int(os.environ.get("EVOMERGE_ZOO_THREADS", "1")))
+
+    # ---- tasks
+    task_names = list(data.TASKS)
+    forbidden: dict[str, set[str]] = {}
+    for t in task_names:
+        items = data.make_eval_items(t, N_SEARCH + N_HELDOUT, SEED)
+        d = tmp / "tasks" / t
+        d.mkdir(parents=True)
+        write_items(d / "search.jsonl", items[:N_SEARCH])
+        write_items(d / "heldout.jsonl", items[N_SEARCH:])
+        spec = data.TASKS[t]
+        (d / "task.json").write_text(json.dumps({
+            "name": t, "max_new_tokens": spec["max_new_tokens"], "extract": "exact",
+            "template": "{prompt}",
+            "description": (spec["gen"].__doc__ or "").strip() or data.__doc__.split(
+                "\n\n")[1],
+        }, indent=2) + "\n")
+        forbidden[t] = {it["prompt"] for it in items}
+
+    # ---- tokenizer + base
+    tokenizer, vocab = build_tokenizer()
+    enc = _Encoder(vocab)
+    cfg = LlamaConfig(vocab_size=len(vocab), bos_token_id=vocab["<s>"],
+                      eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+                      tie_word_embeddings=False, rope_theta=10000.0, **MODEL)
+    model = LlamaForCausalLM(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(verbose, f"zoo: {n_params / 1e6:.2f}M-parameter Llama, {len(vocab)}-token vocab")
+    draw = _make_drawer(enc, random.Random(f"{SEED}-base"), base_mixture(task_names),
+                        forbidden)
+    t1 = time.time()
+    losses = _train(model, draw, TRAIN["base_steps"], TRAIN["base_lr"], TRAIN["base_batch"],
+                    SEED)
+    _log(verbose, f"zoo: base pretrained ({TRAIN['base_steps']} steps, loss "
+                  f"{sum(losses[-20:]) / 20:.3f}) in {time.time() - t1:.1f}s")
+    models_dir = tmp / "models"
+
+    def save(m, name):
+        out = models_dir / name
+        m.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return out
+
+    save(model, "base")
+    base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # ---- experts
+    experts: dict[str, str] = {}
+    expert_sds: dict[str, dict] = {}
+    for i, t in enumerate([t for t in task_names if data.TASKS[t]["expert"]]):
+        model.load_state_dict(base_sd)
+        r = TRAIN["expert_replay"]
+        mix = [(1 - r, t, "full")] + [(r * w, tt, k) for w, tt, k in base_mixture(task_names)]
+        draw = _make_drawer(enc, random.Random(f"{SEED}-expert-{t}"), mix, forbidden)
+        t1 = time.time()
+        losses = _train(model, draw, TRAIN["expert_steps"], TRAIN["expert_lr"],
+                        TRAIN["expert_batch"], SEED + 1 + i, warmup=10)
+        _log(verbose, f"zoo: expert {t} fine-tuned (loss {sum(losses[-20:]) / 20:.3f}) in "
+                      f"{time.time() - t1:.1f}s")
+        name = f"{t}_expert"
+        save(model, name)
+        experts[t] = f"models/{name}"
+        expert_sds[t] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # ---- report: held-out accuracy of base, experts, a few merges
+    t1 = time.time()
+    ev = HFEvaluator(models_dir / "base", batch_size=300)
+    tasks = {t: load_task_dir(tmp / "tasks" / t, "heldout") for t in task_names}
+    rows: list[tuple[str, dict[str, float]]] = []
+
+    levels: dict[str, dict] = {}
+
+    def evaluate(label, sd):
+        ev.model.load_state_dict(sd)
+        acc, lv = {}, {}
+        for t, task in tasks.items():
+            a = ev.answer(task)
+            acc[t] = float(a.mean())
+            for g in sorted({it.subgroup for it in task.items}):
+                m = [it.subgroup == g for it in task.items]
+                lv[f"{t}:{g}"] = round(float(a[m].mean()), 2)
+        rows.append((label, acc))
+        levels[label] = lv
+        _log(verbose, f"zoo:   {label}: " + " ".join(f"{k}={v}" for k, v in lv.items()))
+
+    evaluate("base", base_sd)
+    for t, sd in expert_sds.items():
+        evaluate(f"{t}_expert", sd)
+    sds = list(expert_sds.values())
+    for label, kind, arg in REPORT_MERGES:
+        evaluate(label, task_arithmetic(base_sd, sds, arg))
+    _log(verbose, f"zoo: evaluated {len(rows)} models in {time.time() - t1:.1f}s")
+    torch.set_num_threads(threads_before)
+
+    report = format_report(rows, task_names, [t for t in task_names if t in experts])
+    manifest = {
+        "version": ZOO_FORMAT, "seed": SEED, "base": "models/base", "experts": experts,
+        "task_names": task_names, "params": n_params,
+        "build_seconds": round(time.time() - t0, 1),
+        "heldout_accuracy": {label: acc for label, acc in rows},
+        "heldout_accuracy_by_level": levels,
+    }
+    (tmp / "zoo_report.md").write_text(report)
+    _log(verbose, report)
+    _log(verbose, f"zoo: built in {time.time() - t0:.1f}s")
+    return manifest
+
+
+ZOO_FORMAT = "1"
+
+
+def format_report(rows, task_names, expert_tasks) -> str:
+    avg_tasks = list(task_names)
+    head = "| model | " + " | ".join(task_names) + " | avg | avg(expert tasks) |"
+    sep = "|---" * (len(task_names) + 3) + "|"
+    lines = ["# evomerge zoo: held-out accuracy", "",
+             "Task arithmetic: base + l * sum(expert - base). avg over all tasks; "
+             "`addlang` is compositional (no expert).", "", head, sep]
+    for label, acc in rows:
+        avg = sum(acc[t] for t in avg_tasks) / len(avg_tasks)
+        avg_e = sum(acc[t] for t in expert_tasks) / max(1, len(expert_tasks))
+        lines.append(f"| {label} | " + " | ".join(f"{acc[t]:.3f}" for t in task_names)
+                     + f" | {avg:.3f} | {avg_e:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def build(root: Path, force: bool, verbose: bool) -> None:
+    """Build atomically into ``root`` (temp folder next to it, then rename)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        manifest = build_into(tmp, verbose=verbose)
+        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if root.exists():
+            if not force and (root / "zoo.json").is_file():
+                shutil.rmtree(tmp)  # someone else finished first
+                return
+            old = root.parent / f".{root.name}.old-{os.getpid()}"
+            os.rename(root, old)
+            os.rename(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
