@@ -25,6 +25,9 @@ app = typer.Typer(
 from evomerge import merge_cli as _merge_cli  # noqa: E402
 
 _merge_cli.register(app)
+from evomerge.zoo.cli import app as _zoo_app  # noqa: E402
+
+app.add_typer(_zoo_app, name="zoo")
 from evomerge import irt_cli as _irt_cli  # noqa: E402
 
 _irt_cli.register(app)
