@@ -1,0 +1,210 @@
+"""mergekit interchange: import mergekit YAML, export evomerge recipes as mergekit YAML.
+
+evomerge's recipe format *is* mergekit's (``models`` / ``slices``, per-model and top-level
+``parameters`` with gradients and ``{filter, value}`` lists, ``base_model``, ``dtype``,
+``tokenizer_source``), so most mergekit files load as they are with :func:`load_recipe` and run
+with ``evomerge merge``. This module handles the rest:
+
+- :func:`from_mergekit` rewrites the mergekit spellings evomerge expresses differently
+  (``tokenizer: {source: …}`` → ``tokenizer_source``; a ``filter: "*"`` matches everything) and
+  names what evomerge cannot run (``chat_template``, ``tokenizer.tokens``, ``modules``,
+  ``residual_weight``, nuslerp / multislerp with a ``base_model``) instead of merging something
+  else; unknown keys are named by the recipe validator.
+- :func:`mergekit_issues` lists why an evomerge recipe would not give the same merge in mergekit
+  (methods mergekit lacks, parameters it does not know, randomized masks, documented numerical
+  differences); :func:`to_mergekit_yaml` writes the YAML with those caveats as comments, and
+  raises for recipes mergekit cannot express at all (``tsv``, ``iso_c``, ``iso_cts``, weighted
+  ``karcher``). Layer-dataflow recipes with input scales are not recipes of this kind; the
+  search writes a note instead of a YAML for them (``evomerge.search.loop``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+
+__all__ = ["MERGEKIT_METHODS", "from_mergekit", "load_mergekit", "mergekit_issues", "to_mergekit_yaml"]
+
+MERGEKIT_METHODS = frozenset({
+    "linear", "slerp", "nuslerp", "passthrough", "model_stock", "karcher", "task_arithmetic", "ties",
+    "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce",
+    "nearswap", "multislerp", "arcee_fusion", "ram", "ramplus_tl",
+})
+"""Merge methods of mergekit 0.1.5 (``mergekit.merge_methods``)."""
+
+_BASE_OPTIONAL = {"nuslerp", "multislerp"}  # mergekit: with a base_model they merge task vectors
+_RANDOMIZED = {"dare_ties", "dare_linear", "della", "della_linear"}
+_NOT_IN_MERGEKIT_PARAMS = {"karcher": {"weight"}}
+
+
+def _fix_filters(value: Any) -> Any:
+    """mergekit's ``filter: "*"`` matches every tensor: drop the filter (same meaning here)."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        out = []
+        for e in value:
+            e = dict(e)
+            if e.get("filter") == "*":
+                e.pop("filter")
+            if "value" in e:
+                e["value"] = _fix_filters(e["value"])
+            out.append(e)
+        return out
+    return value
+
+
+def _fix_params(params: Any) -> Any:
+    if isinstance(params, dict):
+        return {k: _fix_filters(v) for k, v in params.items()}
+    return params
+
+
+def from_mergekit(data: dict, source: str = "mergekit recipe"):
+    """A :class:`~evomerge.merge.recipe.MergeRecipe` from a parsed mergekit YAML (see module doc)."""
+    from evomerge.merge.recipe import MergeRecipe
+
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    d = copy.deepcopy(data)
+    if "modules" in d:
+        raise EvomergeError(f"{source}: key 'modules' (multi-module merges) is not supported; merge one module "
+                            "with top-level 'models' or 'slices'")
+    if "chat_template" in d:
+        raise EvomergeError(f"{source}: key 'chat_template' is not supported; remove it and edit the merged "
+                            "model's tokenizer_config.json instead")
+    tok = d.pop("tokenizer", None)
+    if tok is not None:
+        if not isinstance(tok, dict):
+            raise EvomergeError(f"{source}: key 'tokenizer' must be a mapping like {{source: union}}")
+        extra = sorted(set(tok) - {"source"})
+        if extra:
+            raise EvomergeError(f"{source}: key 'tokenizer.{extra[0]}' is not supported (only 'tokenizer.source', "
+                                "the same as 'tokenizer_source')")
+        if d.get("tokenizer_source") not in (None, tok.get("source", "union")):
+            raise EvomergeError(f"{source}: 'tokenizer.source' and 'tokenizer_source' disagree; keep one")
+        d["tokenizer_source"] = tok.get("source", "union")  # mergekit's TokenizerConfig default
+    for i, s in enumerate(d.get("slices") or []):
+        if isinstance(s, dict) and "residual_weight" in s:
+            raise EvomergeError(f"{source}: key 'slices[{i}].residual_weight' is not supported")
+    method = d.get("merge_method")
+    if method in _BASE_OPTIONAL and d.get("base_model"):
+        raise EvomergeError(
+            f"{source}: '{method}' with a 'base_model' (mergekit then merges task vectors) is not supported yet; "
+            "remove 'base_model' to interpolate the models themselves"
+        )
+    if "parameters" in d:
+        d["parameters"] = _fix_params(d["parameters"])
+    for m in d.get("models") or []:
+        if isinstance(m, dict) and "parameters" in m:
+            m["parameters"] = _fix_params(m["parameters"])
+    for s in d.get("slices") or []:
+        if isinstance(s, dict):
+            if "parameters" in s:
+                s["parameters"] = _fix_params(s["parameters"])
+            for src in s.get("sources") or []:
+                if isinstance(src, dict) and "parameters" in src:
+                    src["parameters"] = _fix_params(src["parameters"])
+    return MergeRecipe.from_dict(d, source)
+
+
+def load_mergekit(path: str | Path):
+    """:func:`from_mergekit` of a YAML file (relative model paths resolve against its folder)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvomergeError(f"recipe file {p}: cannot read ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise EvomergeError(f"recipe file {p}: not valid YAML ({exc})") from None
+    recipe = from_mergekit(data, str(p))
+    recipe._recipe_dir = str(p.parent.absolute())
+    return recipe
+
+
+def _uses_param(recipe, name: str) -> bool:
+    levels = [recipe.parameters] + [m.parameters for m in recipe.models or []]
+    for s in recipe.slices or []:
+        levels += [s.parameters] + [src.parameters for src in s.sources]
+    return any(name in (lvl or {}) for lvl in levels)
+
+
+def _values(recipe, name: str) -> list:
+    out = []
+
+    def walk(v):
+        if isinstance(v, list):
+            for e in v:
+                walk(e["value"] if isinstance(e, dict) else e)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(float(v))
+
+    levels = [recipe.parameters] + [m.parameters for m in recipe.models or []]
+    for s in recipe.slices or []:
+        levels += [s.parameters] + [src.parameters for src in s.sources]
+    for lvl in levels:
+        if lvl and name in lvl:
+            walk(lvl[name])
+    return out
+
+
+def mergekit_issues(recipe) -> tuple[list[str], list[str]]:
+    """``(blocking, caveats)``: why mergekit cannot run this recipe at all, and where its merge
+    would differ from evomerge's (see docs/methods.md, "Where evomerge deliberately differs")."""
+    from evomerge.merge.registry import get_method
+
+    m = recipe.merge_method
+    spec = get_method(m)
+    blocking: list[str] = []
+    caveats: list[str] = []
+    if m not in MERGEKIT_METHODS:
+        blocking.append(f"merge_method '{m}' does not exist in mergekit")
+    for p in sorted(_NOT_IN_MERGEKIT_PARAMS.get(m, ())):
+        if _uses_param(recipe, p) and any(v != _values(recipe, p)[0] for v in _values(recipe, p)):
+            blocking.append(f"'{m}' has no '{p}' parameter in mergekit (it would ignore the unequal weights)")
+    if recipe.base_model and not spec.needs_base:
+        caveats.append(f"'{m}' does not use base_model here; it is left out of the YAML"
+                       + (" (in mergekit it would switch to merging task vectors)" if m in _BASE_OPTIONAL else ""))
+    if m in _RANDOMIZED:
+        caveats.append("randomized method: mergekit draws its own random masks (same distribution, different "
+                       "entries); 'seed' is an evomerge key that mergekit ignores")
+    if m in ("breadcrumbs", "breadcrumbs_ties"):
+        caveats.append("mergekit zeroes the whole task vector of tensors where floor(gamma * numel) = 0; "
+                       "evomerge drops no outlier there")
+    if m in ("della", "della_linear"):
+        dens, eps = _values(recipe, "density") or [1.0], _values(recipe, "epsilon") or [0.15]
+        if any(d < 1 and (d - e <= 0 or d + e >= 1) for d in dens for e in eps):
+            caveats.append("mergekit raises unless density ± epsilon lies in (0, 1); evomerge shrinks epsilon")
+    if m == "sce" and any(v < 1 for v in _values(recipe, "select_topk")):
+        caveats.append("mergekit zeroes the update of tensors where floor(select_topk * #varying) = 0; "
+                       "evomerge keeps one position")
+    if m == "model_stock":
+        caveats.append("evomerge clamps a negative mean cosine to 0 (t = 0: the base); mergekit extrapolates")
+    if recipe.tokenizer_source not in (None, "base"):
+        caveats.append("vocabulary mapping: rows of tokens a model lacks are filled differently in mergekit")
+    return blocking, caveats
+
+
+def to_mergekit_yaml(recipe, *, strict: bool = True) -> str:
+    """mergekit YAML for ``recipe``, its caveats as leading ``#`` comments.
+
+    Raises :class:`EvomergeError` when mergekit cannot express the recipe (``strict``); with
+    ``strict=False`` the reasons become comments too (the YAML then documents the recipe but
+    mergekit will not run it as is). The base model is dropped for methods that do not use it.
+    """
+    import yaml
+
+    blocking, caveats = mergekit_issues(recipe)
+    if blocking and strict:
+        raise EvomergeError("cannot export to mergekit: " + "; ".join(blocking))
+    d = recipe.to_dict()
+    from evomerge.merge.registry import get_method
+
+    if d.get("base_model") and not get_method(recipe.merge_method).needs_base:
+        d.pop("base_model")
+    lines = [f"# NOT RUNNABLE BY MERGEKIT: {b}" for b in blocking] + [f"# note: {c}" for c in caveats]
+    body = yaml.safe_dump(d, sort_keys=False, default_flow_style=None)
+    return ("\n".join(lines) + "\n" if lines else "") + body
