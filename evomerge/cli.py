@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
         import click
 
+        irt_errors = sys.modules.get("irt.errors")  # the standalone irt package's user errors
+        if irt_errors is not None and isinstance(exc, irt_errors.IRTError):
+            typer.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             sys.exit(exc.exit_code)

@@ -48,14 +48,34 @@ class GeneSpec(_Strict):
 
 
 class DataflowSpaceConfig(_Strict):
-    """Layer-dataflow space (Sakana's DFS): models A and B, repeats, scale bounds."""
+    """Layer-dataflow space (Sakana's DFS): models A and B, repeats, scale bounds.
 
-    model_a: str = Field("ps", description="'ps' (the PS stage's best), 'base', or an endpoint")
-    model_b: str = Field(description="an endpoint reference or 'base'")
-    repeats: int = Field(2, ge=1)
-    scale_bounds: tuple[float, float] = (0.5, 2.0)
-    generations: int = Field(10, ge=1)
+    Embeddings, final norm and lm_head come from A. With ``kind: ps+dfs`` A is the best model
+    of the parameter-space stage (``model_a: ps``), searched for ``generations`` more
+    generations of its own.
+    """
+
+    model_a: str = Field("ps", description="'ps' (the PS stage's best, kind ps+dfs), 'base', "
+                         "or an endpoint reference")
+    model_b: str = Field(description="'base' or an endpoint reference")
+    repeats: int = Field(2, ge=1, description="the layers of A then B are laid out this many times")
+    scale_bounds: tuple[float, float] = Field((0.5, 2.0), description="input scales, log-uniform; "
+                                              "0 < low <= 1 <= high")
+    scale_mode: Literal["matrix", "layer", "none"] = Field(
+        "matrix", description="matrix: W[i, j] per (previous, next) layer as in the paper; "
+        "layer: one scale per layer (far fewer genes); none: all scales 1")
+    max_layers: Optional[int] = Field(None, ge=1, description="cap on the layers of a path")
+    generations: Optional[int] = Field(None, ge=1, description="DFS generations (ps+dfs); "
+                                       "default optimizer.generations")
     population: Optional[int] = Field(None, ge=2)
+
+    @model_validator(mode="after")
+    def _check_scales(self):
+        lo, hi = self.scale_bounds
+        if not (0 < lo <= 1 <= hi):
+            raise ValueError(f"scale_bounds must satisfy 0 < low <= 1 <= high (scales are folded "
+                             f"into weights and must stay positive), got {list(self.scale_bounds)}")
+        return self
 
 
 class SearchSpaceConfig(_Strict):
@@ -70,6 +90,12 @@ class SearchSpaceConfig(_Strict):
     def _check(self):
         if self.kind in ("dataflow", "ps+dfs") and self.dataflow is None:
             raise ValueError(f"kind {self.kind!r} needs a 'dataflow' section")
+        if self.kind == "dataflow" and self.dataflow.model_a == "ps":
+            raise ValueError("dataflow.model_a: 'ps' needs kind: ps+dfs; with kind: dataflow "
+                             "name 'base' or an endpoint")
+        if self.kind == "ps+dfs" and self.dataflow.model_a != "ps":
+            raise ValueError("dataflow.model_a: kind ps+dfs searches on top of the PS result; "
+                             "set model_a: ps (or use kind: dataflow)")
         names = [(g.name, g.filter) for g in self.genes]
         if len(set(names)) != len(names):
             raise ValueError("genes: the same (name, filter) appears twice")
@@ -179,6 +205,14 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        df = self.search_space.dataflow
+        if df is not None:
+            refs = {"base", "ps", *self.models.endpoints}
+            for field_name in ("model_a", "model_b"):
+                if getattr(df, field_name) not in refs:
+                    raise ValueError(f"search_space.dataflow.{field_name}: "
+                                     f"{getattr(df, field_name)!r} is not 'base', 'ps' or one of "
+                                     f"models.endpoints")
         if self.fitness.aggregate == "per_task" and not (
                 self.optimizer.name == "optuna" and self.optimizer.sampler in ("nsga2", "tpe")):
             raise ValueError("fitness.aggregate: per_task (one objective per task) needs "
@@ -199,7 +233,7 @@ class RunConfig(_Strict):
 # Fields that may change between a run and its resume: they do not change any result that
 # has already been computed (more generations extends the run; the rest is presentation,
 # speed or placement).
-SAFE_ON_RESUME = ("optimizer.generations", "final.top_k", "final.write_model",
+SAFE_ON_RESUME = ("optimizer.generations", "search_space.dataflow.generations", "final.top_k", "final.write_model",
                   "evaluator.batch_size", "evaluator.device", "run_dir", "name")
 
 

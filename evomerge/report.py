@@ -40,17 +40,12 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
         raise EvomergeError(f"{rd.root}: not a run directory (no config.yaml)")
     cfg = yaml.safe_load(rd.config.read_text())
     evals = read_jsonl(rd.evaluations)
-    held = read_jsonl(rd.heldout)
-    best = None
-    if (rd.best / "recipe.json").exists():
-        import json
-
-        best = json.loads((rd.best / "recipe.json").read_text())
     md = [f"# evomerge run `{rd.root.name}`", ""]
     md.append(f"- models: base `{cfg['models']['base']}`, endpoints "
               + ", ".join(f"`{e}`" for e in cfg["models"]["endpoints"]))
     ss = cfg["search_space"]
-    md.append(f"- search space: {ss['kind']} / {ss['method']}; optimizer {cfg['optimizer']['name']}"
+    md.append(f"- search space: {ss['kind']} / {ss['method'] if ss['kind'] != 'dataflow' else 'layer dataflow'}"
+              f"; optimizer {cfg['optimizer']['name']}"
               f" ({cfg['optimizer']['sampler'] if cfg['optimizer']['name'] == 'optuna' else 'cmaes'})")
     fit = cfg["fitness"]
     md.append(f"- fitness: {fit['estimator']}"
@@ -59,7 +54,23 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
     md.append(f"- stage: {rd.state().get('stage')}; {len(evals)} candidates evaluated, "
               f"{sum(r.get('items', 0) for r in evals)} items answered")
     md.append("")
+    md += _stage(rd, rd, "", plt)
+    dfs = RunDir(rd.root / "dfs")
+    if (dfs.root / "evaluations.jsonl").exists():
+        md += ["# Data-flow stage (model A = the parameter-space best)", ""]
+        md += _stage(rd, dfs, "dfs_", plt)
+    atomic_write_text(rd.report, "\n".join(md) + "\n")
+    return rd.report
 
+
+def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
+    """Sections and plots of one search stage (files in ``st``, plots named ``prefix*.png``)."""
+    import json
+
+    md: list[str] = []
+    evals = read_jsonl(st.evaluations)
+    held = read_jsonl(st.heldout)
+    best = json.loads((st.best / "recipe.json").read_text()) if (st.best / "recipe.json").exists() else None
     if evals:
         gens = sorted({r["generation"] for r in evals})
         best_so_far, mean_gen, running = [], [], -np.inf
@@ -76,9 +87,9 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
         ax.set_ylabel("estimated fitness")
         ax.legend()
         ax.grid(alpha=0.3)
-        _save(fig, rd.root / "fitness.png")
+        _save(fig, rd.root / f"{prefix}fitness.png")
         plt.close(fig)
-        md += ["## Search", "", "![fitness per generation](fitness.png)", "",
+        md += ["## Search", "", f"![fitness per generation]({prefix}fitness.png)", "",
                "| generation | best so far | mean |", "|---:|---:|---:|"]
         md += [f"| {g} | {b:.4f} | {m:.4f} |" for g, b, m in zip(x, best_so_far, mean_gen)]
         md.append("")
@@ -99,9 +110,9 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
             ax.set_xlabel(f"estimated {tasks[0]}")
             ax.set_ylabel(f"estimated {tasks[1]}")
             ax.legend()
-            _save(fig, rd.root / "pareto.png")
+            _save(fig, rd.root / f"{prefix}pareto.png")
             plt.close(fig)
-            md += ["## Pareto front", "", "![Pareto front](pareto.png)", "",
+            md += ["## Pareto front", "", f"![Pareto front]({prefix}pareto.png)", "",
                    "| candidate | " + " | ".join(tasks) + " |",
                    "|---:|" + "---:|" * len(tasks)]
             md += [f"| {r['index']} | " + " | ".join(f"{v:.3f}" for v in r["fitness"]) + " |"
@@ -131,15 +142,27 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
             ax.set_xlabel("estimated accuracy (search items)")
             ax.set_ylabel("true accuracy (held-out items)")
             ax.legend(fontsize=8)
-            _save(fig, rd.root / "estimated_vs_true.png")
+            _save(fig, rd.root / f"{prefix}estimated_vs_true.png")
             plt.close(fig)
-            md += ["![estimated vs true](estimated_vs_true.png)", ""]
+            md += [f"![estimated vs true]({prefix}estimated_vs_true.png)", ""]
 
-    if best:
+    where = st.root.relative_to(rd.root).as_posix() + "/" if st.root != rd.root else ""
+    if best and "steps" in best["recipe"]:
+        steps = best["recipe"]["steps"]
+        md += ["## Best data-flow path", "",
+               f"Candidate {best['index']} (generation {best['generation'] + 1}), held-out "
+               f"average {best['heldout_average']:.3f}; {len(steps)} layers. Files: "
+               f"`{where}best/recipe.json`, `{where}best/model/` (scales folded into o_proj and "
+               "down_proj; loads with AutoModelForCausalLM).", "",
+               "| step | model | layer | input scale |", "|---:|---|---:|---:|"]
+        md += [f"| {k} | {s_['model']} | {s_['layer']} | {s_['scale']:.3f} |"
+               for k, s_ in enumerate(steps)]
+        md.append("")
+    elif best:
         md += ["## Best recipe", "",
                f"Candidate {best['index']} (generation {best['generation'] + 1}), held-out "
-               f"average {best['heldout_average']:.3f}. Files: `best/recipe.json`, "
-               "`best/recipe.mergekit.yaml`, `best/model/`.", "",
+               f"average {best['heldout_average']:.3f}. Files: `{where}best/recipe.json`, "
+               f"`{where}best/recipe.mergekit.yaml`, `{where}best/model/`.", "",
                "| gene | values (first layer → last layer) |", "|---|---|"]
         md += [f"| {k} | " + ", ".join(f"{v:.3f}" for v in vals) + " |"
                for k, vals in best["genes"].items()]
@@ -154,8 +177,7 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
         ax.set_ylabel("parameter value")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        _save(fig, rd.root / "best_genes.png")
+        _save(fig, rd.root / f"{prefix}best_genes.png")
         plt.close(fig)
-        md += ["![genes of the best recipe](best_genes.png)", ""]
-    atomic_write_text(rd.report, "\n".join(md) + "\n")
-    return rd.report
+        md += [f"![genes of the best recipe]({prefix}best_genes.png)", ""]
+    return md

@@ -94,24 +94,45 @@ class SearchContext:
     evaluator: object
     merger: object
     banks: dict = field(default_factory=dict)
-    anchors: dict = field(default_factory=dict)   # task -> (indices, weights)
+    anchors: dict = field(default_factory=dict)   # task -> irt.Anchors (positions in the bank)
+    anchor_positions: dict = field(default_factory=dict)  # task -> positions in the task's items
     log: callable = print
 
+    resident_model: object = None  # the model the merge engine writes into
+
     def apply_genome(self, genome) -> dict:
+        """Make the evaluator's model the candidate of ``genome``; returns its recipe (a
+        mergekit-style dict, or a dataflow path's JSON form)."""
+        if getattr(self.space, "kind", "parameter") == "dataflow":
+            self.evaluator.set_model(self.space.build(genome))
+            return self.space.decode(genome)
         recipe = self.space.decode(genome)
         self.apply_recipe(recipe)
         return recipe
+
+    def _resident(self):
+        if self.resident_model is None:
+            self.resident_model = self.evaluator.model
+        if self.evaluator.model is not self.resident_model:
+            self.evaluator.set_model(self.resident_model)
+        return self.resident_model
 
     def apply_recipe(self, recipe: dict) -> None:
         from evomerge.merge.recipe import MergeRecipe
 
         resolved = _resolve_recipe(recipe, self.base_path, self.endpoint_paths)
-        self.merger.apply(MergeRecipe.model_validate(resolved), self.evaluator.model)
+        self.merger.apply(MergeRecipe.from_dict(resolved), self._resident())
 
     def apply_endpoint(self, ref: str) -> None:
-        """Load one endpoint (or the base) into the live model: linear with weight 1."""
+        """Load one endpoint (or the base) into the live model: linear with weight 1, which
+        returns that model's tensors exactly."""
+        from evomerge.merge.recipe import MergeRecipe
+
         path = self.base_path if ref == "base" else self.endpoint_paths[ref]
-        self.merger.load_source_into(path, self.evaluator.model)
+        recipe = {"merge_method": "linear", "models": [{"model": str(path),
+                                                        "parameters": {"weight": 1.0}}],
+                  "dtype": self.cfg.evaluator.dtype}
+        self.merger.apply(MergeRecipe.from_dict(recipe), self._resident())
 
     def answer(self, task: str, split: str, indices=None) -> np.ndarray:
         pair = self.tasks[task]
@@ -129,12 +150,23 @@ def _resolve_recipe(recipe: dict, base_path: Path, endpoint_paths: dict[str, Pat
     return out
 
 
-def resolve_model(ref: str, zoo_root: str | None = None) -> Path:
+_ZOOS: dict = {}
+
+
+def _zoo():
+    """The embedded zoo (built on first use, cached on disk; looked up once per process)."""
+    from evomerge.zoo import build_zoo, default_root
+
+    root = str(default_root())
+    if root not in _ZOOS:
+        _ZOOS[root] = build_zoo(verbose=True)
+    return _ZOOS[root]
+
+
+def resolve_model(ref: str) -> Path:
     """A model reference -> a local checkpoint folder (zoo:NAME, a folder, or a hub id)."""
     if ref.startswith("zoo:"):
-        from evomerge.zoo import build_zoo
-
-        zoo = build_zoo(zoo_root, verbose=True)
+        zoo = _zoo()
         name = ref[4:]
         if name == "base":
             return Path(zoo.base)
@@ -170,9 +202,7 @@ def load_tasks(cfg: RunConfig) -> dict[str, TaskPair]:
             search, heldout = load_dataset_task(name, tc.source)
         else:
             if tc.zoo is not None:
-                from evomerge.zoo import build_zoo
-
-                zoo = build_zoo(verbose=True)
+                zoo = _zoo()
                 if tc.zoo not in zoo.task_names:
                     raise EvomergeError(f"tasks: zoo task {tc.zoo!r} unknown; the zoo has "
                                         + ", ".join(zoo.task_names))
@@ -214,11 +244,24 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
     endpoints = {ref: resolve_model(ref) for ref in cfg.models.endpoints}
     tasks = load_tasks(cfg)
     ss = cfg.search_space
-    space = ParameterSpace(ss.method, cfg.models.base, cfg.models.endpoints, ss.genes, ss.fixed,
-                           dtype=cfg.evaluator.dtype)
+    if ss.kind == "dataflow":
+        ref = {"base": base, **endpoints}
+        space = dataflow_space(cfg, ref[ss.dataflow.model_a], ref[ss.dataflow.model_b])
+    else:
+        space = ParameterSpace(ss.method, cfg.models.base, cfg.models.endpoints, ss.genes,
+                               ss.fixed, dtype=cfg.evaluator.dtype, seed=cfg.seed)
     evaluator = make_evaluator(cfg.evaluator, base)
-    merger = InMemoryMerger(base, list(endpoints.values()), device=cfg.evaluator.device)
-    return SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, merger, log=log)
+    merger = InMemoryMerger([base, *endpoints.values()], device=cfg.evaluator.device)
+    ctx = SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, merger, log=log)
+    ctx.resident_model = evaluator.model
+    return ctx
+
+
+def dataflow_space(cfg: RunConfig, model_a: Path, model_b: Path):
+    from evomerge.search.spaces import DataflowGenomeSpace
+
+    return DataflowGenomeSpace(cfg.search_space.dataflow, model_a, model_b,
+                               device=cfg.evaluator.device, dtype=cfg.evaluator.dtype)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -267,7 +310,11 @@ def run_calibration(ctx: SearchContext) -> None:
 
 
 def fit_banks(ctx: SearchContext) -> None:
-    """Fit (or load) one item bank per task and choose its anchors; both saved in the run."""
+    """Fit (or reuse) one item bank per task and choose its anchors; both saved in the run.
+
+    Whatever was computed, the loop then uses what is on disk, so an uninterrupted and a
+    resumed run see bit-identical banks and anchors.
+    """
     import irt
 
     cfg, rd = ctx.cfg, ctx.rd
@@ -277,36 +324,43 @@ def fit_banks(ctx: SearchContext) -> None:
     for task, pair in ctx.tasks.items():
         path = rd.bank_path(task)
         anchors_path = rd.banks / f"{task}.anchors.json"
-        if not path.exists():
-            given = Path(cfg.calibration.banks) / f"{task}.bank.json" if cfg.calibration.banks else None
-            item_ids = [it.id for it in pair.search.items]
-            if given is not None and given.exists():
-                bank = irt.ItemBank.load(given)
-                bank.check_items(item_ids)
-            else:
-                Y = np.stack([_unbits(r["answers"][task]) for r in records]).astype(float)
-                t0 = time.perf_counter()
-                bank = irt.ItemBank.fit(Y, item_ids=item_ids, subject_names=names,
-                                        dim=cfg.calibration.dim, seed=cfg.seed,
-                                        metadata={"task": task, "run": str(rd.root)})
-                ctx.log(f"  item bank {task}: d={bank.dim}, fit in {time.perf_counter() - t0:.1f}s")
-            bank.save(path)
-        if not anchors_path.exists():
+        item_ids = [it.id for it in pair.search.items]
+        try:
+            if not path.exists():
+                given = Path(cfg.calibration.banks) / f"{task}.bank.json" if cfg.calibration.banks else None
+                if given is not None and given.exists():
+                    bank = irt.ItemBank.load(given)
+                    missing = set(item_ids) - set(bank.item_ids)
+                    if missing:
+                        raise EvomergeError(f"{given}: the bank lacks {len(missing)} of task "
+                                            f"{task!r}'s search items (e.g. {sorted(missing)[:3]}); "
+                                            "recalibrate (remove calibration.banks)")
+                    missing_endpoints = set(endpoint_refs(cfg)) - set(bank.subject_names)
+                    if cfg.fitness.estimator in ("mpirt", "gmpirt") and missing_endpoints:
+                        raise EvomergeError(f"{given}: mp-IRT needs the endpoints among the bank's "
+                                            f"subjects; missing {sorted(missing_endpoints)}")
+                else:
+                    Y = np.stack([_unbits(r["answers"][task]) for r in records]).astype(float)
+                    t0 = time.perf_counter()
+                    bank = irt.ItemBank.fit(Y, item_ids=item_ids, subject_names=names,
+                                            dim=cfg.calibration.dim, seed=cfg.seed, task=task)
+                    ctx.log(f"  item bank {task}: d={bank.dim}, fitted in "
+                            f"{time.perf_counter() - t0:.1f}s on {len(names)} models")
+                bank.save(path)
             bank = irt.ItemBank.load(path)
-            n = min(cfg.fitness.anchors, bank.n_items)
-            Y = None
-            if cfg.fitness.anchor_method == "correctness":
-                Y = np.stack([_unbits(r["answers"][task]) for r in records]).astype(float)
-            sel = irt.select_anchors(bank, n, method=cfg.fitness.anchor_method, seed=cfg.seed,
-                                     responses=Y)
-            atomic_write_json(anchors_path, {"method": cfg.fitness.anchor_method,
-                                             "indices": [int(i) for i in sel.indices],
-                                             "weights": [float(w) for w in sel.weights],
-                                             "item_ids": [bank.item_ids[i] for i in sel.indices]})
-        # always use what is on disk: an uninterrupted and a resumed run see the same numbers
-        ctx.banks[task] = irt.ItemBank.load(path)
-        a = yaml.safe_load(anchors_path.read_text())
-        ctx.anchors[task] = (np.asarray(a["indices"], dtype=int), np.asarray(a["weights"], dtype=float))
+            if not anchors_path.exists():
+                # anchors are chosen among this task's items only (a given bank may hold more)
+                sel = irt.select_anchors(bank, min(cfg.fitness.anchors, len(item_ids)),
+                                         method=cfg.fitness.anchor_method, seed=cfg.seed)
+                tmp = anchors_path.with_name(anchors_path.name + ".tmp")
+                sel.save(tmp)
+                tmp.replace(anchors_path)
+            ctx.banks[task] = bank
+            ctx.anchors[task] = irt.Anchors.load(anchors_path, bank)
+        except irt.IRTError as exc:
+            raise EvomergeError(f"task {task!r}: {exc}") from None
+        pos = {iid: i for i, iid in enumerate(item_ids)}
+        ctx.anchor_positions[task] = np.asarray([pos[i] for i in ctx.anchors[task].item_ids], dtype=int)
 
 
 # ----------------------------------------------------------------------------- fitness
@@ -323,10 +377,10 @@ def estimate_task(ctx: SearchContext, task: str, answers: np.ndarray) -> float:
         return float(answers.mean())
     import irt
 
-    idx, w = ctx.anchors[task]
     bank = ctx.banks[task]
-    theta = bank.subject_abilities(endpoint_refs(ctx.cfg)) if est in ("mpirt", "gmpirt") else None
-    return float(irt.estimate_accuracy(est, bank, idx, w, answers, endpoint_theta=theta))
+    theta = bank.subject_theta(endpoint_refs(ctx.cfg)) if est in ("mpirt", "gmpirt") else None
+    return float(irt.estimate_accuracy(est, bank, ctx.anchors[task], anchor_answers=answers,
+                                       endpoint_theta=theta))
 
 
 def evaluate_candidate(ctx: SearchContext, genome: np.ndarray, generation: int, member: int,
@@ -337,7 +391,7 @@ def evaluate_candidate(ctx: SearchContext, genome: np.ndarray, generation: int, 
     t1 = time.perf_counter()
     answers, estimates = {}, {}
     for task in ctx.tasks:
-        idx = None if ctx.cfg.fitness.estimator == "full" else ctx.anchors[task][0]
+        idx = None if ctx.cfg.fitness.estimator == "full" else ctx.anchor_positions[task]
         a = ctx.answer(task, "search", idx)
         answers[task] = _bits(a)
         estimates[task] = estimate_task(ctx, task, a)
@@ -361,23 +415,28 @@ def scalar_fitness(rec: dict) -> float:
 # ----------------------------------------------------------------------------- the loop
 
 
-def run_generations(ctx: SearchContext) -> list[dict]:
+def run_generations(ctx: SearchContext, generations: int | None = None,
+                    population: int | None = None) -> list[dict]:
     """Ask/evaluate/tell for ``optimizer.generations``, replaying logged evaluations first."""
     from evomerge.search.optimizers import make_optimizer
 
     cfg, rd = ctx.cfg, ctx.rd
     n_obj = len(ctx.tasks) if cfg.fitness.aggregate == "per_task" else 1
-    opt = make_optimizer(cfg.optimizer, ctx.space.dim, seed=cfg.seed,
+    opt_cfg = cfg.optimizer.model_copy(update={
+        "generations": generations or cfg.optimizer.generations,
+        "population": population or cfg.optimizer.population})
+    opt = make_optimizer(opt_cfg, ctx.space.dim, seed=cfg.seed,
                          x0=ctx.space.initial_genome(), n_objectives=n_obj)
     logged = {r["index"]: r for r in read_jsonl(rd.evaluations)}
     records: list[dict] = []
     index = 0
     t_start = time.perf_counter()
     evaluated_now = 0
-    total = cfg.optimizer.generations * opt.population
+    n_gen = opt_cfg.generations
+    total = n_gen * opt.population
     ctx.log(f"search: {opt.name}, {ctx.space.dim} genes, population {opt.population}, "
-            f"{cfg.optimizer.generations} generations ({len(logged)} evaluations in the log)")
-    for gen in range(cfg.optimizer.generations):
+            f"{n_gen} generations ({len(logged)} evaluations in the log)")
+    for gen in range(n_gen):
         genomes = opt.ask_generation()
         fits = []
         for member, g in enumerate(genomes):
@@ -401,7 +460,7 @@ def run_generations(ctx: SearchContext) -> list[dict]:
         elapsed = time.perf_counter() - t_start
         rate = evaluated_now / elapsed * 60 if evaluated_now else 0.0
         left = (total - index) / (rate / 60) if rate else 0.0
-        ctx.log(f"gen {gen + 1:3d}/{cfg.optimizer.generations}  best {best:.4f}  mean "
+        ctx.log(f"gen {gen + 1:3d}/{n_gen}  best {best:.4f}  mean "
                 f"{np.mean(gen_fit):.4f}  {rate:6.1f} cand/min  left {_fmt_time(left)}")
         rd.set_state(stage="searching", generation=gen + 1)
     return records
@@ -439,13 +498,19 @@ def pareto_front(records: list[dict]) -> list[dict]:
     return front
 
 
-def run_heldout(ctx: SearchContext, records: list[dict]) -> list[dict]:
-    """True held-out accuracy of the endpoints and of the top candidates (resumable)."""
+def run_heldout(ctx: SearchContext, records: list[dict], reference: list[dict] | None = None
+                ) -> list[dict]:
+    """True held-out accuracy of the endpoints and of the top candidates (resumable).
+
+    ``reference``: rows already measured (the PS stage's, for the dataflow stage); the
+    endpoints are then not evaluated again."""
     rd = ctx.rd
     done = {r["name"]: r for r in read_jsonl(rd.heldout)}
-    jobs: list[tuple[str, dict | None]] = [(ref, None) for ref in endpoint_refs(ctx.cfg)]
+    jobs: list[tuple[str, dict | None]] = []
+    if reference is None:
+        jobs += [(ref, None) for ref in endpoint_refs(ctx.cfg)]
     jobs += [(f"candidate-{r['index']}", r) for r in top_candidates(records, ctx.cfg.final.top_k)]
-    out = []
+    out = [dict(r, index=None, estimated=None) for r in (reference or [])]
     for name, rec in jobs:
         if name not in done:
             if rec is None:
@@ -471,21 +536,61 @@ def write_best(ctx: SearchContext, records: list[dict], heldout: list[dict]) -> 
     cands = [h for h in heldout if h["index"] is not None]
     best_h = max(cands, key=lambda h: (h["average"], -h["index"]))
     rec = next(r for r in records if r["index"] == best_h["index"])
-    resolved = _resolve_recipe(rec["recipe"], ctx.base_path, ctx.endpoint_paths)
     summary = {"index": rec["index"], "generation": rec["generation"], "genome": rec["genome"],
                "fitness": rec["fitness"], "estimates": rec["estimates"],
                "heldout": best_h["accuracy"], "heldout_average": best_h["average"],
-               "recipe": rec["recipe"], "recipe_resolved": resolved,
-               "genes": {s.label(): v for s, v in ctx.space.values(rec["genome"]).items()}}
+               "recipe": rec["recipe"]}
+    if getattr(ctx.space, "kind", "parameter") == "dataflow":
+        return _write_best_dataflow(ctx, rec, summary)
+    resolved = _resolve_recipe(rec["recipe"], ctx.base_path, ctx.endpoint_paths)
+    summary["recipe_resolved"] = resolved
+    summary["genes"] = {s.label(): v for s, v in ctx.space.values(rec["genome"]).items()}
     rd.best.mkdir(parents=True, exist_ok=True)
     model_dir = rd.best / "model"
     old = rd.best / "recipe.json"
     if model_dir.exists() and (not old.exists() or json.loads(old.read_text())["index"] != rec["index"]):
         shutil.rmtree(model_dir)  # a longer (resumed) run found a better candidate
     atomic_write_json(rd.best / "recipe.json", summary)
-    atomic_write_text(rd.best / "recipe.mergekit.yaml", MergeRecipe.model_validate(resolved).to_yaml())
+    atomic_write_text(rd.best / "recipe.mergekit.yaml", MergeRecipe.from_dict(resolved).to_yaml())
     if ctx.cfg.final.write_model and not model_dir.exists():
-        merge_to_disk(MergeRecipe.model_validate(resolved), model_dir)
+        merge_to_disk(MergeRecipe.from_dict(resolved), model_dir)
+    return summary
+
+
+def _write_best_dataflow(ctx: SearchContext, rec: dict, summary: dict) -> dict:
+    """Best dataflow path: its JSON, a mergekit passthrough YAML when every scale is 1, and
+    the folded checkpoint."""
+    from evomerge.dataflow import DataflowPath, write_dataflow_checkpoint
+
+    rd, space = ctx.rd, ctx.space
+    path = DataflowPath.from_dict(rec["recipe"])
+    summary["model_a"], summary["model_b"] = str(space.model_a), str(space.model_b)
+    rd.best.mkdir(parents=True, exist_ok=True)
+    model_dir = rd.best / "model"
+    old = rd.best / "recipe.json"
+    if model_dir.exists() and (not old.exists() or json.loads(old.read_text())["index"] != rec["index"]):
+        shutil.rmtree(model_dir)
+    atomic_write_json(old, summary)
+    mk = rd.best / "recipe.mergekit.yaml"
+    if all(st.scale == 1.0 for st in path.steps):
+        slices, run = [], None
+        for st in path.steps:
+            src = str(space.model_a if st.model == "A" else space.model_b)
+            if run and run[0] == src and run[2] == st.layer:
+                run[2] += 1
+            else:
+                run = [src, st.layer, st.layer + 1]
+                slices.append(run)
+        atomic_write_text(mk, yaml.safe_dump({
+            "merge_method": "passthrough", "dtype": ctx.cfg.evaluator.dtype,
+            "slices": [{"sources": [{"model": m, "layer_range": [a, b]}]} for m, a, b in slices]},
+            sort_keys=False))
+    else:
+        atomic_write_text(mk, "# This dataflow recipe scales layer inputs, which mergekit cannot\n"
+                          "# express; use best/model (scales folded into o_proj/down_proj) or\n"
+                          "# best/recipe.json.\n")
+    if ctx.cfg.final.write_model and not model_dir.exists():
+        write_dataflow_checkpoint(path, space.model_a, space.model_b, model_dir)
     return summary
 
 
@@ -521,15 +626,50 @@ def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None
     records = run_generations(ctx)
     rd.set_state(stage="finishing")
     heldout = run_heldout(ctx, records)
+    two_stage = cfg.search_space.kind == "ps+dfs"
+    if two_stage and not cfg.final.write_model:
+        ctx.cfg = cfg.model_copy(update={"final": cfg.final.model_copy(update={"write_model": True})})
     best = write_best(ctx, records, heldout)
+    stages = [(ctx, records, heldout, best, rd)]
+    if two_stage:
+        stages.append(run_dataflow_stage(ctx, heldout, best))
     from evomerge.report import write_report
 
     write_report(rd)
     rd.set_state(stage="done")
-    log("")
-    log(summary_table(ctx, heldout))
-    items = sum(r["items"] for r in records)
-    log(f"\nbest: candidate {best['index']} (generation {best['generation'] + 1}), held-out "
-        f"average {best['heldout_average']:.3f}; {len(records)} candidates, {items} items answered")
-    log(f"recipe: {rd.best / 'recipe.json'}  model: {rd.best / 'model'}  report: {rd.report}")
+    for sctx, srecords, sheld, sbest, srd in stages:
+        title = "data-flow stage (A = PS best)" if sctx is not ctx else (
+            "parameter-space stage" if two_stage else "")
+        log("")
+        if title:
+            log(f"== {title}")
+        log(summary_table(sctx, sheld))
+        items = sum(r["items"] for r in srecords)
+        log(f"\nbest: candidate {sbest['index']} (generation {sbest['generation'] + 1}), held-out "
+            f"average {sbest['heldout_average']:.3f}; {len(srecords)} candidates, {items} items "
+            "answered")
+        log(f"recipe: {srd.best / 'recipe.json'}  model: {srd.best / 'model'}")
+    log(f"report: {rd.report}")
     return rd
+
+
+def run_dataflow_stage(ctx: SearchContext, ps_heldout: list[dict], ps_best: dict):
+    """PS+DFS: a data-flow search whose model A is the parameter-space stage's best model."""
+    import dataclasses
+
+    cfg, rd = ctx.cfg, ctx.rd
+    df = cfg.search_space.dataflow
+    stage_rd = RunDir(rd.root / "dfs")
+    stage_rd.root.mkdir(exist_ok=True)
+    refs = {"base": ctx.base_path, **ctx.endpoint_paths}
+    ctx.log(f"\ndata-flow stage: A = PS best ({rd.best / 'model'}), B = {df.model_b}")
+    space = dataflow_space(cfg, rd.best / "model", refs[df.model_b])
+    sctx = dataclasses.replace(ctx, rd=stage_rd, space=space)
+    records = run_generations(sctx, generations=df.generations, population=df.population)
+    reference = [h for h in ps_heldout if h["index"] is None]
+    reference.append({"name": "ps-best", "accuracy": ps_best["heldout"],
+                      "average": ps_best["heldout_average"]})
+    heldout = run_heldout(sctx, records, reference=reference)
+    best = write_best(sctx, records, heldout)
+    rd.set_state(stage="finishing")
+    return sctx, records, heldout, best, stage_rd
