@@ -12,10 +12,12 @@ Methods (``select_anchors(method=...)``):
 ``irt``
     The same k-means on the IRT item embeddings (a_i, b_i) (tinyBenchmarks' IRT clustering).
 ``info``
-    Greedy Bayesian D-optimal design averaged over the calibration population: add, one at a
-    time, the item that most increases Σ_m log det(I/σ_θ² + Σ_{i∈S} p_mi(1 − p_mi) a_i a_iᵀ), the
-    expected information about each calibration subject's ability. Weights: the share of items
-    whose nearest anchor (in standardised (a, b) space) is that item.
+    Greedy Bayesian c-optimal design over the calibration population: add, one at a time, the
+    item that most reduces Σ_m g_mᵀ F_m⁻¹ g_m — the linearised posterior variance of each
+    calibration subject's *full accuracy* — where F_m = I/σ_θ² + Σ_{i∈S} p_mi(1 − p_mi) a_i a_iᵀ is
+    the information about its ability and g_m the gradient of its accuracy (the D-optimal variant,
+    max Σ_m log det F_m, is ``_info_anchors(target="theta")``). Weights: the share of items whose
+    nearest anchor (in standardised (a, b) space) is that item.
 
 ``stratify=True`` splits n over the items' subgroups in proportion to their sizes (largest
 remainder; every subgroup gets one anchor when n allows), selects within each subgroup and
@@ -127,17 +129,31 @@ def _voronoi_weights(emb: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.bincount(near, minlength=len(idx)) / len(emb)
 
 
-def _info_anchors(a, b, theta, n, prior_prec, emb) -> tuple[np.ndarray, np.ndarray]:
+def _info_anchors(a, b, theta, n, prior_prec, emb, target: str = "accuracy") -> tuple[np.ndarray, np.ndarray]:
+    """Greedy Bayesian design over the calibration population (see the module docstring).
+
+    For subject m with current information F_m = Λ + Σ_{i∈S} w_mi a_i a_iᵀ (w = p(1 − p)),
+    ``target="accuracy"`` (c-optimal) adds the item that most reduces Σ_m g_mᵀ F_m⁻¹ g_m, the
+    linearised posterior variance of subject m's full accuracy, g_m = (1/N) Σ_i w_mi a_i its
+    gradient; by Sherman–Morrison the reduction from item i is
+    w_mi (a_i·F_m⁻¹g_m)² / (1 + w_mi a_iᵀF_m⁻¹a_i). ``target="theta"`` (D-optimal) maximises
+    Σ_m log det F_m instead.
+    """
     d = a.shape[1]
     P = 1.0 / (1.0 + np.exp(-(theta @ a.T - b)))  # M × N
     W = P * (1 - P)
+    G = W @ a / a.shape[0]  # M × d
     F = np.tile(np.eye(d) * prior_prec, (len(theta), 1, 1))
     chosen: list[int] = []
     avail = np.ones(len(a), dtype=bool)
     for _ in range(n):
         Finv = np.linalg.inv(F)
         q = np.einsum("id,mde,ie->mi", a, Finv, a)  # a_iᵀ F_m⁻¹ a_i
-        gain = np.log1p(W * q).sum(0)
+        if target == "accuracy":
+            u = np.einsum("mde,me->md", Finv, G)  # F_m⁻¹ g_m
+            gain = (W * (u @ a.T) ** 2 / (1 + W * q)).sum(0)
+        else:
+            gain = np.log1p(W * q).sum(0)
         gain[~avail] = -np.inf
         i = int(np.argmax(gain))
         chosen.append(i)
