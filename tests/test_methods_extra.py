@@ -556,3 +556,19 @@ def test_model_three_way_merge_loads_and_runs(fam, method, params, model_params)
             sd[n].copy_(t)
         logits = model(torch.tensor([[1, 5, 9, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method,model_params", [("della", {"weight": 0.7, "density": 0.6}), ("iso_cts", {}),
+                                                 ("breadcrumbs_ties", {"weight": 0.7, "density": 0.6})])
+def test_disk_and_in_memory_identical(fam, tmp_path, method, model_params):
+    from evomerge.merge.engine import merge_to_disk
+    from evomerge.merge.recipe import MergeRecipe
+
+    rec = MergeRecipe.from_dict({"merge_method": method, "base_model": str(fam["base"]), "seed": 7,
+                                 "models": [{"model": str(fam[k]), "parameters": model_params} for k in ("a", "b")]})
+    from evomerge.merge.engine import InMemoryMerger
+
+    disk = _state(merge_to_disk(rec, tmp_path / "o"))
+    mem = dict(InMemoryMerger([fam["base"], fam["a"], fam["b"]]).merged_tensors(rec))  # same seed, same masks
+    for n, t in disk.items():
+        assert torch.equal(mem[n], t), n
