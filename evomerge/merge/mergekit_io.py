@@ -171,6 +171,8 @@ def mergekit_issues(recipe) -> tuple[list[str], list[str]]:
     if m in _RANDOMIZED:
         caveats.append("randomized method: mergekit draws its own random masks (same distribution, different "
                        "entries); 'seed' is an evomerge key that mergekit ignores")
+        caveats.append("with rescale, mergekit 0.1.5 scales the kept entries back to the task vector's L1 norm; "
+                       "evomerge divides each kept entry by its keep probability (the papers' rule)")
     if m in ("breadcrumbs", "breadcrumbs_ties"):
         caveats.append("mergekit zeroes the whole task vector of tensors where floor(gamma * numel) = 0; "
                        "evomerge drops no outlier there")
