@@ -254,6 +254,8 @@ class VocabReader:
         self._key = key
 
     def __getattr__(self, item):
+        if item.startswith("__") or item in ("_reader", "_plan", "_key"):
+            raise AttributeError(item)  # not set yet (copy / pickle): never recurse
         return getattr(self._reader, item)
 
     def __contains__(self, name: str) -> bool:
