@@ -228,7 +228,7 @@ def _search_recipes(fam) -> list[dict]:
         genes, fixed = [], {}
         for p, v in {**spec.model_params, **spec.global_params}.items():
             if p in ("int8_mask", "normalize", "rescale", "filter_wise", "nuslerp_row_wise", "nuslerp_flatten",
-                     "normalize_weights", "max_iter", "tol", "eps"):
+                     "normalize_weights", "max_iter", "tol", "eps", "svd"):
                 continue
             lo, hi = {"t": (0.01, 1.0), "rank_fraction": (0.1, 1.0), "epsilon": (0.0, 0.1)}.get(p, (0.1, 1.0))
             genes.append(GeneSpec(name=p, bounds=(lo, hi), layer_groups=2 if p == "weight" else 1,

@@ -572,3 +572,15 @@ def test_disk_and_in_memory_identical(fam, tmp_path, method, model_params):
     mem = dict(InMemoryMerger([fam["base"], fam["a"], fam["b"]]).merged_tensors(rec))  # same seed, same masks
     for n, t in disk.items():
         assert torch.equal(mem[n], t), n
+
+
+def test_svd_switch_by_filter_averages_embeddings(fam):
+    params = {"svd": [{"filter": "embed_tokens", "value": False}, {"filter": "lm_head", "value": False},
+                      {"value": True}]}
+    got = _merged(fam, "iso_c", [("a", {}), ("b", {})], params)
+    s0, sa, sb = _state(fam["base"]), _state(fam["a"]), _state(fam["b"])
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(got[n], s0[n] + ((sa[n] - s0[n]) + (sb[n] - s0[n])) / 2)
+    n = "model.layers.0.self_attn.q_proj.weight"
+    sv = torch.linalg.svdvals((got[n] - s0[n]).double())
+    assert float(sv.max() - sv.min()) < 1e-4 * float(sv.mean())  # still isotropic

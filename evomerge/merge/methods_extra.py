@@ -522,7 +522,7 @@ def _mean_fallback(ds: Sequence[Tensor], base: Tensor, lam: float) -> Tensor:
     return base + mean * (lam / len(ds))
 
 
-def tsv(deltas, base, *, generator=None, weight, rank_fraction=None, **kw):
+def tsv(deltas, base, *, generator=None, weight, rank_fraction=None, svd=True, **kw):
     """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors", arXiv:2412.00081).
 
     Per matrix, with ``τ_i = w_i (θ_i − θ0)`` (``weight`` default 1) and ``r = min(m, n)``:
@@ -533,12 +533,14 @@ def tsv(deltas, base, *, generator=None, weight, rank_fraction=None, **kw):
     N-D tensors are reshaped to ``(shape[0], −1)``.
 
     1-D tensors (biases, norm weights) have no singular vectors: ``θ = θ0 + λ · mean_i τ_i``
-    (the reference implementation averages them too).
+    (the reference implementation averages them too). ``svd: false`` (usually through a filter,
+    e.g. for ``embed_tokens`` / ``lm_head`` as the LLM ports of these methods do) applies that
+    fallback to a matrix as well; the same switch exists for ``iso_c`` and ``iso_cts``.
     """
     lam = _lam(kw)
     ds = _weighted(deltas, weight)
     mats = [as_matrix(d) for d in ds]
-    if mats[0] is None:
+    if mats[0] is None or not svd:
         return _mean_fallback(ds, base, lam)
     T = len(mats)
     r = min(mats[0].shape)
@@ -556,7 +558,7 @@ def tsv(deltas, base, *, generator=None, weight, rank_fraction=None, **kw):
     return base + (lam * merged).reshape(base.shape)
 
 
-def iso_c(deltas, base, *, generator=None, weight, **kw):
+def iso_c(deltas, base, *, generator=None, weight, svd=True, **kw):
     """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind", arXiv:2502.04959).
 
     ``Δ = Σ_i w_i τ_i = U Σ Vᵀ`` (task arithmetic sum), then flatten the spectrum:
@@ -566,7 +568,7 @@ def iso_c(deltas, base, *, generator=None, weight, **kw):
     """
     lam = _lam(kw)
     ds = _weighted(deltas, weight)
-    if as_matrix(ds[0]) is None:
+    if as_matrix(ds[0]) is None or not svd:
         return _mean_fallback(ds, base, lam)
     total = ds[0].clone()
     for d in ds[1:]:
@@ -590,7 +592,7 @@ def iso_cts_sizes(r: int, T: int, common_space_fraction: float) -> tuple[int, in
     return r - T * s, s
 
 
-def iso_cts(deltas, base, *, generator=None, weight, common_space_fraction=0.8, **kw):
+def iso_cts(deltas, base, *, generator=None, weight, common_space_fraction=0.8, svd=True, **kw):
     """Iso-CTS (Marczak et al., ICML 2025, arXiv:2502.04959): isotropic merge in the common and
     task-specific subspaces.
 
@@ -606,7 +608,7 @@ def iso_cts(deltas, base, *, generator=None, weight, common_space_fraction=0.8, 
     frac = _fraction("common_space_fraction", common_space_fraction)
     ds = _weighted(deltas, weight)
     mats = [as_matrix(d) for d in ds]
-    if mats[0] is None:
+    if mats[0] is None or not svd:
         return _mean_fallback(ds, base, lam)
     total = mats[0].clone()
     for m in mats[1:]:
@@ -697,18 +699,18 @@ register(MergeMethod(
 register(MergeMethod(
     name="tsv", fn=tsv, needs_base=True, takes_deltas=True,
     model_params={"weight": 1.0},
-    global_params={"lambda": 1.0, "rank_fraction": None},
+    global_params={"lambda": 1.0, "rank_fraction": None, "svd": True},
     reference="Gargiulo et al. 2025, Task Singular Vectors, CVPR (arXiv:2412.00081)",
 ))
 register(MergeMethod(
     name="iso_c", fn=iso_c, needs_base=True, takes_deltas=True,
     model_params={"weight": 1.0},
-    global_params={"lambda": 1.0},
+    global_params={"lambda": 1.0, "svd": True},
     reference="Marczak et al. 2025, No Task Left Behind: Iso-C, ICML (arXiv:2502.04959)",
 ))
 register(MergeMethod(
     name="iso_cts", fn=iso_cts, needs_base=True, takes_deltas=True,
     model_params={"weight": 1.0},
-    global_params={"lambda": 1.0, "common_space_fraction": 0.8},
+    global_params={"lambda": 1.0, "common_space_fraction": 0.8, "svd": True},
     reference="Marczak et al. 2025, No Task Left Behind: Iso-CTS, ICML (arXiv:2502.04959)",
 ))
