@@ -584,3 +584,60 @@ def test_svd_switch_by_filter_averages_embeddings(fam):
     n = "model.layers.0.self_attn.q_proj.weight"
     sv = torch.linalg.svdvals((got[n] - s0[n]).double())
     assert float(sv.max() - sv.min()) < 1e-4 * float(sv.mean())  # still isotropic
+
+
+# ----------------------------------------------------------------------------- on the embedded zoo
+
+
+@pytest.fixture(scope="module")
+def zoo_models():
+    import os
+    from pathlib import Path
+
+    zoo_mod = pytest.importorskip("evomerge.zoo")
+    env = os.environ.get("EVOMERGE_ZOO")
+    root = Path(env) if env else Path(__file__).resolve().parents[1] / ".cache" / "zoo"
+    return zoo_mod.build_zoo(root=root, verbose=False)
+
+
+ZOO_CASES = {  # method -> (per-model params, method params, endpoint: which model the merge must equal)
+    "breadcrumbs": ({"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}, None),
+    "breadcrumbs_ties": ({"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}, None),
+    "della": ({"weight": 0.5, "density": 0.7, "epsilon": 0.1}, {}, None),
+    "della_linear": ({"weight": 0.5, "density": 0.7, "epsilon": 0.1}, {}, None),
+    "model_stock": ({}, {}, None),
+    "nuslerp": ({"weight": [1.0, 0.0]}, {}, 0),
+    "multislerp": ({"weight": [0.0, 1.0]}, {}, 1),
+    "karcher": ({"weight": [1.0, 0.0]}, {}, 0),
+    "sce": ({}, {"select_topk": 0.5}, None),
+    "nearswap": ({}, {"t": 1e9}, 0),
+    "tsv": ({}, {}, None),
+    "iso_c": ({}, {"lambda": 0.0}, "base"),
+    "iso_cts": ({}, {"lambda": 0.0}, "base"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(ZOO_CASES))
+def test_zoo_merges_finite_with_expected_endpoints(zoo_models, method):
+    from evomerge.merge.engine import InMemoryMerger
+    from evomerge.merge.recipe import MergeRecipe
+
+    z = zoo_models
+    experts = [z.experts[t] for t in z.expert_tasks[:2]]
+    if method == "nearswap":
+        experts = experts[:1]
+    mp, gp, endpoint = ZOO_CASES[method]
+    spec = get_method(method)
+    models = []
+    for i, e in enumerate(experts):
+        p = {k: (v[i] if isinstance(v, list) else v) for k, v in mp.items()}
+        models.append({"model": str(e), "parameters": p})
+    d = {"merge_method": method, "models": models, "parameters": gp, "seed": 1}
+    if spec.needs_base:
+        d["base_model"] = str(z.base)
+    got = dict(InMemoryMerger([z.base, *experts]).merged_tensors(MergeRecipe.from_dict(d)))
+    for n, t in got.items():
+        assert torch.isfinite(t).all(), n
+    if endpoint is not None:
+        want = _state(z.base if endpoint == "base" else experts[endpoint])
+        _close(got, want, atol=1e-4)

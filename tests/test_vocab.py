@@ -219,3 +219,67 @@ def test_same_vocab_is_untouched(fam, tmp_path, source):
     s, sb = state(out), state(fam["base"])
     assert all(torch.equal(s[n], sb[n]) for n in sb)
     assert vocab_of(out) == vocab_of(fam["base"])
+
+
+# ----------------------------------------------------------------------------- from the zoo
+
+
+@pytest.fixture(scope="module")
+def zoo_models():
+    """The embedded zoo (shared cache with tests/conftest.py's ``zoo`` fixture)."""
+    import os
+
+    zoo_mod = pytest.importorskip("evomerge.zoo")
+    env = os.environ.get("EVOMERGE_ZOO")
+    root = Path(env) if env else Path(__file__).resolve().parents[1] / ".cache" / "zoo"
+    return zoo_mod.build_zoo(root=root, verbose=False)
+
+
+def test_zoo_fine_tune_with_extra_tokens(zoo_models, tmp_path):
+    """A zoo expert that adds two tokens, merged with another expert: union keeps every old row as
+    the plain merge has it, the new rows are the adding expert's own, and the model answers as the
+    plain merge does."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    z = zoo_models
+    e1, e2 = (z.experts[t] for t in z.expert_tasks[:2])
+    tok = AutoTokenizer.from_pretrained(e1)
+    n_old = len(tok)
+    tok.add_tokens(["<tool>", "</tool>"])
+    m = LlamaForCausalLM.from_pretrained(e1)
+    m.resize_token_embeddings(len(tok))
+    with torch.no_grad():
+        m.model.embed_tokens.weight[n_old:] += 0.1
+    m.save_pretrained(tmp_path / "e1x")
+    tok.save_pretrained(tmp_path / "e1x")
+
+    def rec(first, source):
+        r = MergeRecipe.from_dict({"merge_method": "task_arithmetic", "base_model": str(z.base),
+                                   "models": [{"model": str(first), "parameters": {"weight": 0.6}},
+                                              {"model": str(e2), "parameters": {"weight": 0.6}}]})
+        r.tokenizer_source = source
+        return r
+
+    with pytest.raises(EvomergeError, match="tokenizer_source"):
+        merge_to_disk(rec(tmp_path / "e1x", None), tmp_path / "x")
+    plain = state(merge_to_disk(rec(e1, None), tmp_path / "plain"))
+    out = merge_to_disk(rec(tmp_path / "e1x", "union"), tmp_path / "union")
+    union, ex = state(out), state(tmp_path / "e1x")
+    for n, t in plain.items():
+        if t.shape[0] == n_old and n in (EMB, HEAD):
+            assert torch.equal(union[n][:n_old], t), n
+            torch.testing.assert_close(union[n][n_old:], ex[n][n_old:])
+        else:
+            assert torch.equal(union[n], t), n
+    utok = AutoTokenizer.from_pretrained(out)
+    assert utok.convert_tokens_to_ids(["<tool>", "</tool>"]) == [n_old, n_old + 1]
+    task = z.load_task(z.expert_tasks[0], "heldout")
+    prompts = task.prompts(task.items[:8])
+    if prompts:
+        mu, mp = LlamaForCausalLM.from_pretrained(out), LlamaForCausalLM.from_pretrained(tmp_path / "plain")
+        ptok = AutoTokenizer.from_pretrained(tmp_path / "plain")
+        for p in prompts:
+            ids = ptok(p, return_tensors="pt").input_ids
+            gu = mu.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=ptok.pad_token_id)
+            gp = mp.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=ptok.pad_token_id)
+            assert torch.equal(gu, gp)
