@@ -146,7 +146,8 @@ def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> T
     n = rows.shape[-1]
     if n <= 1:
         return torch.full_like(delta, density)
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=-1, stable=True), dim=-1, stable=True)
+    order = torch.argsort(rows.abs(), dim=-1, stable=True)  # ties: lower index ranks lower
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=order.device).expand_as(order))
     p = (density - eps) + (2.0 * eps / (n - 1)) * ranks.to(torch.float32)
     return p.reshape(delta.shape)
 
