@@ -283,3 +283,16 @@ def test_zoo_fine_tune_with_extra_tokens(zoo_models, tmp_path):
             gu = mu.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=ptok.pad_token_id)
             gp = mp.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=ptok.pad_token_id)
             assert torch.equal(gu, gp)
+
+
+def test_named_tokenizer_source_outside_the_merge(fam, tmp_path):
+    # a's tokenizer, merging only b: '</tool>' and '<|im_end|>' exist in no merged model -> each
+    # model's own mean row (task vector = difference of the means); '<tool>' comes from b's id 42
+    out = merge_to_disk(ta(fam, str(fam["a"]), models=("b",), weights=(1.0,)), tmp_path / "o")
+    assert vocab_of(out) == vocab_of(fam["a"])
+    s, sb, sbb = state(out), state(fam["base"]), state(fam["b"])
+    for n in (EMB, HEAD):
+        assert s[n].shape[0] == 44
+        torch.testing.assert_close(s[n][:41], sbb[n][:41])
+        torch.testing.assert_close(s[n][41], sbb[n][42])
+        torch.testing.assert_close(s[n][42], sbb[n].mean(0), rtol=1e-5, atol=1e-5)
