@@ -228,6 +228,17 @@ class MIRT2PL:
     loss_: float = field(default=float("nan"), repr=False)
 
     def fit(self, Y) -> "MIRT2PL":
+        """Fit on Y (subjects × items, 0/1, NaN = missing). BLAS is held to one thread during the
+        fit: the products have an inner dimension of d, which threads do not speed up, and on a
+        busy machine spinning BLAS threads made the fit 5× slower (1.8 s → 11 s for 300 × 1000)."""
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+            return self._fit(Y)
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._fit(Y)
+
+    def _fit(self, Y) -> "MIRT2PL":
         from scipy.optimize import minimize
 
         if int(self.dim) != self.dim or self.dim < 1:
@@ -251,8 +262,10 @@ class MIRT2PL:
             a = x[nt:nt + na].reshape(I, d)
             b = x[nt + na:]
             Z = th @ a.T - b
-            sp = _softplus(Z)
-            P = _sigmoid(Z)
+            e = np.exp(-np.abs(Z))  # one exp for both the softplus and the sigmoid
+            sp = np.maximum(Z, 0.0) + np.log1p(e)
+            inv = 1.0 / (1.0 + e)
+            P = np.where(Z >= 0, inv, e * inv)
             if full:
                 loss = (sp - y * Z).sum()
                 R = P - y
