@@ -14,7 +14,8 @@ import yaml
 from evomerge.checkpoint import CheckpointReader
 from evomerge.errors import EvomergeError
 from evomerge.merge.engine import InMemoryMerger, merge_to_disk
-from evomerge.merge.mergekit_io import from_mergekit, load_mergekit, mergekit_issues, to_mergekit_yaml
+from evomerge.merge.mergekit_io import (MERGEKIT_PARAMS, from_mergekit, load_mergekit, mergekit_issues,
+                                        to_mergekit_yaml)
 from evomerge.merge.recipe import MergeRecipe, load_recipe
 from evomerge.merge.registry import get_method, method_names
 
@@ -258,12 +259,18 @@ def test_export_round_trips_for_every_method(fam):
         text = to_mergekit_yaml(r)
         data = yaml.safe_load(text)
         assert set(data) <= MERGEKIT_TOP, set(data) - MERGEKIT_TOP
+        accepted = MERGEKIT_PARAMS[r.merge_method]  # what mergekit 0.1.5 takes (it raises on others)
+        assert set(data.get("parameters") or {}) <= accepted
         for m in data.get("models") or []:
             assert set(m) <= {"model", "parameters"}
+            assert set(m.get("parameters") or {}) <= accepted, (r.merge_method, m)
         back = from_mergekit(data)
         want = r.to_dict()
         if not get_method(r.merge_method).needs_base:
             want.pop("base_model", None)
+        if r.merge_method == "karcher":  # equal weights are mergekit's (uniform) karcher: stripped
+            for m in want["models"]:
+                m.pop("parameters", None)
         assert back.to_dict() == want, r.merge_method
 
 
@@ -292,3 +299,44 @@ def test_export_says_where_it_cannot(fam):
                                             {"model": b, "parameters": {"weight": 1.0}}]})
     text = to_mergekit_yaml(nus)
     assert "base_model" not in yaml.safe_load(text) and "left out" in text
+
+
+def test_import_mergekit_only_noop_parameters(fam):
+    d = {"merge_method": "ties", "base_model": str(fam["base"]), "parameters": {"rescale": False},
+         "models": [{"model": str(fam["a"]), "parameters": {"weight": 1.0, "density": 0.5}}]}
+    assert "rescale" not in from_mergekit(d).parameters  # ties' default in mergekit: no effect
+    d["parameters"]["rescale"] = True
+    with pytest.raises(EvomergeError, match=r"'parameters\.rescale: True' \(ties in mergekit\)"):
+        from_mergekit(d)
+    ta = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]),
+          "models": [{"model": str(fam["a"]), "parameters": {"weight": 1.0, "density": 0.3}}]}
+    assert "density" not in from_mergekit(ta).models[0].parameters  # mergekit ignores it there too
+
+
+def test_export_karcher_equal_weights_strips_them(fam):
+    r = MergeRecipe.from_dict({"merge_method": "karcher", "models": [
+        {"model": str(fam["a"]), "parameters": {"weight": 0.5}}, {"model": str(fam["b"]), "parameters": {"weight": 0.5}}]})
+    data = yaml.safe_load(to_mergekit_yaml(r))
+    assert all("parameters" not in m for m in data["models"])
+
+
+def test_exports_validate_in_mergekit_itself(fam):
+    """With mergekit installed: every exportable recipe parses as a mergekit MergeConfiguration and
+    names only parameters mergekit's method spec declares (skipped without mergekit)."""
+    mk_config = pytest.importorskip("mergekit.config")
+    try:
+        from mergekit.merge_methods.registry import get as mk_get
+    except ImportError:
+        pytest.skip("mergekit without the method registry API of 0.1.5")
+    recipes = [from_mergekit(mk(fam, t)) for t in (GRADIENT, FILTERS, SLICES, SLICES_SLERP)]
+    recipes += [MergeRecipe.from_dict(d) for d in _search_recipes(fam)]
+    for r in recipes:
+        if mergekit_issues(r)[0]:
+            continue
+        data = yaml.safe_load(to_mergekit_yaml(r))
+        cfg = mk_config.MergeConfiguration.model_validate(data)
+        names = {p.name for p in mk_get(cfg.merge_method).spec.parameters}
+        used = set(cfg.parameters or {})
+        for m in cfg.models or []:
+            used |= set(m.parameters or {})
+        assert used <= names, (r.merge_method, used - names)

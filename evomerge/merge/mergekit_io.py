@@ -26,7 +26,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 
-__all__ = ["MERGEKIT_METHODS", "from_mergekit", "load_mergekit", "mergekit_issues", "to_mergekit_yaml"]
+__all__ = ["MERGEKIT_METHODS", "MERGEKIT_PARAMS", "from_mergekit", "load_mergekit", "mergekit_issues", "to_mergekit_yaml"]
 
 MERGEKIT_METHODS = frozenset({
     "linear", "slerp", "nuslerp", "passthrough", "model_stock", "karcher", "task_arithmetic", "ties",
@@ -34,6 +34,25 @@ MERGEKIT_METHODS = frozenset({
     "nearswap", "multislerp", "arcee_fusion", "ram", "ramplus_tl",
 })
 """Merge methods of mergekit 0.1.5 (``mergekit.merge_methods``)."""
+
+MERGEKIT_PARAMS: dict[str, frozenset] = {k: frozenset(v) for k, v in {
+    "arcee_fusion": [], "karcher": ["max_iter", "tol"], "linear": ["normalize", "weight"],
+    "model_stock": ["filter_wise"], "multislerp": ["eps", "normalize_weights", "weight"], "nearswap": ["t"],
+    "nuslerp": ["nuslerp_flatten", "nuslerp_row_wise", "weight"], "passthrough": ["scale"], "ram": ["epsilon"],
+    "ramplus_tl": ["alpha", "epsilon", "r"], "sce": ["int8_mask", "select_topk"], "slerp": ["t"],
+    **{m: ["density", "int8_mask", "lambda", "normalize", "rescale", "weight"]
+       for m in ("task_arithmetic", "ties", "dare_ties", "dare_linear")},
+    **{m: ["density", "gamma", "int8_mask", "lambda", "normalize", "rescale", "weight"]
+       for m in ("breadcrumbs", "breadcrumbs_ties")},
+    **{m: ["density", "epsilon", "int8_mask", "lambda", "normalize", "rescale", "weight"]
+       for m in ("della", "della_linear")},
+}.items()}
+"""Parameters each mergekit 0.1.5 method accepts (it raises on any other)."""
+
+_MERGEKIT_NOOP = {("task_arithmetic", "density"): None, ("task_arithmetic", "rescale"): None,
+                  ("ties", "rescale"): False}
+"""mergekit parameters evomerge lacks that change nothing (None: any value; else that value):
+task_arithmetic has no sparsification in mergekit, and ``rescale: false`` is ties' default."""
 
 _BASE_OPTIONAL = {"nuslerp", "multislerp"}  # mergekit: with a base_model they merge task vectors
 _RANDOMIZED = {"dare_ties", "dare_linear", "della", "della_linear"}
@@ -94,18 +113,28 @@ def from_mergekit(data: dict, source: str = "mergekit recipe"):
             f"{source}: '{method}' with a 'base_model' (mergekit then merges task vectors) is not supported yet; "
             "remove 'base_model' to interpolate the models themselves"
         )
-    if "parameters" in d:
-        d["parameters"] = _fix_params(d["parameters"])
-    for m in d.get("models") or []:
-        if isinstance(m, dict) and "parameters" in m:
-            m["parameters"] = _fix_params(m["parameters"])
-    for s in d.get("slices") or []:
+    def fix(holder: dict, where: str) -> None:
+        params = holder.get("parameters")
+        if not isinstance(params, dict):
+            return
+        for (meth, p), noop in _MERGEKIT_NOOP.items():
+            if meth == method and p in params:
+                if noop is not None and params[p] != noop:
+                    at = f"{where}.parameters" if where else "parameters"
+                    raise EvomergeError(f"{source}: '{at}.{p}: {params[p]}' ({method} in mergekit) is not supported")
+                params.pop(p)
+        holder["parameters"] = _fix_params(params)
+
+    fix(d, "")
+    for i, m in enumerate(d.get("models") or []):
+        if isinstance(m, dict):
+            fix(m, f"models[{i}]")
+    for i, s in enumerate(d.get("slices") or []):
         if isinstance(s, dict):
-            if "parameters" in s:
-                s["parameters"] = _fix_params(s["parameters"])
-            for src in s.get("sources") or []:
-                if isinstance(src, dict) and "parameters" in src:
-                    src["parameters"] = _fix_params(src["parameters"])
+            fix(s, f"slices[{i}]")
+            for j, src in enumerate(s.get("sources") or []):
+                if isinstance(src, dict):
+                    fix(src, f"slices[{i}].sources[{j}]")
     return MergeRecipe.from_dict(d, source)
 
 
@@ -164,7 +193,11 @@ def mergekit_issues(recipe) -> tuple[list[str], list[str]]:
         blocking.append(f"merge_method '{m}' does not exist in mergekit")
     for p in sorted(_NOT_IN_MERGEKIT_PARAMS.get(m, ())):
         if _uses_param(recipe, p) and any(v != _values(recipe, p)[0] for v in _values(recipe, p)):
-            blocking.append(f"'{m}' has no '{p}' parameter in mergekit (it would ignore the unequal weights)")
+            blocking.append(f"'{m}' has no '{p}' parameter in mergekit (unequal weights cannot be expressed)")
+    if m in MERGEKIT_PARAMS:
+        for p in sorted(set(spec.model_params) | set(spec.global_params)):
+            if p not in MERGEKIT_PARAMS[m] and p not in _NOT_IN_MERGEKIT_PARAMS.get(m, ()) and _uses_param(recipe, p):
+                blocking.append(f"mergekit's '{m}' has no parameter '{p}'")
     if recipe.base_model and not spec.needs_base:
         caveats.append(f"'{m}' does not use base_model here; it is left out of the YAML"
                        + (" (in mergekit it would switch to merging task vectors)" if m in _BASE_OPTIONAL else ""))
@@ -207,6 +240,16 @@ def to_mergekit_yaml(recipe, *, strict: bool = True) -> str:
 
     if d.get("base_model") and not get_method(recipe.merge_method).needs_base:
         d.pop("base_model")
+    drop = _NOT_IN_MERGEKIT_PARAMS.get(recipe.merge_method, set())  # equal karcher weights = mergekit's
+    if drop and not blocking:
+        holders = [d] + list(d.get("models") or [])
+        for sl in d.get("slices") or []:
+            holders += [sl] + list(sl.get("sources") or [])
+        for h in holders:
+            for p in drop:
+                (h.get("parameters") or {}).pop(p, None)
+            if "parameters" in h and not h["parameters"]:
+                h.pop("parameters")
     lines = [f"# NOT RUNNABLE BY MERGEKIT: {b}" for b in blocking] + [f"# note: {c}" for c in caveats]
     body = yaml.safe_dump(d, sort_keys=False, default_flow_style=None)
     return ("\n".join(lines) + "\n" if lines else "") + body
