@@ -67,7 +67,7 @@ class DataflowSpaceConfig(_Strict):
     max_layers: Optional[int] = Field(None, ge=1, description="cap on the layers of a path")
     generations: Optional[int] = Field(None, ge=1, description="DFS generations (ps+dfs); "
                                        "default optimizer.generations")
-    population: Optional[int] = Field(None, ge=2)
+    population: Optional[int] = Field(None, ge=4)
 
     @model_validator(mode="after")
     def _check_scales(self):
@@ -163,14 +163,15 @@ class CalibrationConfig(_Strict):
 class FitnessConfig(_Strict):
     estimator: Literal["mean", "pirt", "gpirt", "mpirt", "gmpirt", "full"] = "mpirt"
     anchors: int = Field(20, ge=1, description="anchor items per task (ignored by 'full')")
-    anchor_method: Literal["random", "correctness", "irt", "information"] = "irt"
+    anchor_method: Literal["random", "correctness", "irt", "info"] = "irt"
     aggregate: Literal["mean", "per_task"] = "mean"
 
 
 class OptimizerConfig(_Strict):
     name: Literal["cmaes", "optuna"] = "cmaes"
     sampler: Literal["cmaes", "tpe", "nsga2"] = "cmaes"
-    population: Optional[int] = Field(None, ge=2)
+    population: Optional[int] = Field(None, ge=4, description="candidates per generation "
+                                      "(CMA-ES needs >= 4); default 4 + floor(3 ln d)")
     generations: int = Field(10, ge=1)
     sigma0: float = Field(1 / 6, gt=0, le=1)
     separable: Union[bool, Literal["auto"]] = "auto"

@@ -240,6 +240,9 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
     from evomerge.genome import ParameterSpace
     from evomerge.merge.engine import InMemoryMerger
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per model load would drown the progress lines
     base = resolve_model(cfg.models.base)
     endpoints = {ref: resolve_model(ref) for ref in cfg.models.endpoints}
     tasks = load_tasks(cfg)
