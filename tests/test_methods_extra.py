@@ -572,6 +572,11 @@ def test_disk_and_in_memory_identical(fam, tmp_path, method, model_params):
     mem = dict(InMemoryMerger([fam["base"], fam["a"], fam["b"]]).merged_tensors(rec))  # same seed, same masks
     for n, t in disk.items():
         assert torch.equal(mem[n], t), n
+    cached = InMemoryMerger([fam["base"], fam["a"], fam["b"]], magnitude_cache=True)
+    for _ in range(2):  # first call sorts, second indexes
+        mem = dict(cached.merged_tensors(rec))
+        for n, t in disk.items():
+            assert torch.equal(mem[n], t), n
 
 
 def test_svd_switch_by_filter_averages_embeddings(fam):
@@ -641,3 +646,15 @@ def test_zoo_merges_finite_with_expected_endpoints(zoo_models, method):
     if endpoint is not None:
         want = _state(z.base if endpoint == "base" else experts[endpoint])
         _close(got, want, atol=1e-4)
+
+
+def test_breadcrumbs_sorted_magnitude_cache_gives_the_same_bits():
+    from evomerge.merge.methods import SORTED_ABS_ATTR
+
+    x = rnd(40, 25, seed=70)
+    plain = mx.breadcrumbs_sparsify(x, 0.4, 0.05)
+    y = x.clone()
+    setattr(y, SORTED_ABS_ATTR, True)
+    assert torch.equal(mx.breadcrumbs_sparsify(y, 0.4, 0.05), plain)
+    assert isinstance(getattr(y, SORTED_ABS_ATTR), torch.Tensor)  # sorted once, reused
+    assert torch.equal(mx.breadcrumbs_sparsify(y, 0.7, 0.01), mx.breadcrumbs_sparsify(x, 0.7, 0.01))

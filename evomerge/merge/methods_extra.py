@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.methods import combine_deltas, elect_sign, sign_agreement_mask
+from evomerge.merge.methods import SORTED_ABS_ATTR, combine_deltas, elect_sign, sign_agreement_mask
 from evomerge.merge.registry import REQUIRED, MergeMethod, register
 
 __all__ = [
@@ -105,6 +105,8 @@ def breadcrumbs_sparsify(delta: Tensor, density: float, gamma: float, *, rescale
     or ``γ·n < 1``) mergekit's slice ``indices[n_bot:-0]`` is empty and the *whole* task vector is
     zeroed; here ``n_top = 0`` simply drops no outlier. ``density >= 1`` keeps everything (γ is
     then moot, as in mergekit). ``rescale`` divides the kept entries by ``density``.
+    A resident task vector carrying the sorted-magnitude cache (``InMemoryMerger(...,
+    magnitude_cache=True)``) is sorted once and then indexed: same thresholds, same bits.
     """
     density = _fraction("density", density)
     gamma = _fraction("gamma", gamma)
@@ -118,12 +120,18 @@ def breadcrumbs_sparsify(delta: Tensor, density: float, gamma: float, *, rescale
     n_bot = n - n_keep - n_top
     mags = delta.abs().reshape(-1)
     keep = torch.ones_like(mags, dtype=torch.bool)
+    cache = getattr(delta, SORTED_ABS_ATTR, None)
+    if cache is True:  # a resident task vector opted into the sorted-magnitude cache: sort once
+        cache = mags.sort().values
+        setattr(delta, SORTED_ABS_ATTR, cache)
+
+    def order_stat(i: int) -> Tensor:  # the i-th smallest magnitude, 1-based (same value either way)
+        return cache[i - 1] if cache is not None else torch.kthvalue(mags, i).values
+
     if n_bot > 0:
-        lo = torch.kthvalue(mags, n_bot + 1).values
-        keep &= mags >= lo
+        keep &= mags >= order_stat(n_bot + 1)
     if n_top > 0:
-        hi = torch.kthvalue(mags, n - n_top).values
-        keep &= mags <= hi
+        keep &= mags <= order_stat(n - n_top)
     out = delta * keep.reshape(delta.shape)
     if rescale:
         out = out / density
