@@ -340,3 +340,12 @@ def test_exports_validate_in_mergekit_itself(fam):
         for m in cfg.models or []:
             used |= set(m.parameters or {})
         assert used <= names, (r.merge_method, used - names)
+
+
+def test_every_method_works_as_a_search_space(fam):
+    """Each method's numeric parameters as genes: the decoded recipes merge (finite) in memory."""
+    m = InMemoryMerger([fam["base"], fam["a"], fam["b"]])
+    for d in _search_recipes(fam):
+        r = MergeRecipe.from_dict(d)
+        for n, t in m.merged_tensors(r):
+            assert torch.isfinite(t).all(), (r.merge_method, n)
