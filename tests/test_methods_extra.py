@@ -658,3 +658,24 @@ def test_breadcrumbs_sorted_magnitude_cache_gives_the_same_bits():
     assert torch.equal(mx.breadcrumbs_sparsify(y, 0.4, 0.05), plain)
     assert isinstance(getattr(y, SORTED_ABS_ATTR), torch.Tensor)  # sorted once, reused
     assert torch.equal(mx.breadcrumbs_sparsify(y, 0.7, 0.01), mx.breadcrumbs_sparsify(x, 0.7, 0.01))
+
+
+def test_tsv_weights_and_factor_cache():
+    base = rnd(12, 9, seed=80)
+    models = [base + rnd(12, 9, seed=81 + i) for i in range(3)]
+    deltas = [m - base for m in models]
+    w = [0.5, 2.0, 1.0]
+    out = mx.tsv(deltas, base, weight=w)
+    exp = base.numpy() + _np_tsv([(wi * d).numpy() for wi, d in zip(w, deltas)], k=3)
+    np.testing.assert_allclose(out.numpy(), exp, rtol=1e-4, atol=1e-4)
+    # opt-in factor cache on resident task vectors: same bits, reused across weight changes
+    res = [d.clone() for d in deltas]
+    for d in res:
+        setattr(d, mx.SVD_CACHE_ATTR, True)
+    for ws in ([0.5, 2.0, 1.0], [0.1, 0.2, 0.3], [1.0, -1.0, 1.0], [0.5, 2.0, 1.0]):
+        got = mx.tsv(res, base, weight=ws, **{"lambda": 0.9})
+        assert torch.equal(got, mx.tsv(deltas, base, weight=ws, **{"lambda": 0.9})), ws
+    cache = getattr(res[0], mx.SVD_CACHE_ATTR)
+    assert isinstance(cache, dict) and cache["k"] == 3 and cache["polar"] is not None
+    assert torch.equal(mx.tsv(res, base, weight=[1, 1, 1], rank_fraction=0.2),
+                       mx.tsv(deltas, base, weight=[1, 1, 1], rank_fraction=0.2))

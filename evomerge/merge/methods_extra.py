@@ -56,6 +56,7 @@ __all__ = [
     "karcher_mean",
     "polar_factor",
     "as_matrix",
+    "SVD_CACHE_ATTR",
     "breadcrumbs",
     "breadcrumbs_ties",
     "della",
@@ -531,39 +532,66 @@ def _mean_fallback(ds: Sequence[Tensor], base: Tensor, lam: float) -> Tensor:
     return base + mean * (lam / len(ds))
 
 
+SVD_CACHE_ATTR = "_evomerge_svd_cache"
+"""Attribute a resident task vector may carry to opt into TSV's factor cache: ``True`` (cache on
+first use) or the cache itself. Costs about ``k·(m + n)`` floats per task vector plus the two
+orthogonalised factors (≈ twice one matrix); afterwards a TSV candidate that changes only
+``weight`` magnitudes or ``lambda`` is one matrix product instead of ``T + 2`` SVDs."""
+
+
+def _tsv_task_factors(d: Tensor, m: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``k`` singular triplets of ``m`` (the matrix view of task vector ``d``), cached on ``d``
+    when it opted in (:data:`SVD_CACHE_ATTR`); the cached and fresh values are the same bits."""
+    cache = getattr(d, SVD_CACHE_ATTR, None)
+    if isinstance(cache, dict) and cache.get("k", 0) >= k:
+        u, s, vh = cache["f"]
+        return u[:, :k], s[:k], vh[:k, :]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    f = (u[:, :k].contiguous(), s[:k].clone(), vh[:k, :].contiguous())
+    if cache is not None:
+        setattr(d, SVD_CACHE_ATTR, {"k": k, "f": f, "polar": None})
+    return f
+
+
 def tsv(deltas, base, *, generator=None, weight, rank_fraction=None, svd=True, **kw):
     """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors", arXiv:2412.00081).
 
-    Per matrix, with ``τ_i = w_i (θ_i − θ0)`` (``weight`` default 1) and ``r = min(m, n)``:
-    ``τ_i = U_i Σ_i V_iᵀ``; keep ``k = max(1, ⌊r · f⌋)`` components per task with
-    ``f = rank_fraction`` (default ``1/T``); stack ``U = [U_1,k … U_T,k]``, ``Σ = diag(Σ_1,k …)``,
-    ``V = [V_1,k … V_T,k]``; orthogonalise ``U⊥ = polar(U)``, ``V⊥ = polar(V)``
-    (:func:`polar_factor`); ``θ = θ0 + λ · U⊥ Σ V⊥ᵀ`` (λ default 1, as in the paper).
-    N-D tensors are reshaped to ``(shape[0], −1)``.
+    Per matrix, with ``τ_i = θ_i − θ0`` and ``r = min(m, n)``: ``τ_i = U_i Σ_i V_iᵀ``; keep
+    ``k = max(1, ⌊r · f⌋)`` components per task with ``f = rank_fraction`` (default ``1/T``);
+    weights enter as ``w_i τ_i = (sign(w_i) U_i)(|w_i| Σ_i) V_iᵀ`` (``weight`` default 1);
+    stack ``U = [sign(w_1) U_1,k … ]``, ``Σ = diag(|w_1| Σ_1,k …)``, ``V = [V_1,k … V_T,k]``;
+    orthogonalise ``U⊥ = polar(U)``, ``V⊥ = polar(V)`` (:func:`polar_factor`);
+    ``θ = θ0 + λ · U⊥ Σ V⊥ᵀ`` (λ default 1, as in the paper). N-D tensors are reshaped to
+    ``(shape[0], −1)``. Resident task vectors may cache the factors (:data:`SVD_CACHE_ATTR`).
 
-    1-D tensors (biases, norm weights) have no singular vectors: ``θ = θ0 + λ · mean_i τ_i``
+    1-D tensors (biases, norm weights) have no singular vectors: ``θ = θ0 + λ · mean_i w_i τ_i``
     (the reference implementation averages them too). ``svd: false`` (usually through a filter,
     e.g. for ``embed_tokens`` / ``lm_head`` as the LLM ports of these methods do) applies that
     fallback to a matrix as well; the same switch exists for ``iso_c`` and ``iso_cts``.
     """
     lam = _lam(kw)
-    ds = _weighted(deltas, weight)
-    mats = [as_matrix(d) for d in ds]
+    w = _per_model("weight", weight, len(deltas))
+    mats = [as_matrix(d) for d in deltas]
     if mats[0] is None or not svd:
-        return _mean_fallback(ds, base, lam)
+        return _mean_fallback(_weighted(deltas, w), base, lam)
     T = len(mats)
     r = min(mats[0].shape)
     frac = 1.0 / T if rank_fraction is None else _fraction("rank_fraction", rank_fraction, lo_open=True)
     k = min(r, max(1, int(r * frac)))
-    us, ss, vhs = [], [], []
-    for m in mats:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vhs.append(vh[:k, :])
-    u_perp = polar_factor(torch.cat(us, dim=1))
-    vh_perp = polar_factor(torch.cat(vhs, dim=0))
-    merged = (u_perp * torch.cat(ss).unsqueeze(0)) @ vh_perp
+    factors = [_tsv_task_factors(d, m, k) for d, m in zip(deltas, mats)]
+    signs = tuple(-1.0 if wi < 0 else 1.0 for wi in w)
+    key = (k, signs, tuple(id(d) for d in deltas))
+    cache = getattr(deltas[0], SVD_CACHE_ATTR, None)
+    polar = cache.get("polar") if isinstance(cache, dict) else None
+    if polar is not None and polar[0] == key:
+        u_perp, vh_perp = polar[1], polar[2]
+    else:
+        u_perp = polar_factor(torch.cat([u if sg > 0 else -u for (u, _, _), sg in zip(factors, signs)], dim=1))
+        vh_perp = polar_factor(torch.cat([vh for _, _, vh in factors], dim=0))
+        if isinstance(cache, dict):
+            cache["polar"] = (key, u_perp, vh_perp)
+    sigma = torch.cat([s * abs(wi) for (_, s, _), wi in zip(factors, w)])
+    merged = (u_perp * sigma.unsqueeze(0)) @ vh_perp
     return base + (lam * merged).reshape(base.shape)
 
 
