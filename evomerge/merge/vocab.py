@@ -362,11 +362,10 @@ def prepare_vocab(recipe, readers: dict[str, Any], key_of: Callable[[str], str])
         )
     vocabs = {k: load_vocab(raw[k].path) for k in keys}
     if mode not in ("base", "union"):
-        named_key = key_of(mode)
+        named_key = key_of(mode)  # opens its reader when the model is not part of the merge
         if named_key not in raw:
-            from evomerge.checkpoint.io import CheckpointReader
-
-            raw[named_key] = CheckpointReader(Path(named_key))
+            r = readers[named_key]
+            raw[named_key] = r._reader if isinstance(r, VocabReader) else r
         if named_key not in vocabs:
             vocabs[named_key] = load_vocab(raw[named_key].path)
     same_rows = len(set(rows.values())) <= 1
