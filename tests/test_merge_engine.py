@@ -170,6 +170,23 @@ def test_passthrough_slices_change_depth_and_load(fam, tmp_path):
     model(torch.tensor([[1, 2, 3]]))
 
 
+def test_ties_over_full_slices_equals_models_form(fam):
+    params = {"weight": 0.7, "density": 0.4}
+    whole = recipe({"merge_method": "ties", "base_model": str(fam["base"]), "seed": 1,
+                    "models": [{"model": str(fam[k]), "parameters": params} for k in ("base", "a", "b")]})
+    sliced = recipe({"merge_method": "ties", "base_model": str(fam["base"]), "seed": 1, "slices": [
+        {"sources": [{"model": str(fam[k]), "layer_range": rng, "parameters": params} for k in ("base", "a", "b")]}
+        for rng in ([0, 1], [1, 4])]})
+    m = InMemoryMerger([fam["base"], fam["a"], fam["b"]])
+    a, b = dict(m.merged_tensors(whole)), dict(m.merged_tensors(sliced))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_output_folder_must_not_be_an_input(fam):
+    with pytest.raises(EvomergeError, match="is the input model"):
+        merge_to_disk(ta_recipe(fam), fam["a"])
+
+
 def test_sharded_output_round_trips_through_transformers(fam, tmp_path):
     out = merge_to_disk(ta_recipe(fam), tmp_path / "o", max_shard_bytes=20_000)
     assert (out / "model.safetensors.index.json").exists()

@@ -170,3 +170,18 @@ def test_methods_do_not_modify_inputs():
         spec(d, base, generator=g, **params)
     for x, c in zip(d + [base], copies):
         assert torch.equal(x, c)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros"])
+def test_kth_largest_is_exactly_kthvalue(kind):
+    g = torch.Generator().manual_seed(1)
+    n = 400_000
+    if kind == "normal":
+        x = torch.randn(n, generator=g).abs()
+    elif kind == "ties":
+        x = torch.randint(0, 4, (n,), generator=g).float()
+    else:
+        x = torch.zeros(n)
+        x[:7] = 1.0
+    for k in [1, 6, 7, 8, 1000, n // 3, n // 2, n - 5, n]:
+        assert torch.equal(M.kth_largest(x, k), torch.kthvalue(x, n - k + 1).values), (kind, k)

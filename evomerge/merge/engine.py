@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -391,6 +392,10 @@ def merge_to_disk(
     device = torch.device(device)
     plan = build_plan(recipe, allow_pickle=allow_pickle)
     spec = plan.spec
+    target = os.path.realpath(out_dir)
+    for key, label in plan.labels.items():
+        if os.path.realpath(key) == target:
+            raise EvomergeError(f"--out {out_dir} is the input model {label!r}; write the merge to another folder")
     specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
     tok = plan.tokenizer_from if copy_tokenizer else None
     with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes) as writer:
@@ -446,7 +451,7 @@ class InMemoryMerger:
         self.readers: dict[str, CheckpointReader] = {}
         self._plans: dict[tuple, MergePlan] = {}
         self._cache: dict[tuple, torch.Tensor] = {}
-        self._model_params: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._model_params: tuple[weakref.ref, dict[str, torch.Tensor]] | None = None
         if isinstance(recipe_or_paths, MergeRecipe):
             self.prepare(recipe_or_paths)
         else:
@@ -530,12 +535,12 @@ class InMemoryMerger:
             yield job.name, merge_one(plan, recipe, job, inputs, base)
 
     def _targets(self, model) -> dict[str, torch.Tensor]:
-        if self._model_params is not None and self._model_params[0] == id(model):
+        if self._model_params is not None and self._model_params[0]() is model:
             return self._model_params[1]
         targets = dict(model.named_parameters(remove_duplicate=False))
         for n, b in model.named_buffers(remove_duplicate=False):
             targets.setdefault(n, b)
-        self._model_params = (id(model), targets)
+        self._model_params = (weakref.ref(model), targets)
         return targets
 
     def apply(self, recipe: MergeRecipe, model) -> Any:

@@ -22,8 +22,8 @@ the in-memory path.
 
 Deliberate differences from mergekit (all documented at the function):
 
-- magnitude sparsification selects by a threshold (the k-th largest magnitude, via
-  ``torch.kthvalue``) instead of an ``argsort``: entries tied with the threshold are all kept,
+- magnitude sparsification selects by a threshold (the k-th largest magnitude, exactly
+  ``torch.kthvalue``'s, see :func:`kth_largest`) instead of an ``argsort``: entries tied with the threshold are all kept,
   and the result does not depend on a sort's tie order (deterministic on every device);
 - ``linear`` with ``normalize`` divides by the weight sum only when ``|Σw| ≥ 1e-8`` (mergekit
   would produce inf/NaN) — the same guard mergekit applies in its task-arithmetic family;
@@ -44,6 +44,7 @@ from evomerge.merge.registry import REQUIRED, MergeMethod, register
 
 __all__ = [
     "task_vectors",
+    "kth_largest",
     "magnitude_sparsify",
     "magnitude_threshold",
     "bernoulli_sparsify",
@@ -84,11 +85,44 @@ def _check_density(density: float) -> float:
     return density
 
 
-def magnitude_threshold(delta: Tensor, density: float) -> Tensor | None:
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of a 1-D tensor (1 ≤ k ≤ numel) — exactly ``torch.kthvalue``'s
+    ``(n − k + 1)``-th smallest, found faster on large tensors.
+
+    A deterministic strided sample brackets the answer; only the entries inside the bracket go
+    through ``kthvalue`` (falls back to the full ``kthvalue`` when the bracket misses).
+    """
+    n = values.numel()
+    if n <= 1 << 17:
+        return torch.kthvalue(values, n - k + 1).values
+    step = n // 65536
+    sample = values[::step].sort().values
+    s = sample.numel()
+    q = k / n
+    r = s - q * s  # ascending rank of the answer in the sample
+    margin = 6.0 * math.sqrt(s * q * (1.0 - q)) + 32.0
+    lo_i, hi_i = int(r - margin), int(math.ceil(r + margin))
+    above = 0
+    sel = None
+    if hi_i < s:
+        gt = values > sample[hi_i]
+        above = int(gt.sum())
+        sel = ~gt
+    if lo_i > 0:
+        ge = values >= sample[lo_i]
+        sel = ge if sel is None else sel & ge
+    cand = values[sel] if sel is not None else values
+    j = k - above
+    if not (0 < j <= cand.numel()):
+        return torch.kthvalue(values, n - k + 1).values
+    return torch.kthvalue(cand, cand.numel() - j + 1).values
+
+
+def magnitude_threshold(delta: Tensor, density: float, mags: Tensor | None = None) -> Tensor | None:
     """The magnitude at or above which entries are kept when keeping a ``density`` fraction.
 
     Returns ``None`` when everything is kept (``density >= 1`` or ``k == numel``). ``k`` is
-    ``int(density * numel)`` (mergekit), at least 1.
+    ``int(density * numel)`` (mergekit), at least 1. ``mags`` may pass ``delta.abs()``.
     """
     density = _check_density(density)
     n = delta.numel()
@@ -100,14 +134,14 @@ def magnitude_threshold(delta: Tensor, density: float) -> Tensor | None:
     cache = getattr(delta, SORTED_ABS_ATTR, None)
     if cache is not None:
         # A resident task vector may carry its sorted magnitudes (InMemoryMerger with
-        # magnitude_cache=True): the same value as kthvalue, found by indexing.
+        # magnitude_cache=True): the same value as the selection, found by indexing.
         if cache is True:
             cache = delta.abs().reshape(-1).sort().values
             setattr(delta, SORTED_ABS_ATTR, cache)
         return cache[n - k]
-    mags = delta.abs().reshape(-1)
-    # k-th largest == (n - k + 1)-th smallest.
-    return torch.kthvalue(mags, n - k + 1).values
+    if mags is None:
+        mags = delta.abs()
+    return kth_largest(mags.reshape(-1), k)
 
 
 def magnitude_sparsify(delta: Tensor, density: float, *, rescale: bool = False) -> Tensor:
@@ -117,10 +151,13 @@ def magnitude_sparsify(delta: Tensor, density: float, *, rescale: bool = False) 
     ``argsort`` keeps exactly ``k`` and breaks ties by sort order). With ``rescale`` the kept
     entries are divided by ``density`` (off by default, as in TIES).
     """
-    thr = magnitude_threshold(delta, density)
+    if _check_density(density) >= 1.0:
+        return delta
+    mags = delta.abs()
+    thr = magnitude_threshold(delta, density, mags)
     if thr is None:
         return delta
-    out = delta * (delta.abs() >= thr)
+    out = delta * (mags >= thr)
     if rescale:
         out = out / float(density)
     return out

@@ -26,8 +26,8 @@ everything). Lookup order for a per-model parameter: the model (or slice source)
 slice's ``parameters``, the top-level ``parameters``, the method's default.
 
 Differences from mergekit: computation is always float32; ``dtype`` (or ``out_dtype``, which
-wins) is the output dtype; ``tokenizer_source`` is ``base`` or a model folder (``union`` is not
-supported); models are local folders only; ``seed`` (not a mergekit key, written only when
+wins) is the output dtype; ``tokenizer_source`` is ``base``, ``union`` or a model folder (differing
+vocabularies are mapped by token in :mod:`evomerge.merge.vocab`); models are local folders only; ``seed`` (not a mergekit key, written only when
 set) seeds randomized methods (DARE) per tensor so that merges are reproducible.
 """
 
@@ -217,8 +217,6 @@ class MergeRecipe(_Strict):
             for i, m in enumerate(self.models):
                 if m.layer_range is not None:
                     raise EvomergeError(f"field 'models[{i}].layer_range': use 'slices' for layer ranges")
-        if self.tokenizer_source == "union":
-            raise EvomergeError("field 'tokenizer_source': 'union' is not supported; use 'base' or a model folder")
         spec = get_method(self.merge_method)
         known = set(spec.model_params) | set(spec.global_params)
 

@@ -15,6 +15,8 @@ Signature of every method function::
 - per-model parameters (``spec.model_params``) arrive as ``list[float]`` aligned with
   ``tensors``; method-level parameters (``spec.global_params``) arrive as scalars.
 - all parameters listed in the spec are always passed (defaults filled in by the engine).
+- a method must never modify its input tensors in place: the in-memory merger passes its
+  resident tensors (the same objects on every call).
 - ``spec.takes_deltas``: when True the first argument holds the task vectors
   ``τ_i = tensor_i − base`` (float32, computed by the engine as ``t.float() - base.float()``)
   instead of the model tensors, so that a resident merger computes them once; ``base`` is
