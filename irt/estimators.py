@@ -233,7 +233,7 @@ def estimate_accuracy_batch(
     est = _pirt_from_theta(bank, idx, Y2, theta)
     if name in ("gpirt", "gmpirt"):
         lam_gp = gp_lambda_value(bank, idx, gp_lambda, random_anchors, w)
-        est = lam_gp * wmean + (1 - lam_gp) * est
+        est = np.where(np.isnan(wmean), est, lam_gp * wmean + (1 - lam_gp) * est)  # no answers: IRT part only
     return est
 
 

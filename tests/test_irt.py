@@ -322,3 +322,10 @@ def test_pymc_fitter_recovers():
     res = fit_pymc(Y, dim=1, method="advi", n_iter=3000, seed=0)
     assert np.corrcoef(res.b_, b)[0, 1] > 0.9
     assert res.b_sd_.shape == b.shape and (res.b_sd_ > 0).all()
+
+
+def test_no_answers_at_all_gives_irt_prior_estimate(bank):
+    anc = select_anchors(bank, 5, "irt")
+    for est in ("pirt", "gpirt", "mpirt", "gmpirt"):
+        z = estimate_accuracy(est, bank, anc, anchor_answers=np.full(5, np.nan), endpoint_theta=bank.theta[:2])
+        assert 0 < z < 1
