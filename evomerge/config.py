@@ -163,7 +163,7 @@ class CalibrationConfig(_Strict):
 class FitnessConfig(_Strict):
     estimator: Literal["mean", "pirt", "gpirt", "mpirt", "gmpirt", "full"] = "mpirt"
     anchors: int = Field(20, ge=1, description="anchor items per task (ignored by 'full')")
-    anchor_method: Literal["random", "correctness", "irt", "info"] = "irt"
+    anchor_method: Literal["random", "correctness", "irt", "info"] = "info"
     aggregate: Literal["mean", "per_task"] = "mean"
 
 

@@ -554,7 +554,11 @@ def write_best(ctx: SearchContext, records: list[dict], heldout: list[dict]) -> 
     if model_dir.exists() and (not old.exists() or json.loads(old.read_text())["index"] != rec["index"]):
         shutil.rmtree(model_dir)  # a longer (resumed) run found a better candidate
     atomic_write_json(rd.best / "recipe.json", summary)
-    atomic_write_text(rd.best / "recipe.mergekit.yaml", MergeRecipe.from_dict(resolved).to_yaml())
+    from evomerge.merge.mergekit_io import to_mergekit_yaml
+
+    # strict=False: what mergekit cannot express is written as a comment, not an error
+    atomic_write_text(rd.best / "recipe.mergekit.yaml",
+                      to_mergekit_yaml(MergeRecipe.from_dict(resolved), strict=False))
     if ctx.cfg.final.write_model and not model_dir.exists():
         merge_to_disk(MergeRecipe.from_dict(resolved), model_dir)
     return summary
