@@ -10,8 +10,9 @@ tokenizer, one fine-tuned expert per synthetic task, and the tasks as JSONL, und
     root/models/<task>_expert        one per task that has an expert
     root/tasks/<task>/{task.json, search.jsonl, heldout.jsonl}
 
-Tasks: ``add``, ``rev``, ``lang`` (each with an expert) and ``addlang`` (compositional: the
-``add`` skill written in the ``lang`` language; no expert).
+Tasks (see :mod:`evomerge.zoo.data`): ``lang``, ``cipher``, ``upper``, each with an expert
+(``Zoo.experts``), and ``upenc``, compositional (the cipher written in upper case) with no
+expert: ``Zoo.task_names`` lists all tasks, ``Zoo.expert_tasks`` those with an expert.
 """
 
 from __future__ import annotations

@@ -2,16 +2,19 @@
 
 Every task item is a short prompt with a short generative answer scored by exact match:
 
-- ``add``: multi-digit addition, ``"37+485="`` -> ``"522"``.
-- ``rev``: string reversal, ``"rev kqzt="`` -> ``"tzqk"``.
-- ``lang``: numbers in a toy second language, one syllable per digit, ``"say 409="`` ->
+- ``lang``: numbers in a toy second language, one syllable per digit: ``"say 409="`` ->
   ``"te zo si"``.
-- ``addlang`` (compositional, no expert): the sum written in the toy language,
-  ``"say 12+7="`` -> ``"ka ri"``.
+- ``cipher``: a fixed substitution cipher on letters: ``"enc abc="`` -> ``"qwe"``.
+- ``upper``: upper-casing: ``"up kaz="`` -> ``"KAZ"``.
+- ``upenc`` (compositional, no expert): the cipher written in upper case,
+  ``"up enc abc="`` -> ``"QWE"`` (the skill of the cipher expert in the "language" of the
+  upper expert).
 
-``level`` is the difficulty knob (operand digits / string length / number of digits). The base
-is pretrained on the easy levels of every task; an expert is fine-tuned on the full range of
-its own task; evaluation items span the full range (subgroup = level).
+Each task is knowledge of a symbol mapping. The base is pretrained on every task but only over
+half of the alphabet (digits 0-4, letters a-m), so it knows every format and half of every
+mapping; an expert is fine-tuned on its own task over the whole alphabet. Evaluation items
+use the whole alphabet, with lengths 3-5 (``subgroup`` = ``level<length>``), so the base
+answers only the items that happen to avoid the unknown half.
 """
 
 from __future__ import annotations
@@ -21,60 +24,71 @@ import string
 
 SYLLABLES = ["zo", "ka", "mi", "pu", "te", "lo", "ri", "nu", "ve", "si"]
 LETTERS = string.ascii_lowercase
+# the cipher: a fixed permutation of the alphabet (fixed here, not drawn from the seed, so the
+# task is the same for every zoo)
+CIPHER = dict(zip(LETTERS, "qwertyuiopasdfghjklzxcvbnm"))
+# what the base is pretrained on ("easy"): digits 0-4, letters a-m; experts see all
+EASY_DIGITS = "01234"
+EASY_LETTERS = LETTERS[:13]
 
 
-def to_lang(n: int) -> str:
+def to_lang(n: int | str) -> str:
     return " ".join(SYLLABLES[int(d)] for d in str(n))
 
 
-def _num(rng: random.Random, digits: int) -> int:
-    if digits == 1:
-        return rng.randrange(0, 10)
-    return rng.randrange(10 ** (digits - 1), 10 ** digits)
+def _digits(rng: random.Random, n: int, alphabet: str) -> str:
+    first = [d for d in alphabet if d != "0"]
+    return rng.choice(first) + "".join(rng.choice(alphabet) for _ in range(n - 1))
 
 
-def gen_add(rng: random.Random, level: int) -> tuple[str, str]:
-    da = level
-    db = rng.randint(1, level)
-    a, b = _num(rng, da), _num(rng, db)
-    if rng.random() < 0.5:
-        a, b = b, a
-    return f"{a}+{b}=", str(a + b)
+def _letters(rng: random.Random, n: int, alphabet: str) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(n))
 
 
-def gen_rev(rng: random.Random, level: int) -> tuple[str, str]:
-    s = "".join(rng.choice(LETTERS) for _ in range(level))
-    return f"rev {s}=", s[::-1]
-
-
-def gen_lang(rng: random.Random, level: int) -> tuple[str, str]:
-    n = _num(rng, level)
+def gen_lang(rng: random.Random, level: int, easy: bool = False) -> tuple[str, str]:
+    """Numbers in a toy second language, one syllable per digit: "say 409=" -> "te zo si"."""
+    n = _digits(rng, level, EASY_DIGITS if easy else "0123456789")
     return f"say {n}=", to_lang(n)
 
 
-def gen_addlang(rng: random.Random, level: int) -> tuple[str, str]:
-    p, a = gen_add(rng, level)
-    return f"say {p}", to_lang(int(a))
+def gen_cipher(rng: random.Random, level: int, easy: bool = False) -> tuple[str, str]:
+    """A substitution cipher on letters: "enc abc=" -> "qwe"."""
+    s = _letters(rng, level, EASY_LETTERS if easy else LETTERS)
+    return f"enc {s}=", "".join(CIPHER[c] for c in s)
 
 
-# name -> generator, easy levels (base pretraining), full levels (expert fine-tuning),
-# eval levels (search / heldout items), max_new_tokens, has_expert
+def gen_upper(rng: random.Random, level: int, easy: bool = False) -> tuple[str, str]:
+    """Upper-casing: "up kaz=" -> "KAZ"."""
+    s = _letters(rng, level, EASY_LETTERS if easy else LETTERS)
+    return f"up {s}=", s.upper()
+
+
+def gen_upenc(rng: random.Random, level: int, easy: bool = False) -> tuple[str, str]:
+    """Compositional: the cipher written in upper case: "up enc abc=" -> "QWE"."""
+    s = _letters(rng, level, EASY_LETTERS if easy else LETTERS)
+    return f"up enc {s}=", "".join(CIPHER[c] for c in s).upper()
+
+
+# name -> generator, levels (length) for base pretraining ("easy", restricted alphabet),
+# expert fine-tuning ("full", whole alphabet) and evaluation items (whole alphabet),
+# max_new_tokens, has_expert
 TASKS: dict[str, dict] = {
-    "add": dict(gen=gen_add, easy=(1, 2), full=(1, 2, 3), eval=(2, 3), max_new_tokens=6,
-                expert=True),
-    "rev": dict(gen=gen_rev, easy=(2, 3, 4), full=(2, 3, 4, 5, 6, 7), eval=(3, 4, 5, 6, 7),
-                max_new_tokens=10, expert=True),
-    "lang": dict(gen=gen_lang, easy=(1, 2, 3), full=(1, 2, 3, 4, 5, 6), eval=(3, 4, 5, 6),
-                 max_new_tokens=20, expert=True),
-    "addlang": dict(gen=gen_addlang, easy=(1, 2), full=(1, 2, 3), eval=(2, 3),
-                    max_new_tokens=14, expert=False),
+    "lang": dict(gen=gen_lang, easy=(1, 2, 3, 4, 5), full=(1, 2, 3, 4, 5), eval=(3, 4, 5),
+                 max_new_tokens=16, expert=True),
+    "cipher": dict(gen=gen_cipher, easy=(2, 3, 4, 5), full=(2, 3, 4, 5), eval=(3, 4, 5),
+                   max_new_tokens=7, expert=True),
+    "upper": dict(gen=gen_upper, easy=(2, 3, 4, 5), full=(2, 3, 4, 5), eval=(3, 4, 5),
+                  max_new_tokens=7, expert=True),
+    "upenc": dict(gen=gen_upenc, easy=(2, 3, 4, 5), full=(2, 3, 4, 5), eval=(3, 4, 5),
+                  max_new_tokens=7, expert=False),
 }
 
 
-def sample(task: str, rng: random.Random, levels) -> tuple[str, str, int]:
+def sample(task: str, rng: random.Random, kind: str) -> tuple[str, str, int]:
+    """One training example of ``task``: kind "easy" (base) or "full" (expert)."""
     spec = TASKS[task]
-    level = rng.choice(levels)
-    p, a = spec["gen"](rng, level)
+    level = rng.choice(spec[kind])
+    p, a = spec["gen"](rng, level, easy=(kind == "easy"))
     return p, a, level
 
 
@@ -118,5 +132,5 @@ def generic_text(rng: random.Random) -> str:
         words = ["".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 5)))
                  for _ in range(rng.randint(2, 5))]
         return " ".join(words) + "."
-    n = rng.randrange(0, 100)
+    n = _digits(rng, rng.randint(1, 3), EASY_DIGITS)
     return f"{n} is " + to_lang(n) + "."
