@@ -21,3 +21,14 @@ def zoo():
     from evomerge.zoo import build_zoo
 
     return build_zoo(root=zoo_cache_root(), verbose=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test's torch work on one thread (tiny models: far faster when cores are shared)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,6 +5,8 @@ import torch
 from evomerge.backends.hf import HFEvaluator
 from evomerge.errors import EvomergeError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def evaluator(zoo):

@@ -2,8 +2,11 @@ import json
 import time
 
 import numpy as np
+import pytest
 
 from evomerge.zoo import build_zoo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_layout(zoo):
