@@ -96,7 +96,7 @@ def evaluate_setting(value: Any, tensor_name: str, t: float | None) -> Any:
         if value and isinstance(value[0], dict):
             for entry in value:
                 f = entry.get("filter")
-                if f is None or f in tensor_name:
+                if f is None or f == "*" or f in tensor_name:  # mergekit: '*' matches all
                     return evaluate_setting(entry["value"], tensor_name, t)
             return None
         if len(value) == 1 or t is None:
@@ -407,7 +407,17 @@ def load_recipe(path: str | os.PathLike) -> MergeRecipe:
         raise EvomergeError(f"recipe file {p} not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise EvomergeError(f"recipe file {p}: cannot read ({exc})") from None
-    recipe = MergeRecipe.from_yaml(text, source=str(p))
+    import yaml
+
+    from evomerge.merge.mergekit_io import from_mergekit
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise EvomergeError(f"{p}: not valid YAML ({exc})") from None
+    # through the mergekit importer: `tokenizer: {source}`, '*' filters and parameters that
+    # have no effect in mergekit are translated; what cannot be expressed is named
+    recipe = from_mergekit(data, source=str(p))
     recipe._recipe_dir = str(p.parent.absolute())
     return recipe
 
