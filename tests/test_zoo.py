@@ -77,3 +77,20 @@ def test_report_accuracy_is_reproducible(zoo):
     ev = HFEvaluator(zoo.experts[name], batch_size=128)
     acc = float(ev.answer(task).mean())
     assert abs(acc - _acc(zoo)[f"{name}_expert"][name]) < 1e-9
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path):
+    from evomerge.errors import EvomergeError
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(EvomergeError, match="not a zoo"):
+        build_zoo(root=tmp_path, verbose=False)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_cli_zoo_build_cached(zoo, capsys):
+    from evomerge.cli import main
+
+    main(["zoo", "build", "--root", str(zoo.root)])
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and f"zoo ready at {zoo.root}" in out

@@ -97,6 +97,10 @@ def build_zoo(root: str | Path | None = None, force: bool = False, verbose: bool
     if force or not _is_current(root):
         from evomerge.zoo.build import build
 
+        if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (
+                root / "zoo.json").is_file())):
+            raise EvomergeError(f"{root}: exists and is not a zoo (no zoo.json); refusing to "
+                                "replace it. Pick an empty or new folder for --root.")
         build(root, force=force or root.exists(), verbose=verbose)
     elif verbose:
         print(f"zoo: cached at {root}", flush=True)
