@@ -1,6 +1,6 @@
 """The embedded demo: tiny real models and synthetic tasks, built offline and cached.
 
-``build_zoo()`` builds (once) a ~0.7M-parameter ``LlamaForCausalLM`` base with a char-level
+``build_zoo()`` builds (once, ~1.5-2 min on 2 CPU cores) a 0.68M-parameter ``LlamaForCausalLM`` base with a char-level
 tokenizer, one fine-tuned expert per synthetic task, and the tasks as JSONL, under
 ``$EVOMERGE_ZOO`` or ``~/.cache/evomerge/zoo/<version>``. Layout::
 
@@ -26,14 +26,24 @@ from evomerge.errors import EvomergeError
 
 __all__ = ["Zoo", "build_zoo", "default_root", "ZOO_VERSION"]
 
-ZOO_VERSION = "v1"
+def _version() -> str:
+    from evomerge.zoo.build import ZOO_FORMAT
+
+    return f"v{ZOO_FORMAT}"
+
+
+def __getattr__(name: str):
+    if name == "ZOO_VERSION":  # the folder name under ~/.cache/evomerge/zoo
+        return _version()
+    raise AttributeError(name)
 
 
 def default_root() -> Path:
+    """``$EVOMERGE_ZOO`` or ``~/.cache/evomerge/zoo/v<format>`` (a new format, a new folder)."""
     env = os.environ.get("EVOMERGE_ZOO")
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "evomerge" / "zoo" / ZOO_VERSION
+    return Path.home() / ".cache" / "evomerge" / "zoo" / _version()
 
 
 @dataclass
@@ -80,15 +90,17 @@ class Zoo:
 
 
 def _is_current(root: Path) -> bool:
-    from evomerge.zoo.build import ZOO_FORMAT
+    from evomerge.zoo.build import ZOO_FORMAT, recipe
 
     mf = root / "zoo.json"
     if not mf.is_file():
         return False
     try:
-        return json.loads(mf.read_text()).get("version") == ZOO_FORMAT
+        m = json.loads(mf.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    return m.get("version") == ZOO_FORMAT and m.get("recipe") == json.loads(
+        json.dumps(recipe()))
 
 
 def build_zoo(root: str | Path | None = None, force: bool = False, verbose: bool = True) -> Zoo:
