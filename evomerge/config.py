@@ -151,6 +151,9 @@ class EvaluatorConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(64, ge=1)
     max_new_tokens: Optional[int] = Field(None, ge=1, description="overrides each task's")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; default: 1 "
+                                   "for models under 50M parameters (tiny matrices run fastest "
+                                   "on one thread), else torch's default")
 
 
 class CalibrationConfig(_Strict):
@@ -235,7 +238,7 @@ class RunConfig(_Strict):
 # has already been computed (more generations extends the run; the rest is presentation,
 # speed or placement).
 SAFE_ON_RESUME = ("optimizer.generations", "search_space.dataflow.generations", "final.top_k", "final.write_model",
-                  "evaluator.batch_size", "evaluator.device", "run_dir", "name")
+                  "evaluator.batch_size", "evaluator.device", "evaluator.threads", "run_dir", "name")
 
 
 def _pop_dotted(d: dict, dotted: str) -> None:

@@ -15,6 +15,11 @@ def zoo_cache_root() -> Path:
     return Path(env) if env else REPO / ".cache" / "zoo"
 
 
+# Everything in the test session -- the fixture, `zoo:` references resolved by the search, and
+# the `evomerge` subprocesses the tests start -- uses this one zoo.
+os.environ["EVOMERGE_ZOO"] = str(zoo_cache_root())
+
+
 @pytest.fixture(scope="session")
 def zoo():
     """The built zoo (built on first use, ~1-2 min on 2 CPU cores; cached afterwards)."""

@@ -231,9 +231,18 @@ def make_evaluator(ev, model_path: Path):
     if ev.backend == "vllm":
         raise EvomergeError("evaluator.backend: vllm is not available yet (see the README's "
                             "status list); use backend: hf, which also runs on CUDA")
+    import torch
+
     from evomerge.backends.hf import HFEvaluator
 
-    return HFEvaluator(model_path, device=ev.device, dtype=ev.dtype, batch_size=ev.batch_size)
+    evaluator = HFEvaluator(model_path, device=ev.device, dtype=ev.dtype, batch_size=ev.batch_size)
+    threads = ev.threads
+    if threads is None and evaluator.device.type == "cpu":
+        n_params = sum(p.numel() for p in evaluator.model.parameters())
+        threads = 1 if n_params < 50_000_000 else None
+    if threads:
+        torch.set_num_threads(threads)
+    return evaluator
 
 
 def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
@@ -642,8 +651,8 @@ def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None
         stages.append(run_dataflow_stage(ctx, heldout, best))
     from evomerge.report import write_report
 
-    write_report(rd)
     rd.set_state(stage="done")
+    write_report(rd)
     for sctx, srecords, sheld, sbest, srd in stages:
         title = "data-flow stage (A = PS best)" if sctx is not ctx else (
             "parameter-space stage" if two_stage else "")
