@@ -403,6 +403,10 @@ def build(root: Path, force: bool, verbose: bool) -> None:
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         manifest = build_into(tmp, verbose=verbose)
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -417,5 +421,7 @@ def build(root: Path, force: bool, verbose: bool) -> None:
         else:
             os.rename(tmp, root)
     finally:
+        if bars:
+            hf_logging.enable_progress_bar()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
