@@ -160,7 +160,7 @@ class CalibrationConfig(_Strict):
     samples: int = Field(16, ge=0, description="recipes sampled from the search space, besides "
                          "the base and the endpoints")
     dim: Optional[int] = Field(None, ge=1, description="IRT dimension; None = chosen by validation")
-    banks: Optional[str] = Field(None, description="folder with <task>.bank.json files to reuse")
+    banks: Optional[str] = Field(None, description="folder with <task>.bank.safetensors files to reuse (e.g. an earlier run's banks/); calibration is then skipped")
 
 
 class FitnessConfig(_Strict):

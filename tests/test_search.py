@@ -198,3 +198,19 @@ def test_ps_plus_dfs_two_stage_run(zoo, tmp_path):
     # the DFS initial genome is model A itself: its first candidate cannot be far below PS best
     ps_best = json.loads((rd.best / "recipe.json").read_text())
     assert best["heldout_average"] >= 0.5 * ps_best["heldout_average"]
+
+
+def test_banks_from_an_earlier_run_replace_calibration(reference_run, tmp_path):
+    rd, _ = reference_run
+    cfg = small_config(tmp_path / "run")
+    cfg["calibration"]["banks"] = str(rd.banks)
+    cfg["optimizer"]["generations"] = 1
+    rd2 = run_search(parse_config(cfg), log=lambda m: None)
+    assert not rd2.calibration.exists()                       # nothing re-calibrated
+    first = read_jsonl(rd2.evaluations)[0]
+    assert first["estimates"] == read_jsonl(rd.evaluations)[0]["estimates"]
+    cfg["calibration"]["banks"] = str(tmp_path / "nowhere")
+    cfg["run_dir"] = str(tmp_path / "run2")
+    with pytest.raises(EvomergeError, match="not found"):
+        run_search(parse_config(cfg), log=lambda m: None)
+    assert not (tmp_path / "run2").exists()                   # bad input: nothing written

@@ -29,14 +29,20 @@ from evomerge.search.rundir import RunDir, append_jsonl, atomic_write_json, atom
 # ----------------------------------------------------------------------------- run setup
 
 
-def new_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
-    """Create the run directory and freeze the config in it."""
+def target_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
+    """Where a new run goes; refuses a folder that already holds something."""
     if run_dir is None:
         run_dir = cfg.run_dir or f"populations/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     rd = RunDir(run_dir)
     if rd.root.exists() and any(rd.root.iterdir()):
         raise EvomergeError(f"{rd.root}: run directory exists and is not empty; resume it with "
                             f"`evomerge search --resume {rd.root}` or choose another run_dir")
+    return rd
+
+
+def new_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
+    """Create the run directory and freeze the config in it."""
+    rd = target_run_dir(cfg, run_dir)
     rd.root.mkdir(parents=True, exist_ok=True)
     frozen = cfg.to_dict()
     frozen["run_dir"] = str(rd.root)
@@ -339,14 +345,21 @@ def fit_banks(ctx: SearchContext) -> None:
         item_ids = [it.id for it in pair.search.items]
         try:
             if not path.exists():
-                given = Path(cfg.calibration.banks) / f"{task}.bank.json" if cfg.calibration.banks else None
-                if given is not None and given.exists():
+                given = (Path(cfg.calibration.banks) / f"{task}.bank.safetensors"
+                         if cfg.calibration.banks else None)
+                if given is not None and not given.exists():
+                    raise EvomergeError(f"calibration.banks: {given} not found; the folder must "
+                                        f"hold one bank per task (<task>.bank.safetensors)")
+                if given is not None:
                     bank = irt.ItemBank.load(given)
                     missing = set(item_ids) - set(bank.item_ids)
-                    if missing:
-                        raise EvomergeError(f"{given}: the bank lacks {len(missing)} of task "
-                                            f"{task!r}'s search items (e.g. {sorted(missing)[:3]}); "
-                                            "recalibrate (remove calibration.banks)")
+                    extra = set(bank.item_ids) - set(item_ids)
+                    if missing or extra:
+                        raise EvomergeError(
+                            f"{given}: the bank's items differ from task {task!r}'s search items "
+                            f"({len(missing)} missing, e.g. {sorted(missing)[:3]}; {len(extra)} "
+                            f"extra, e.g. {sorted(extra)[:3]}); use banks fitted on the same "
+                            "items, or remove calibration.banks to recalibrate")
                     missing_endpoints = set(endpoint_refs(cfg)) - set(bank.subject_names)
                     if cfg.fitness.estimator in ("mpirt", "gmpirt") and missing_endpoints:
                         raise EvomergeError(f"{given}: mp-IRT needs the endpoints among the bank's "
@@ -629,14 +642,19 @@ def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None
     if resume is not None:
         rd, cfg = open_run_dir(resume, cfg)
         log(f"resuming {rd.root} (stage: {rd.state().get('stage')})")
+        ctx = build_context(cfg, rd, log=log)
     else:
         assert cfg is not None
-        rd = new_run_dir(cfg, run_dir)
+        # everything that can fail on bad input fails before the run directory exists
+        target = target_run_dir(cfg, run_dir)
+        _check_given_banks(cfg)
+        ctx = build_context(cfg, None, log=log)
+        rd = ctx.rd = new_run_dir(cfg, str(target.root))
         log(f"run directory: {rd.root}")
-    ctx = build_context(cfg, rd, log=log)
     if cfg.fitness.estimator != "full":
         rd.set_state(stage="calibrating")
-        run_calibration(ctx)
+        if cfg.calibration.banks is None:  # given banks replace the calibration
+            run_calibration(ctx)
         fit_banks(ctx)
     rd.set_state(stage="searching")
     records = run_generations(ctx)
@@ -667,6 +685,16 @@ def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None
         log(f"recipe: {srd.best / 'recipe.json'}  model: {srd.best / 'model'}")
     log(f"report: {rd.report}")
     return rd
+
+
+def _check_given_banks(cfg: RunConfig) -> None:
+    if cfg.calibration.banks is None or cfg.fitness.estimator == "full":
+        return
+    for tc in cfg.tasks:
+        f = Path(cfg.calibration.banks) / f"{tc.task_name}.bank.safetensors"
+        if not f.exists():
+            raise EvomergeError(f"calibration.banks: {f} not found; the folder must hold one "
+                                "bank per task (<task>.bank.safetensors)")
 
 
 def run_dataflow_stage(ctx: SearchContext, ps_heldout: list[dict], ps_best: dict):

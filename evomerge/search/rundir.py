@@ -5,7 +5,8 @@ Layout of ``populations/NAME/``::
     config.yaml             frozen config of the run (the one resume uses)
     state.json              stage reached (calibrating / searching / finishing / done)
     calibration.jsonl       one line per calibration model: its answers to every search item
-    banks/<task>.bank.json  fitted item banks (irt format) with the anchors chosen
+    banks/<task>.bank.safetensors  fitted item banks (irt format)
+    banks/<task>.anchors.json       the anchors chosen from each bank
     evaluations.jsonl       one line per evaluated candidate (append-only)
     heldout.jsonl           one line per candidate re-evaluated on the held-out items
     best/                   best recipe (native JSON, mergekit YAML) and the merged model
@@ -117,7 +118,7 @@ class RunDir:
     report = property(lambda self: self.root / "report.md")
 
     def bank_path(self, task: str) -> Path:
-        return self.banks / f"{task}.bank.json"
+        return self.banks / f"{task}.bank.safetensors"
 
     def exists(self) -> bool:
         return self.config.exists()
