@@ -10,9 +10,17 @@ answers being the baseline; then the fit time of a 300 × 1000, d = 3 bank.
     endpoints + 300 merges; MAE is measured on 200 other merges against their observed accuracy
     on all 1000 items. mp-IRT uses the endpoints' abilities fitted from their full answers.
 (b) real: ``real_table(path, endpoints)`` does the same on a response-matrix file (CSV / JSONL
-    / npz, see irt.io) of real answers, e.g. the zoo's merges — WIRE THE ZOO DATA IN THERE.
+    / npz, see irt.io) of real answers. ``--zoo`` generates that file for the embedded zoo
+    (:func:`zoo_responses`): the base, the 3 experts and 150 seeded random merges
+    (task_arithmetic / ties, weights U(0, 1.3) per model, ties densities U(0.2, 1)) answer all
+    search items of each expert task (lang, cipher, upper); one npz per task, cached under
+    ``.cache/irt_bench/`` (reruns skip the generation). Per task the bank is fitted on the base,
+    the experts and the first 40 merges (as the search's calibration population), and MAE is
+    measured on the other 110 merges; mp-IRT's endpoints are the base and the experts.
 
-Usage:  python benchmarks/irt_error.py [--quick] [--real RESPONSES --endpoints a,b,c]
+Usage:  python benchmarks/irt_error.py [--quick]            (a) simulated
+        python benchmarks/irt_error.py --zoo [--calib 40]    (b) zoo merges
+        python benchmarks/irt_error.py --real RESPONSES --endpoints a,b,c
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from irt import ItemBank, select_anchors  # noqa: E402
 from irt.estimators import ESTIMATORS, estimate_accuracy_batch  # noqa: E402
@@ -152,11 +161,12 @@ def fit_time(M=300, I=1000, d=3, seed=0):
           f"corr(b̂, b) = {np.corrcoef(m.b_, b)[0, 1]:.3f})")
 
 
-def real_table(path, endpoints, test_frac=0.3, seed=0, dim=None, **kw):
+def real_table(path, endpoints, test_frac=0.3, seed=0, dim=None, n_calib=None, title=None, **kw):
     """(b) Real answers: ``path`` is a response-matrix file (irt.io formats) whose subjects are the
-    endpoints (names in ``endpoints``, always in the calibration part) and merges; a random
-    ``test_frac`` of the merges is held out. THE LEAD WIRES THE ZOO'S MERGE ANSWERS IN HERE
-    (one file per task; call once per task)."""
+    endpoints (names in ``endpoints``, always in the calibration part) and merges. Held out: a
+    random ``test_frac`` of the merges, or, with ``n_calib``, all merges but a random ``n_calib``
+    (the calibration population, as the search's). Returns (res, info) with info the spread of
+    the held-out accuracies and the target verdict at 20 anchors."""
     from irt.io import read_responses
 
     Y, item_ids, names = read_responses(path)
@@ -165,12 +175,163 @@ def real_table(path, endpoints, test_frac=0.3, seed=0, dim=None, **kw):
     missing = [e for e in endpoints if e not in names]
     if missing:
         raise SystemExit(f"endpoints {missing} not in {path}")
-    test = np.sort(rng.choice(others, max(1, int(test_frac * len(others))), replace=False))
+    if n_calib is None:
+        test = np.sort(rng.choice(others, max(1, int(test_frac * len(others))), replace=False))
+    else:
+        if not 0 < n_calib < len(others):
+            raise SystemExit(f"--calib {n_calib}: need 0 < n < {len(others)} merges in {path}")
+        test = np.sort(np.setdiff1d(others, rng.choice(others, n_calib, replace=False)))
     calib = np.setdiff1d(np.arange(len(names)), test)
-    res, _ = error_table(Y[calib], [names[i] for i in calib], Y[test], item_ids, list(endpoints), dim=dim, **kw)
     n_anchors = tuple(n for n in N_ANCHORS if n < len(item_ids))
-    print_table(res, f"(b) real answers: {path}", n_anchors=n_anchors)
-    return res
+    res, bank = error_table(Y[calib], [names[i] for i in calib], Y[test], item_ids, list(endpoints), dim=dim,
+                            n_anchors=n_anchors, **kw)
+    print_table(res, title or f"(b) real answers: {path}", n_anchors=n_anchors)
+    truth = np.nanmean(Y[test], axis=1)
+    info = {"n_calib": len(calib), "n_test": len(test), "n_items": len(item_ids), "dim": bank.dim,
+            "sd": float(truth.std()), "mean": float(truth.mean()),
+            "pop_guess": float(np.abs(truth - np.nanmean(Y[calib])).mean())}
+    print(f"held-out merges: {len(test)}; true accuracy mean {info['mean']:.3f}, sd {info['sd']:.3f} "
+          f"(min {truth.min():.3f}, max {truth.max():.3f}); guessing the calibration population's mean "
+          f"accuracy: MAE {info['pop_guess']:.4f}")
+    if 20 in n_anchors:
+        base = min(res[("mean", 20, m)] for m in METHODS)
+        best = min((res[(e, 20, m)], e, m) for e in ESTIMATORS for m in METHODS)
+        ok = [(e, m) for e in ESTIMATORS for m in METHODS
+              if res[(e, 20, m)] <= 0.02 and res[(e, 20, m)] <= 0.5 * base]
+        info.update(best=best, base=base, met=ok)
+        # what 20 answers can tell if the bank were exactly right: answers drawn from the bank's own
+        # model at each held-out merge's ability fitted from its full answers, same anchors
+        irt_best = min((res[(e, 20, m)], e, m) for e in ESTIMATORS if e != "mean" for m in METHODS)
+        info["irt_best"] = irt_best
+        P = bank.predict_proba(bank.fit_ability(Y[test]))
+        anc = select_anchors(bank, n=20, method=irt_best[2], seed=0)
+        sims = []
+        for r in range(5):
+            Ys = (np.random.default_rng(r).random(P.shape) < P).astype(float)
+            z = estimate_accuracy_batch(irt_best[1], bank, anc.idx, anc.weights, Ys[:, anc.idx],
+                                        endpoint_theta=bank.fit_ability(Y[[names.index(e) for e in endpoints]]),
+                                        gp_lambda=anc.gp_lambda, random_anchors=anc.random)
+            sims.append(np.abs(z - P.mean(1)).mean())
+        info["model_floor"] = float(np.mean(sims))
+        info["fit_floor"] = float(np.abs(P.mean(1) - truth).mean())
+        print(f"IRT fit of the held-out merges from all {len(item_ids)} answers: MAE {info['fit_floor']:.4f}; "
+              f"{irt_best[1]}/{irt_best[2]} ({irt_best[0]:.4f} on the real answers) at 20 anchors if the answers came from the bank's own model: MAE "
+              f"{info['model_floor']:.4f} (what 20 binary answers can tell here)")
+        print(f"target at 20 anchors (MAE ≤ 0.02 and ≤ 0.5 × best plain mean {base:.4f} → ≤ "
+              f"{min(0.02, 0.5 * base):.4f}): " + ("MET by " + ", ".join(f"{e}/{m}" for e, m in ok) if ok
+                                                  else f"NOT met (best {best[1]}/{best[2]} {best[0]:.4f})"))
+    return res, info
+
+
+# ----------------------------------------------------------------------------- (b) the zoo
+
+ZOO_TASKS = ("lang", "cipher", "upper")
+
+
+def zoo_merge_recipes(zoo, n_merges=150, seed=0, w_max=1.3, density=(0.2, 1.0)):
+    """``n_merges`` seeded random recipes over the zoo's experts: half task_arithmetic, half ties
+    (alternating), weight ~ U(0, w_max) per expert, ties density ~ U(density) per expert."""
+    rng = np.random.default_rng([seed, 31337])
+    experts = [str(zoo.experts[t]) for t in sorted(zoo.experts)]
+    out = []
+    for k in range(n_merges):
+        method = "task_arithmetic" if k % 2 == 0 else "ties"
+        models = []
+        for p in experts:
+            par = {"weight": round(float(rng.uniform(0.0, w_max)), 4)}
+            if method == "ties":
+                par["density"] = round(float(rng.uniform(*density)), 4)
+            models.append({"model": p, "parameters": par})
+        out.append({"merge_method": method, "base_model": str(zoo.base), "models": models, "dtype": "float32"})
+    return out
+
+
+def zoo_responses(zoo_root, cache_dir, n_merges=150, seed=0, force=False, tasks=ZOO_TASKS, threads=1):
+    """Answers of the zoo's base, experts and ``n_merges`` random merges on all search items of
+    each task in ``tasks``; one ``<cache_dir>/zoo_<task>.npz`` per task (irt.io format) plus
+    ``zoo_meta.json`` (recipes, settings, generation time). Reused when the settings and the zoo
+    are the same. Returns ({task: npz path}, endpoint names, meta)."""
+    import json
+
+    import torch
+
+    from evomerge.backends.hf import HFEvaluator
+    from evomerge.merge.engine import InMemoryMerger
+    from evomerge.merge.recipe import MergeRecipe
+    from evomerge.tasks import load_task_dir
+    from evomerge.zoo import build_zoo
+    from irt.io import write_responses
+
+    torch.set_num_threads(threads)
+    zoo = build_zoo(root=zoo_root, verbose=False)
+    zoo_info = json.loads((Path(zoo.root) / "zoo.json").read_text())
+    cache_dir = Path(cache_dir)
+    meta_path = cache_dir / "zoo_meta.json"
+    paths = {t: cache_dir / f"zoo_{t}.npz" for t in tasks}
+    recipes = zoo_merge_recipes(zoo, n_merges, seed)
+    key = {"zoo_root": str(Path(zoo.root).resolve()), "zoo_version": zoo_info.get("version"),
+           "zoo_seed": zoo_info.get("seed"), "n_merges": n_merges, "seed": seed, "tasks": list(tasks),
+           "recipes": recipes}
+    endpoints = ["base", *[f"{t}_expert" for t in sorted(zoo.experts)]]
+    if not force and meta_path.exists() and all(p.exists() for p in paths.values()):
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            print(f"zoo responses: cached in {cache_dir} (generated in {meta['seconds']:.0f} s)")
+            return paths, endpoints, meta
+    t_start = time.perf_counter()
+    ev = HFEvaluator(zoo.base, batch_size=256)
+    task_objs = {t: load_task_dir(zoo.task_dir(t), "search") for t in tasks}
+    expert_paths = [zoo.experts[t] for t in sorted(zoo.experts)]
+    merger = InMemoryMerger([zoo.base, *expert_paths])
+    subjects = [("base", {"merge_method": "linear", "models": [{"model": str(zoo.base), "parameters": {"weight": 1.0}}],
+                          "dtype": "float32"})]
+    subjects += [(f"{t}_expert", {"merge_method": "linear", "models": [{"model": str(zoo.experts[t]),
+                                                                         "parameters": {"weight": 1.0}}],
+                                  "dtype": "float32"}) for t in sorted(zoo.experts)]
+    subjects += [(f"merge{k:03d}", r) for k, r in enumerate(recipes)]
+    Y = {t: np.zeros((len(subjects), len(task_objs[t].items))) for t in tasks}
+    print(f"zoo responses: {len(subjects)} models × {sum(len(t.items) for t in task_objs.values())} items "
+          f"({', '.join(tasks)}) ...", flush=True)
+    for s, (name, recipe) in enumerate(subjects):
+        merger.apply(MergeRecipe.from_dict(recipe), ev.model)
+        for t, task in task_objs.items():
+            Y[t][s] = ev.answer(task)
+        if s % 25 == 0 or s == len(subjects) - 1:
+            acc = ", ".join(f"{t} {Y[t][s].mean():.2f}" for t in tasks)
+            print(f"  {s + 1}/{len(subjects)} {name}: {acc} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    seconds = time.perf_counter() - t_start
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    names = [n for n, _ in subjects]
+    for t in tasks:
+        write_responses(paths[t], Y[t], [it.id for it in task_objs[t].items], names)
+    meta = {"key": key, "seconds": seconds, "subjects": names, "endpoints": endpoints,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    print(f"zoo responses: generated in {seconds:.0f} s ({seconds / len(subjects):.2f} s per model), "
+          f"saved to {cache_dir}")
+    return paths, endpoints, meta
+
+
+def zoo_tables(zoo_root, cache_dir, n_merges=150, n_calib=40, seed=0, force=False, quick=False):
+    """(b) on the zoo: generate (or reuse) the responses, then one table per task."""
+    paths, endpoints, meta = zoo_responses(zoo_root, cache_dir, n_merges=n_merges, seed=seed, force=force)
+    summary = {}
+    for t, p in paths.items():
+        res, info = real_table(p, endpoints, n_calib=n_calib, seed=seed, dim=3 if quick else None,
+                               seeds=(0,) if quick else (0, 1, 2),
+                               title=f"(b) zoo merges, task {t}: {len(meta['subjects'])} models "
+                                     f"(base + 3 experts + {n_merges} merges), calibration = endpoints + "
+                                     f"{n_calib} merges, held out = the other {n_merges - n_calib}")
+        summary[t] = info
+    print("\n(b) summary at 20 anchors (target: MAE ≤ 0.02 and ≤ half the plain mean's)")
+    for t, i in summary.items():
+        if "best" in i:
+            print(f"  {t:7s} d={i['dim']} sd(true acc) {i['sd']:.3f}; plain mean {i['base']:.4f}; best "
+                  f"{i['best'][1]}/{i['best'][2]} {i['best'][0]:.4f} (ratio {i['best'][0] / i['base']:.2f}): "
+                  + ("met" if i["met"] else "not met") + f"; best IRT estimator {i['irt_best'][1]}/{i['irt_best'][2]} {i['irt_best'][0]:.4f}, "
+                    f"{i['model_floor']:.4f} if answers came from the bank's model")
+    print(f"generation of the response matrix: {meta['seconds']:.0f} s")
+    return summary
 
 
 def summary_20(sim, dim=3, methods=METHODS, label=""):
@@ -192,9 +353,21 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one seed, fixed d = 3, no extra scenarios")
     ap.add_argument("--real", help="response-matrix file of real answers (part b)")
     ap.add_argument("--endpoints", default="", help="comma-separated endpoint subject names in --real")
+    ap.add_argument("--zoo", action="store_true", help="part (b) on real zoo merges (generates / reuses the "
+                                                         "response matrices)")
+    ap.add_argument("--zoo-root", default=str(ROOT / ".cache" / "zoo"), help="the built zoo")
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "irt_bench"), help="where the zoo responses go")
+    ap.add_argument("--merges", type=int, default=150, help="random merges in the zoo response matrix")
+    ap.add_argument("--calib", type=int, default=40, help="merges in the calibration population (besides "
+                                                          "the base and the experts)")
+    ap.add_argument("--regenerate", action="store_true", help="regenerate the zoo responses even if cached")
     args = ap.parse_args(argv)
     if args.real:
         real_table(args.real, [e for e in args.endpoints.split(",") if e])
+        return
+    if args.zoo:
+        zoo_tables(args.zoo_root, args.cache, n_merges=args.merges, n_calib=args.calib, force=args.regenerate,
+                   quick=args.quick)
         return
     sim = simulate()
     Y, names = sim["Y"], sim["names"]
@@ -212,7 +385,7 @@ def main(argv=None):
         for k in (2.0, 4.0):
             summary_20(simulate(sharpness=k, seed=1), label=f"mixtures, κ = {k:g}")
         summary_20(simulate_ability(seed=1), label="latent-ability merges (θ = Σλθ_j + ε)")
-    print("\n(b) real zoo merges: not run here; use --real RESPONSES --endpoints a,b,c (see real_table)")
+    print("\n(b) real zoo merges: not run here; use --zoo (or --real RESPONSES --endpoints a,b,c)")
     fit_time()
 
 
