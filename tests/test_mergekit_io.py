@@ -207,8 +207,29 @@ def test_unsupported_nested_keys_and_methods_are_named(fam, tmp_path):
             load(f)
     with pytest.raises(EvomergeError, match="unknown merge_method 'arcee_fusion'"):
         from_mergekit({**mk(fam, GRADIENT), "merge_method": "arcee_fusion"})
-    with pytest.raises(EvomergeError, match="nuslerp.*base_model.*not supported"):
-        from_mergekit({**mk(fam, GRADIENT), "merge_method": "nuslerp", "base_model": str(fam["base"])})
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_base_optional_methods_with_base_model_import_and_export(fam, method):
+    """mergekit's nuslerp / multislerp with a base_model (task-vector mode, the base listed among the
+    models as mergekit users often do) import, merge as task vectors, and export with the base."""
+    base, a, b = str(fam["base"]), str(fam["a"]), str(fam["b"])
+    d = {"merge_method": method, "base_model": base,
+         "models": [{"model": a, "parameters": {"weight": 0.6}}, {"model": b, "parameters": {"weight": 0.2}},
+                    {"model": base, "parameters": {"weight": 1.0}}],
+         "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True} if method == "nuslerp" else {}}
+    r = from_mergekit(d)
+    text = to_mergekit_yaml(r)
+    assert "left out" not in text and "NOT RUNNABLE" not in text
+    assert ("no model changed" in text) == (method == "multislerp")
+    data = yaml.safe_load(text)
+    assert data["base_model"] == base and data["models"] == d["models"]
+    assert from_mergekit(data).to_dict() == r.to_dict()
+    m = InMemoryMerger([fam["base"], fam["a"], fam["b"]])
+    got = dict(m.merged_tensors(r))
+    no_base = from_mergekit({**d, "base_model": None, "models": d["models"][:2]})
+    free = dict(m.merged_tensors(no_base))
+    assert any(not torch.equal(got[n], free[n]) for n in got)  # the base changes the merge
 
 
 # ----------------------------------------------------------------------------- export
@@ -264,7 +285,7 @@ def test_export_round_trips_for_every_method(fam):
             assert set(m.get("parameters") or {}) <= accepted, (r.merge_method, m)
         back = from_mergekit(data)
         want = r.to_dict()
-        if not get_method(r.merge_method).needs_base:
+        if not get_method(r.merge_method).uses_base(True):
             want.pop("base_model", None)
         if r.merge_method == "karcher":  # equal weights are mergekit's (uniform) karcher: stripped
             for m in want["models"]:
@@ -292,11 +313,14 @@ def test_export_says_where_it_cannot(fam):
     dare = MergeRecipe.from_dict({"merge_method": "dare_ties", "base_model": base, "seed": 3,
                                   "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}}]})
     assert "random masks" in to_mergekit_yaml(dare)
-    nus = MergeRecipe.from_dict({"merge_method": "nuslerp", "base_model": base,
+    lin = MergeRecipe.from_dict({"merge_method": "linear", "base_model": base,
                                  "models": [{"model": a, "parameters": {"weight": 1.0}},
                                             {"model": b, "parameters": {"weight": 1.0}}]})
-    text = to_mergekit_yaml(nus)
+    text = to_mergekit_yaml(lin)  # linear ignores a base_model: written without it, and said so
     assert "base_model" not in yaml.safe_load(text) and "left out" in text
+    nus = MergeRecipe.from_dict({**lin.to_dict(), "merge_method": "nuslerp"})
+    text = to_mergekit_yaml(nus)  # nuslerp uses it (task vectors), in mergekit too: kept
+    assert yaml.safe_load(text)["base_model"] == base and "left out" not in text
 
 
 def test_import_mergekit_only_noop_parameters(fam):

@@ -45,8 +45,9 @@ def call(name, tensors, base, n=None, seed=0, **over):
     p = default_params(spec, n)
     p.update(over)
     gen = torch.Generator().manual_seed(seed) if spec.randomized else None
-    inputs = [t - base for t in tensors] if spec.takes_deltas else tensors
-    return spec(inputs, base if spec.needs_base else None, generator=gen, **p)
+    with_base = spec.uses_base(base is not None)  # as the engine: base_optional methods use a given base
+    inputs = [t - base for t in tensors] if (spec.takes_deltas and with_base) else tensors
+    return spec(inputs, base if with_base else None, generator=gen, **p)
 
 
 # ----------------------------------------------------------------------------- registry contract
@@ -256,11 +257,44 @@ def test_nuslerp_per_row_and_per_column():
     torch.testing.assert_close(out_cols, out.T)
 
 
+def _np_slerp(t, a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    th = np.arccos(np.clip(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), -1, 1))
+    return (np.sin((1 - t) * th) * a + np.sin(t * th) * b) / np.sin(th)
+
+
+def test_base_optional_registration():
+    for name in ("nuslerp", "multislerp"):
+        spec = get_method(name)
+        assert spec.base_optional and spec.takes_deltas and not spec.needs_base
+        assert spec.uses_base(True) and not spec.uses_base(False)
+    assert get_method("ties").uses_base(False) and not get_method("linear").uses_base(True)
+    from evomerge.merge.registry import MergeMethod
+
+    with pytest.raises(ValueError, match="takes_deltas needs a base"):
+        MergeMethod("x", fn=lambda *a, **k: None, needs_base=False, takes_deltas=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        MergeMethod("x", fn=lambda *a, **k: None, needs_base=True, base_optional=True)
+
+
 def test_nuslerp_with_base_slerps_task_vectors():
+    """mergekit's task-vector mode: θ0 + slerp(t, θ_0 − θ0, θ_1 − θ0), against a direct computation."""
     base = rnd(3, 4, seed=14)
     a, b = rnd(3, 4, seed=15), rnd(3, 4, seed=16)
-    out = mx.nuslerp([base + a, base + b], base, weight=[1.0, 1.0])
-    torch.testing.assert_close(out, base + mx.nuslerp_pair(0.5, a, b), rtol=1e-5, atol=1e-5)
+    out = call("nuslerp", [base + a, base + b], base, weight=[1.0, 3.0])  # t = 0.75
+    exp = base.numpy().reshape(-1) + _np_slerp(0.75, a.numpy().reshape(-1), b.numpy().reshape(-1))
+    np.testing.assert_allclose(out.numpy().reshape(-1), exp, rtol=1e-5, atol=1e-5)
+    # per row (nuslerp_flatten: false): each row of the task matrices slerped on its own
+    out = call("nuslerp", [base + a, base + b], base, weight=[1.0, 1.0], nuslerp_flatten=False)
+    for r in range(3):
+        exp = base[r].numpy() + _np_slerp(0.5, a[r].numpy(), b[r].numpy())
+        np.testing.assert_allclose(out[r].numpy(), exp, rtol=1e-5, atol=1e-5)
+    # the task vectors, not the models, are interpolated: differs from the base-free slerp
+    assert not torch.allclose(out, call("nuslerp", [base + a, base + b], None, weight=[1.0, 1.0],
+                                        nuslerp_flatten=False), atol=1e-3)
+    # the method function itself takes the task vectors when given a base (takes_deltas)
+    torch.testing.assert_close(mx.nuslerp([a, b], base, weight=[1.0, 3.0]),
+                               base + mx.nuslerp([a, b], None, weight=[1.0, 3.0]))
 
 
 def _np_multislerp(xs, w):
@@ -286,6 +320,23 @@ def test_multislerp_formula_and_symmetric_midpoint():
     torch.testing.assert_close(out, 2.0 * torch.tensor([1.0, 1.0]) / math.sqrt(2))
     with pytest.raises(EvomergeError):
         call("multislerp", [e0, -e0, e0], None, weight=[1.0, 2.0, 1.0])  # directions cancel
+
+
+def test_multislerp_with_base_interpolates_task_vectors():
+    base = rnd(4, 3, seed=30)
+    taus = [rnd(4, 3, seed=31 + i) for i in range(3)]
+    w = [0.2, 0.5, 0.3]
+    out = call("multislerp", [base + t for t in taus], base, weight=w)
+    exp = base.numpy().reshape(-1) + _np_multislerp([t.numpy() for t in taus], w)
+    np.testing.assert_allclose(out.numpy().reshape(-1), exp, rtol=1e-5, atol=1e-5)
+    # one model: base + τ = the model
+    torch.testing.assert_close(call("multislerp", [base + taus[0]], base, weight=[0.7]), base + taus[0])
+    # a tensor no fine-tune changed (all task vectors zero) gives the base (mergekit raises for >= 3)
+    out = call("multislerp", [base.clone() for _ in range(3)], base, weight=w)
+    assert torch.equal(out, base)
+    # one unchanged model among others: its zero vector only contributes its (zero) norm
+    out = call("multislerp", [base.clone(), base + taus[1]], base, weight=[0.5, 0.5])
+    torch.testing.assert_close(out, base + 0.5 * taus[1], rtol=1e-5, atol=1e-5)
 
 
 def test_karcher_on_a_great_circle():
@@ -577,6 +628,58 @@ def test_disk_and_in_memory_identical(fam, tmp_path, method, model_params):
         mem = dict(cached.merged_tensors(rec))
         for n, t in disk.items():
             assert torch.equal(mem[n], t), n
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_base_optional_with_base_model_disk_memory_and_formula(fam, tmp_path, method):
+    """nuslerp / multislerp with a base_model: task-vector mode through the engine, a model entry
+    naming the base is dropped (as in mergekit), disk == in-memory bit for bit, and each tensor
+    equals the method applied to θ_i − θ0 and added to θ0."""
+    from evomerge.merge.engine import InMemoryMerger, merge_to_disk
+    from evomerge.merge.recipe import MergeRecipe
+
+    keys = ("a", "b") if method == "nuslerp" else ("a", "b", "c")
+    w = {"a": [0.2, 0.9], "b": 0.6, "c": 0.4}
+    models = [{"model": str(fam[k]), "parameters": {"weight": w[k]}} for k in keys]
+    models.append({"model": str(fam["base"]), "parameters": {"weight": 5.0}})  # the base: left out
+    rec = MergeRecipe.from_dict({"merge_method": method, "base_model": str(fam["base"]), "models": models,
+                                 "parameters": {"nuslerp_flatten": False} if method == "nuslerp" else {}})
+    disk = _state(merge_to_disk(rec, tmp_path / "o"))
+    merger = InMemoryMerger([fam["base"], *(fam[k] for k in keys)])
+    other = MergeRecipe.from_dict({**rec.to_dict(), "models": [
+        {"model": str(fam[k]), "parameters": {"weight": 0.5}} for k in keys]})
+    dict(merger.merged_tensors(other))  # resident task vectors and the plan, built by another candidate
+    mem = dict(merger.merged_tensors(rec))
+    assert disk.keys() == mem.keys()
+    for n, t in disk.items():
+        assert torch.equal(mem[n], t), n
+    assert any(k[0] == "d" for k in merger._cache)  # the resident merger cached task vectors
+    s0, ss = _state(fam["base"]), {k: _state(fam[k]) for k in keys}
+    for n in ("model.layers.1.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"):
+        t = 1.0 if "layers.1" in n else None  # output-layer position of the gradient weight
+        wn = [(w[k][0] + (w[k][1] - w[k][0]) * t if t is not None else w[k][0]) if isinstance(w[k], list) else w[k]
+              for k in keys]
+        exp = call(method, [ss[k][n] for k in keys], s0[n], weight=wn,
+                   **({"nuslerp_flatten": False} if method == "nuslerp" else {}))
+        assert not torch.equal(exp, call(method, [ss[k][n] for k in keys], None, weight=wn,
+                                         **({"nuslerp_flatten": False} if method == "nuslerp" else {})))
+        torch.testing.assert_close(disk[n], exp, rtol=0, atol=0)
+
+
+def test_base_optional_endpoints_and_validation(fam):
+    base = str(fam["base"])
+    got = _merged(fam, "nuslerp", [("a", {"weight": 1.0}), ("b", {"weight": 0.0})])  # t = 0: θ0 + τ_a
+    _close(got, _state(fam["a"]), atol=1e-5)
+    got = _merged(fam, "multislerp", [("a", {"weight": 0.0}), ("b", {"weight": 1.0}), ("c", {"weight": 0.0})])
+    _close(got, _state(fam["b"]), atol=1e-5)
+    from evomerge.merge.recipe import MergeRecipe
+
+    with pytest.raises(EvomergeError, match="exactly 2 model.*besides the base_model, got 1"):
+        MergeRecipe.from_dict({"merge_method": "nuslerp", "base_model": base, "models": [
+            {"model": base, "parameters": {"weight": 1.0}}, {"model": str(fam["a"]), "parameters": {"weight": 1.0}}]})
+    # without base_model the same two entries are two models (no task vectors)
+    MergeRecipe.from_dict({"merge_method": "nuslerp", "models": [
+        {"model": base, "parameters": {"weight": 1.0}}, {"model": str(fam["a"]), "parameters": {"weight": 1.0}}]})
 
 
 def test_svd_switch_by_filter_averages_embeddings(fam):

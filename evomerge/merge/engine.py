@@ -131,7 +131,7 @@ def build_plan(
         used, keys = [], []
         for i, e in enumerate(entries):
             k = key_of(e.model)
-            if spec.needs_base and k == bkey:
+            if bkey is not None and spec.uses_base(True) and k == bkey:
                 continue
             used.append(i)
             keys.append(k)
@@ -141,7 +141,7 @@ def build_plan(
     groups: list[Group] = []
     if recipe.models is not None:
         used, keys, bkey = split(recipe.models, None)
-        groups.append(Group(used, keys, None, bkey if spec.needs_base else None))
+        groups.append(Group(used, keys, None, bkey if spec.uses_base(bkey is not None) else None))
         ref_key = bkey or keys[0]
         ref = readers[ref_key]
         names = ref.tensor_names()
@@ -158,7 +158,7 @@ def build_plan(
         for si, s in enumerate(slices):
             used, keys, bkey = split(s.sources, s.base_model)
             groups.append(Group(used, keys, si,
-                                bkey if spec.needs_base else None))
+                                bkey if spec.uses_base(bkey is not None) else None))
         ref_key = base_key or groups[0].keys[0]
         ref = readers[ref_key]
         num_layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices)
@@ -256,7 +256,7 @@ def _job(recipe, spec, readers, ref_key, out_name, name, t, gi, keys, bkey) -> T
     ref = readers[ref_key]
     stored = ref.dtype(name)
     srcs = [(k, name) for k in keys]
-    base = (bkey, name) if (spec.needs_base and bkey) else None
+    base = (bkey, name) if (bkey and spec.uses_base(True)) else None
     if not stored.is_floating_point:
         return TensorJob(out_name, ref.shape(name), stored, t, gi, srcs, base, copy_from=(ref_key, name))
     return TensorJob(out_name, ref.shape(name), _out_dtype(recipe, stored), t, gi, srcs, base)
@@ -341,7 +341,7 @@ def merge_one(
     base: torch.Tensor | None,
 ) -> torch.Tensor:
     """The one per-tensor function both paths call: float32 inputs (task vectors when the method
-    ``takes_deltas``) → float32 merged tensor, checked for NaN/inf."""
+    ``takes_deltas`` and the job has a base) → float32 merged tensor, checked for NaN/inf."""
     spec = plan.spec
     params = job_params(recipe, plan, job)
     gen = None
@@ -408,7 +408,7 @@ def merge_to_disk(
                 inputs = []
                 for k, n in job.sources:
                     x = _f32(plan.readers[k].get(n), device)
-                    inputs.append(x - base if spec.takes_deltas else x)
+                    inputs.append(x - base if (spec.takes_deltas and base is not None) else x)
                 out = merge_one(plan, recipe, job, inputs, base)
                 del inputs, base
                 res = out.to(job.out_dtype)
@@ -483,7 +483,7 @@ class InMemoryMerger:
 
     def _inputs(self, plan: MergePlan, job: TensorJob):
         base = self._tensor(*job.base) if job.base else None
-        if plan.spec.takes_deltas:
+        if plan.spec.takes_deltas and job.base is not None:
             inputs = [self._delta(k, n, job.base) for k, n in job.sources]
         else:
             inputs = [self._tensor(k, n) for k, n in job.sources]

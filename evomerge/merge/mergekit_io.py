@@ -8,8 +8,9 @@ with ``evomerge merge``. This module handles the rest:
 - :func:`from_mergekit` rewrites the mergekit spellings evomerge expresses differently
   (``tokenizer: {source: …}`` → ``tokenizer_source``; a ``filter: "*"`` matches everything) and
   names what evomerge cannot run (``chat_template``, ``tokenizer.tokens``, ``modules``,
-  ``residual_weight``, nuslerp / multislerp with a ``base_model``) instead of merging something
-  else; unknown keys are named by the recipe validator.
+  ``residual_weight``) instead of merging something else; unknown keys are named by the recipe
+  validator. ``nuslerp`` / ``multislerp`` with a ``base_model`` interpolate the task vectors, as in
+  mergekit (their ``base_optional`` registration).
 - :func:`mergekit_issues` lists why an evomerge recipe would not give the same merge in mergekit
   (methods mergekit lacks, parameters it does not know, randomized masks, documented numerical
   differences); :func:`to_mergekit_yaml` writes the YAML with those caveats as comments, and
@@ -54,7 +55,6 @@ _MERGEKIT_NOOP = {("task_arithmetic", "density"): None, ("task_arithmetic", "res
 """mergekit parameters evomerge lacks that change nothing (None: any value; else that value):
 task_arithmetic has no sparsification in mergekit, and ``rescale: false`` is ties' default."""
 
-_BASE_OPTIONAL = {"nuslerp", "multislerp"}  # mergekit: with a base_model they merge task vectors
 _RANDOMIZED = {"dare_ties", "dare_linear", "della", "della_linear"}
 _NOT_IN_MERGEKIT_PARAMS = {"karcher": {"weight"}}
 
@@ -108,11 +108,6 @@ def from_mergekit(data: dict, source: str = "mergekit recipe"):
         if isinstance(s, dict) and "residual_weight" in s:
             raise EvomergeError(f"{source}: key 'slices[{i}].residual_weight' is not supported")
     method = d.get("merge_method")
-    if method in _BASE_OPTIONAL and d.get("base_model"):
-        raise EvomergeError(
-            f"{source}: '{method}' with a 'base_model' (mergekit then merges task vectors) is not supported yet; "
-            "remove 'base_model' to interpolate the models themselves"
-        )
     def fix(holder: dict, where: str) -> None:
         params = holder.get("parameters")
         if not isinstance(params, dict):
@@ -198,9 +193,8 @@ def mergekit_issues(recipe) -> tuple[list[str], list[str]]:
         for p in sorted(set(spec.model_params) | set(spec.global_params)):
             if p not in MERGEKIT_PARAMS[m] and p not in _NOT_IN_MERGEKIT_PARAMS.get(m, ()) and _uses_param(recipe, p):
                 blocking.append(f"mergekit's '{m}' has no parameter '{p}'")
-    if recipe.base_model and not spec.needs_base:
-        caveats.append(f"'{m}' does not use base_model here; it is left out of the YAML"
-                       + (" (in mergekit it would switch to merging task vectors)" if m in _BASE_OPTIONAL else ""))
+    if recipe.base_model and not spec.uses_base(True):
+        caveats.append(f"'{m}' does not use base_model here; it is left out of the YAML")
     if m in _RANDOMIZED:
         caveats.append("randomized method: mergekit draws its own random masks (same distribution, different "
                        "entries); 'seed' is an evomerge key that mergekit ignores")
@@ -216,6 +210,9 @@ def mergekit_issues(recipe) -> tuple[list[str], list[str]]:
     if m == "sce" and any(v < 1 for v in _values(recipe, "select_topk")):
         caveats.append("mergekit zeroes the update of tensors where floor(select_topk * #varying) = 0; "
                        "evomerge keeps one position")
+    if m == "multislerp" and recipe.base_model:
+        caveats.append("multislerp of task vectors: where no model changed a tensor evomerge keeps the base; "
+                       "mergekit raises there when merging 3 or more models")
     if m == "model_stock":
         caveats.append("evomerge clamps a negative mean cosine to 0 (t = 0: the base); mergekit extrapolates")
     if recipe.tokenizer_source not in (None, "base"):
@@ -228,7 +225,8 @@ def to_mergekit_yaml(recipe, *, strict: bool = True) -> str:
 
     Raises :class:`EvomergeError` when mergekit cannot express the recipe (``strict``); with
     ``strict=False`` the reasons become comments too (the YAML then documents the recipe but
-    mergekit will not run it as is). The base model is dropped for methods that do not use it.
+    mergekit will not run it as is). The base model is dropped for methods that do not use it
+    (kept for ``nuslerp`` / ``multislerp``, where it selects task-vector interpolation in both).
     """
     import yaml
 
@@ -238,7 +236,7 @@ def to_mergekit_yaml(recipe, *, strict: bool = True) -> str:
     d = recipe.to_dict()
     from evomerge.merge.registry import get_method
 
-    if d.get("base_model") and not get_method(recipe.merge_method).needs_base:
+    if d.get("base_model") and not get_method(recipe.merge_method).uses_base(True):
         d.pop("base_model")
     drop = _NOT_IN_MERGEKIT_PARAMS.get(recipe.merge_method, set())  # equal karcher weights = mergekit's
     if drop and not blocking:

@@ -15,10 +15,10 @@ method                        one line
                               ``density ± ε``, rescale 1/p), then TIES sign election
 ``della_linear``              MAGPRUNE, then task arithmetic
 ``model_stock``               ``θ0 + t·mean(τ_i)``, ``t = N·cos / (1 + (N−1)·cos)``
-``nuslerp``                   slerp of two models (or of their task vectors), per row or
-                              flattened, ``t = w1 / (w0 + w1)``
-``multislerp``                weighted "barycentric" slerp of N models (mergekit's one-step
-                              tangent-space rule)
+``nuslerp``                   slerp of two models (or of their task vectors, with a
+                              ``base_model``), per row or flattened, ``t = w1 / (w0 + w1)``
+``multislerp``                weighted "barycentric" slerp of N models (or of their task
+                              vectors, with a ``base_model``; mergekit's one-step rule)
 ``karcher``                   weighted Riemannian (Karcher) mean of the directions on the
                               unit sphere, scaled by the weighted mean norm
 ``sce``                       SCE: select high-variance positions, weight models by
@@ -32,7 +32,9 @@ method                        one line
 ============================  ==========================================================
 
 Tensor inputs: methods registered with ``takes_deltas=True`` receive the task vectors
-``τ_i = θ_i − θ_base`` (never modified in place: a resident merger caches them).
+``τ_i = θ_i − θ_base`` (never modified in place: a resident merger caches them); the
+``base_optional`` ones (``nuslerp``, ``multislerp``) only when the recipe has a ``base_model``,
+else the model tensors.
 """
 
 from __future__ import annotations
@@ -332,17 +334,16 @@ def nuslerp(tensors, base=None, *, generator=None, weight, nuslerp_row_wise=Fals
     """NuSLERP (mergekit's ``nuslerp``): slerp between two models with ``t = w1 / (w0 + w1)``
     (``t = 0.5`` when ``|w0 + w1| < 1e-6``); see :func:`nuslerp_pair` for the vector layout.
 
-    With a ``base`` tensor the task vectors are slerped: ``θ0 + slerp(t, τ_0, τ_1)``. (The engine
-    passes no base to methods registered with ``needs_base=False``; the task-vector variant is
-    therefore available to direct callers only until the engine grows an optional-base hook.)
+    Without a base: ``slerp(t, θ_0, θ_1)`` of the model tensors. With a ``base_model`` (registered
+    ``base_optional`` + ``takes_deltas``: ``tensors`` then holds the task vectors
+    ``τ_i = θ_i − θ0``, ``base`` is ``θ0``): ``θ0 + slerp(t, τ_0, τ_1)``, mergekit's task-vector
+    mode (the base must not be one of the two models).
     """
     if len(tensors) != 2:
         raise EvomergeError(f"merge_method 'nuslerp' takes exactly 2 models, got {len(tensors)}")
     w0, w1 = _per_model("weight", weight, 2)
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
     v0, v1 = tensors
-    if base is not None:
-        v0, v1 = v0 - base, v1 - base
     out = nuslerp_pair(t, v0, v1, row_wise=bool(nuslerp_row_wise), flatten=bool(nuslerp_flatten))
     return out if base is None else base + out
 
@@ -350,26 +351,36 @@ def nuslerp(tensors, base=None, *, generator=None, weight, nuslerp_row_wise=Fals
 def multislerp(tensors, base=None, *, generator=None, weight, normalize_weights=True, eps=1e-8):
     """Multi-SLERP (Goddard 2025, mergekit's ``multislerp``): barycentric interpolation on the sphere.
 
-    With ``x_i`` the flattened tensors (task vectors when a ``base`` is given), ``u_i = x_i/‖x_i‖``
-    and weights ``w`` (divided by ``Σw`` with ``normalize_weights``): ``m = Σ w_i u_i / ‖·‖``;
+    With ``x_i`` the flattened inputs, ``u_i = x_i/(‖x_i‖ + eps)`` and weights ``w`` (divided by
+    ``Σw`` with ``normalize_weights``): ``m = Σ w_i u_i / ‖·‖``;
     tangent ``v = Σ w_i (u_i − (u_i·m) m)``; result
     ``(Σ w_i ‖x_i‖) · (cos‖v‖ · m + sin‖v‖ · v/‖v‖)``. This is mergekit's one-step rule (the
     tangent vectors are projections, not log maps); :func:`karcher` is the exact Riemannian mean.
     When ``‖Σ w_i u_i‖ < eps`` (antipodal inputs cancel): two models fall back to the weighted
-    linear sum, more raise an error.
+    linear sum, more raise an error — except when every input is zero (a tensor no fine-tune
+    changed, in task-vector mode), which gives zero (mergekit raises there for ≥ 3 models).
+    One model is returned as it is.
+
+    Without a base the inputs are the model tensors. With a ``base_model`` (registered
+    ``base_optional`` + ``takes_deltas``: ``tensors`` holds the task vectors ``τ_i = θ_i − θ0`` and
+    ``base`` is ``θ0``) the result above, computed from the ``τ_i``, is added to ``θ0``: mergekit's
+    task-vector mode.
     """
     n = len(tensors)
     w = torch.tensor(_per_model("weight", weight, n), dtype=torch.float64)
     if n == 1:
-        return tensors[0].clone()
+        return tensors[0].clone() if base is None else base + tensors[0]
     if normalize_weights:
         s = float(w.sum())
         if abs(s) < 1e-12:
             raise EvomergeError("multislerp: the weights sum to 0; set normalize_weights: false or change them")
         w = w / s
-    xs = [(x - base) if base is not None else x for x in tensors]
+    xs = list(tensors)
     flat = torch.stack([x.reshape(-1) for x in xs]).double()
     norms = flat.norm(dim=-1, keepdim=True)
+    if not bool((norms > 0).any()):  # all inputs zero: nothing to interpolate
+        out = torch.zeros_like(tensors[0])
+        return out if base is None else base + out
     units = flat / (norms + eps)
     mean = (units * w.view(-1, 1)).sum(0)
     mnorm = float(mean.norm())
@@ -706,13 +717,13 @@ register(MergeMethod(
     reference="Jang et al. 2024, Model Stock (arXiv:2403.19522)",
 ))
 register(MergeMethod(
-    name="nuslerp", fn=nuslerp, needs_base=False, min_models=2, max_models=2,
+    name="nuslerp", fn=nuslerp, needs_base=False, base_optional=True, takes_deltas=True, min_models=2, max_models=2,
     model_params={"weight": REQUIRED},
     global_params={"nuslerp_row_wise": False, "nuslerp_flatten": True},
     reference="mergekit nuslerp (Goddard, arcee-ai/mergekit); Shoemake 1985",
 ))
 register(MergeMethod(
-    name="multislerp", fn=multislerp, needs_base=False, min_models=1,
+    name="multislerp", fn=multislerp, needs_base=False, base_optional=True, takes_deltas=True, min_models=1,
     model_params={"weight": REQUIRED},
     global_params={"normalize_weights": True, "eps": 1e-8},
     reference="Goddard 2025, Multi-SLERP (goddard.blog/posts/multislerp-wow-what-a-cool-idea)",

@@ -243,17 +243,20 @@ class MergeRecipe(_Strict):
         for where, entries, slice_params, slice_base in groups:
             for i, m in enumerate(entries):
                 check_params(m.parameters, f"{where}[{i}].parameters", per_model=True)
-            sources = [m for m in entries if not (spec.needs_base and self._is_base(m.model, slice_base))]
+            # a base-optional method (nuslerp, multislerp) uses the base when one is given: then, as
+            # for needs_base methods, an entry naming the base is not one of the merged models
+            with_base = spec.uses_base(slice_base or self.base_model)
+            sources = [m for m in entries if not (with_base and self._is_base(m.model, slice_base))]
             n = len(sources)
             if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
                 want = (f"exactly {spec.min_models}" if spec.max_models == spec.min_models
                         else f"at least {spec.min_models}" + (f" and at most {spec.max_models}" if spec.max_models else ""))
                 raise EvomergeError(
                     f"field '{where}': merge_method {spec.name!r} takes {want} model(s)"
-                    + (" besides the base_model" if spec.needs_base else "") + f", got {n}"
+                    + (" besides the base_model" if with_base else "") + f", got {n}"
                 )
             for i, m in enumerate(entries):
-                if spec.needs_base and self._is_base(m.model, slice_base):
+                if with_base and self._is_base(m.model, slice_base):
                     continue
                 for p, default in spec.model_params.items():
                     if default is REQUIRED and p not in m.parameters and p not in self.parameters and p not in slice_params:

@@ -11,7 +11,9 @@ Signature of every method function::
        **params) -> Tensor
 
 - ``tensors``: one tensor per source model (not including the base), same shape, float32.
-- ``base``: the base model's tensor (float32) when ``spec.needs_base``; otherwise None.
+- ``base``: the base model's tensor (float32) when the method uses a base (``spec.needs_base``,
+  or ``spec.base_optional`` and the recipe names a ``base_model``; see
+  :meth:`MergeMethod.uses_base`); otherwise None.
 - per-model parameters (``spec.model_params``) arrive as ``list[float]`` aligned with
   ``tensors``; method-level parameters (``spec.global_params``) arrive as scalars.
 - all parameters listed in the spec are always passed (defaults filled in by the engine).
@@ -20,7 +22,12 @@ Signature of every method function::
 - ``spec.takes_deltas``: when True the first argument holds the task vectors
   ``τ_i = tensor_i − base`` (float32, computed by the engine as ``t.float() - base.float()``)
   instead of the model tensors, so that a resident merger computes them once; ``base`` is
-  passed as well. Task-arithmetic-family methods set it.
+  passed as well. Task-arithmetic-family methods set it. For a ``base_optional`` method it holds
+  only when a base is passed: without one the method receives the model tensors.
+- ``spec.base_optional``: the method runs with or without a base (mergekit's ``nuslerp`` /
+  ``multislerp``: with a ``base_model`` they interpolate the task vectors and add the result to
+  the base). With a base, a model entry that *is* the base is left out of the inputs, as for
+  ``needs_base`` methods; without one, every entry is an input and ``base`` is None.
 - ``spec.randomized``: the method draws from ``generator`` (the engine passes one seeded from
   the recipe seed and the tensor name, so disk and in-memory merges are identical).
 
@@ -53,6 +60,18 @@ class MergeMethod:
     reference: str = ""
     randomized: bool = False
     takes_deltas: bool = False
+    base_optional: bool = False
+
+    def __post_init__(self):
+        if self.needs_base and self.base_optional:
+            raise ValueError(f"merge method {self.name!r}: needs_base and base_optional exclude each other")
+        if self.takes_deltas and not (self.needs_base or self.base_optional):
+            raise ValueError(f"merge method {self.name!r}: takes_deltas needs a base (needs_base or base_optional)")
+
+    def uses_base(self, has_base: bool) -> bool:
+        """Whether a merge with (``has_base``) or without a base model gives this method a base
+        tensor: always for ``needs_base``, when one is given for ``base_optional``."""
+        return self.needs_base or (self.base_optional and bool(has_base))
 
     def __call__(self, tensors, base=None, *, generator=None, **params):
         return self.fn(tensors, base, generator=generator, **params)
