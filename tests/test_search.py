@@ -214,3 +214,35 @@ def test_banks_from_an_earlier_run_replace_calibration(reference_run, tmp_path):
     with pytest.raises(EvomergeError, match="not found"):
         run_search(parse_config(cfg), log=lambda m: None)
     assert not (tmp_path / "run2").exists()                   # bad input: nothing written
+
+
+def test_one_objective_per_task_gives_a_pareto_front(zoo, tmp_path):
+    over = {"fitness": {"estimator": "pirt", "anchors": 10, "anchor_method": "irt",
+                        "aggregate": "per_task"},
+            "optimizer": {"name": "optuna", "sampler": "nsga2", "population": 4, "generations": 2}}
+    rd = run_search(parse_config(small_config(tmp_path / "run", **over)), log=lambda m: None)
+    evals = read_jsonl(rd.evaluations)
+    assert all(isinstance(e["fitness"], list) and len(e["fitness"]) == 3 for e in evals)
+    assert (rd.root / "pareto.png").exists() and "Pareto front" in rd.report.read_text()
+
+
+def test_dataflow_space_with_exact_fitness(zoo, tmp_path):
+    """kind: dataflow between two experts; estimator 'full' answers every item, no calibration."""
+    over = {"search_space": {"kind": "dataflow",
+                             "dataflow": {"model_a": "zoo:cipher", "model_b": "zoo:upper",
+                                          "repeats": 1, "scale_mode": "none"}},
+            "fitness": {"estimator": "full"},
+            "optimizer": {"generations": 1, "population": 4}}
+    cfg = small_config(tmp_path / "run", **over)
+    for task in cfg["tasks"]:
+        task["search_limit"] = 30
+    rd = run_search(parse_config(cfg), log=lambda m: None)
+    assert not rd.calibration.exists()
+    evals = read_jsonl(rd.evaluations)
+    assert all(e["items"] == 90 for e in evals)
+    first = evals[0]                        # the initial genome is model A's own path
+    assert [(s["model"], s["layer"]) for s in first["recipe"]["steps"]] == [("A", i) for i in range(4)]
+    assert first["estimates"]["cipher"] > 0.8
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(rd.best / "model")
