@@ -25,6 +25,8 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/merge_speed.py
 	$(BIN)/python benchmarks/irt_error.py
+	$(BIN)/python benchmarks/irt_error.py --zoo
+	$(BIN)/python benchmarks/search_fidelity.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
