@@ -133,6 +133,72 @@ def test_disk_and_in_memory_are_bit_identical(fam, tmp_path, method, globals_, m
         assert torch.equal(so[n], sd[n]), n
 
 
+@pytest.fixture
+def one_thread():
+    """LAPACK's threaded SVD on tiny matrices is very slow on a busy small box (TSV tests)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tsv_svd_cache_bit_identical_to_disk_and_uncached(fam, tmp_path, one_thread):
+    """InMemoryMerger(svd_cache=True): TSV candidates (weights, lambda, a negative weight, another
+    rank) give the same bits as the uncached merger and as merge_to_disk; the factors are cached."""
+    from evomerge.merge.methods_extra import SVD_CACHE_ATTR
+
+    keys = ("a", "b", "c")
+
+    def tsv(weights, lam, frac=None):
+        params = {"lambda": lam, **({"rank_fraction": frac} if frac else {})}
+        return recipe({"merge_method": "tsv", "base_model": str(fam["base"]), "parameters": params,
+                       "models": [{"model": str(fam[k]), "parameters": {"weight": w}} for k, w in zip(keys, weights)]})
+
+    paths = [fam["base"], *(fam[k] for k in keys)]
+    cached, plain = InMemoryMerger(paths, svd_cache=True), InMemoryMerger(paths)
+    before = None
+    candidates = [tsv([1.0, 1.0, 1.0], 1.0), tsv([0.3, [0.2, 0.9], 1.4], 0.7), tsv([0.5, -0.8, 1.0], 1.2),
+                  tsv([0.4, 0.6, 0.8], 1.0, 0.2), tsv([0.9, 0.1, 0.5], 0.8)]
+    for i, r in enumerate(candidates):
+        got, want = dict(cached.merged_tensors(r)), dict(plain.merged_tensors(r))
+        for n in want:
+            assert torch.equal(got[n], want[n]), (i, n)
+        if i == 0:
+            before = cached.resident_bytes
+            assert before > plain.resident_bytes  # the factors are resident now
+        if i in (1, 3):  # against the streaming disk path too
+            disk = state(merge_to_disk(r, tmp_path / f"o{i}"))
+            for n in disk:
+                assert torch.equal(disk[n], got[n]), (i, n)
+    deltas = [t for k, t in cached._cache.items() if k[0] == "d"]
+    mats = [d for d in deltas if d.dim() == 2]
+    assert mats and all(isinstance(getattr(d, SVD_CACHE_ATTR), dict) for d in mats)
+    assert all(not hasattr(d, SVD_CACHE_ATTR) for d in deltas if d.dim() < 2)
+    assert not any(hasattr(t, SVD_CACHE_ATTR) for k, t in plain._cache.items() if k[0] == "d")
+
+
+@pytest.mark.parametrize("method,mparams", [
+    ("ties", {"weight": 0.5, "density": 0.5}), ("breadcrumbs", {"weight": 0.5, "density": 0.5}),
+    ("breadcrumbs_ties", {"weight": 0.5, "density": 0.5}), ("dare_ties", {"weight": 0.5, "density": 0.5}),
+    ("della", {"weight": 0.5, "density": 0.5}), ("tsv", {}), ("iso_c", {}), ("task_arithmetic", {"weight": 0.5}),
+])
+def test_resident_caches_name_the_caches_a_method_reads(fam, method, mparams, one_thread):
+    """resident_caches(method) turns a cache on exactly where the method uses it (what the search
+    passes to its InMemoryMerger)."""
+    from evomerge.merge.engine import resident_caches
+    from evomerge.merge.methods import SORTED_ABS_ATTR
+    from evomerge.merge.methods_extra import SVD_CACHE_ATTR
+
+    m = InMemoryMerger([fam["base"], fam["a"], fam["b"]], magnitude_cache=True, svd_cache=True)
+    dict(m.merged_tensors(recipe({"merge_method": method, "base_model": str(fam["base"]), "seed": 1,
+                                  "models": [{"model": str(fam[k]), "parameters": mparams} for k in ("a", "b")]})))
+    deltas = [t for k, t in m._cache.items() if k[0] == "d" and t.dim() == 2]
+    used = {"magnitude_cache": all(isinstance(getattr(d, SORTED_ABS_ATTR), torch.Tensor) for d in deltas),
+            "svd_cache": all(isinstance(getattr(d, SVD_CACHE_ATTR), dict) for d in deltas)}
+    assert resident_caches(method) == used
+    assert resident_caches(None) == {"magnitude_cache": False, "svd_cache": False}
+
+
 def test_layer_gradient_and_filters(fam):
     m = InMemoryMerger([fam["a"], fam["b"]])
     r = recipe({"merge_method": "linear", "models": [

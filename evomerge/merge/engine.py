@@ -34,10 +34,12 @@ from evomerge.checkpoint.io import CheckpointReader, CheckpointWriter
 from evomerge.errors import EvomergeError
 from evomerge.merge.recipe import MergeRecipe, ModelEntry, evaluate_setting, load_recipe, resolve_model_path
 from evomerge.merge.methods import SORTED_ABS_ATTR
+from evomerge.merge.methods_extra import SVD_CACHE_ATTR
 from evomerge.merge.registry import REQUIRED, MergeMethod, get_method
 from evomerge.merge.vocab import prepare_vocab
 
-__all__ = ["MergePlan", "TensorJob", "build_plan", "merge_one", "merge_to_disk", "InMemoryMerger", "tensor_seed"]
+__all__ = ["MergePlan", "TensorJob", "build_plan", "merge_one", "merge_to_disk", "InMemoryMerger", "tensor_seed",
+           "resident_caches"]
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NO_VALUE = object()
@@ -423,6 +425,21 @@ def merge_to_disk(
 
 # ----------------------------------------------------------------------------- in memory
 
+_MAGNITUDE_CACHE_METHODS = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
+"""Methods whose sparsification reads ``SORTED_ABS_ATTR`` (magnitude thresholds). Not DARE (random
+masks) nor DELLA (per-row ranks): the sorted whole-tensor magnitudes do not help them."""
+_SVD_CACHE_METHODS = frozenset({"tsv"})
+"""Methods that read ``SVD_CACHE_ATTR`` (Iso-C / Iso-CTS decompose the weighted sum, which changes
+with every candidate: nothing to cache per task vector)."""
+
+
+def resident_caches(method: str | None) -> dict[str, bool]:
+    """The :class:`InMemoryMerger` cache options that speed up repeated merges (a search) with
+    ``method``: ``{"magnitude_cache": …, "svd_cache": …}``, True only where the method reads
+    that cache (each costs memory only once a merge uses it)."""
+    return {"magnitude_cache": method in _MAGNITUDE_CACHE_METHODS, "svd_cache": method in _SVD_CACHE_METHODS}
+
+
 
 class InMemoryMerger:
     """Resident sources; :meth:`apply` writes a recipe's merge into a live model in place.
@@ -435,6 +452,16 @@ class InMemoryMerger:
     use) so that magnitude sparsification (TIES) at any density is a lookup instead of a
     selection pass; it doubles the resident memory of the task vectors and gives the same
     thresholds (hence the same bits) as the disk path.
+
+    ``svd_cache=True`` lets TSV keep, on each resident task vector, its top singular triplets
+    (computed on first use, for the largest rank asked so far) and, per tensor, the orthogonalised
+    stacked factors: a later TSV candidate that changes only ``weight`` magnitudes or ``lambda``
+    costs one matrix product per tensor instead of ``T + 2`` SVDs, and one with another
+    ``rank_fraction`` only the two orthogonalisations (see ``methods_extra.SVD_CACHE_ATTR``). Costs
+    about ``k·(m + n)`` floats per task matrix plus the two orthogonal factors per tensor (about
+    two matrices with the default rank ``r/T``); same bits as the disk path.
+
+    :func:`resident_caches` says which of the two help a given method.
     """
 
     def __init__(
@@ -444,9 +471,11 @@ class InMemoryMerger:
         device: str | torch.device = "cpu",
         allow_pickle: bool = False,
         magnitude_cache: bool = False,
+        svd_cache: bool = False,
     ):
         self.device = torch.device(device)
         self.magnitude_cache = magnitude_cache
+        self.svd_cache = svd_cache
         self.allow_pickle = allow_pickle
         self.readers: dict[str, CheckpointReader] = {}
         self._plans: dict[tuple, MergePlan] = {}
@@ -478,6 +507,8 @@ class InMemoryMerger:
             d = x - self._tensor(*base)
             if self.magnitude_cache:
                 setattr(d, SORTED_ABS_ATTR, True)
+            if self.svd_cache and d.dim() >= 2:
+                setattr(d, SVD_CACHE_ATTR, True)
             self._cache[ck] = d
         return d
 
@@ -509,13 +540,20 @@ class InMemoryMerger:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of resident inputs (and sorted-magnitude caches)."""
+        """Bytes of resident inputs (and sorted-magnitude / SVD caches)."""
+
+        def size(x) -> int:
+            if isinstance(x, torch.Tensor):
+                return x.numel() * x.element_size()
+            if isinstance(x, dict):
+                return sum(size(v) for v in x.values())
+            if isinstance(x, (list, tuple)):
+                return sum(size(v) for v in x)
+            return 0
+
         total = 0
         for t in self._cache.values():
-            total += t.numel() * t.element_size()
-            extra = getattr(t, SORTED_ABS_ATTR, None)
-            if isinstance(extra, torch.Tensor):
-                total += extra.numel() * extra.element_size()
+            total += size(t) + size(getattr(t, SORTED_ABS_ATTR, None)) + size(getattr(t, SVD_CACHE_ATTR, None))
         return total
 
     def release(self) -> None:

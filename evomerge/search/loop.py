@@ -253,7 +253,7 @@ def make_evaluator(ev, model_path: Path):
 
 def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
     from evomerge.genome import ParameterSpace
-    from evomerge.merge.engine import InMemoryMerger
+    from evomerge.merge.engine import InMemoryMerger, resident_caches
 
     from transformers.utils import logging as hf_logging
 
@@ -269,7 +269,9 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
         space = ParameterSpace(ss.method, cfg.models.base, cfg.models.endpoints, ss.genes,
                                ss.fixed, dtype=cfg.evaluator.dtype, seed=cfg.seed)
     evaluator = make_evaluator(cfg.evaluator, base)
-    merger = InMemoryMerger([base, *endpoints.values()], device=cfg.evaluator.device)
+    # caches the search's method reads (ties / breadcrumbs: sorted magnitudes; tsv: SVD factors)
+    caches = resident_caches(ss.method if ss.kind != "dataflow" else None)
+    merger = InMemoryMerger([base, *endpoints.values()], device=cfg.evaluator.device, **caches)
     ctx = SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, merger, log=log)
     ctx.resident_model = evaluator.model
     return ctx
