@@ -16,7 +16,9 @@ MINIMAL = {"models": {"base": "zoo:base", "endpoints": ["zoo:add"]}, "tasks": [{
 
 
 def test_demo_config_is_valid():
-    cfg = load_config("configs/demo.yaml")
+    from evomerge.config import demo_config_path
+
+    cfg = load_config(demo_config_path())
     assert cfg.fitness.estimator == "mpirt" and cfg.models.endpoints
 
 
@@ -141,3 +143,14 @@ def test_rundir_state_is_atomic(tmp_path):
     rd.repair()
     assert rd.state() == {"stage": "searching", "generation": 2}
     assert not list(rd.root.glob(".*tmp*"))
+
+
+CONFIGS = sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    if cfg.search_space.kind != "dataflow":
+        ParameterSpace(cfg.search_space.method, cfg.models.base, cfg.models.endpoints,
+                       cfg.search_space.genes, cfg.search_space.fixed)
