@@ -151,6 +151,13 @@ class EvaluatorConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(64, ge=1)
     max_new_tokens: Optional[int] = Field(None, ge=1, description="overrides each task's")
+    merge_device: Optional[str] = Field(None, description="where the merge engine keeps the "
+                                        "sources and computes (default: device); 'cpu' when "
+                                        "base + endpoints do not fit next to the model on the GPU")
+    resident: Literal["float32", "native"] = Field(
+        "float32", description="float32: sources and task vectors resident in float32 (fastest); "
+        "native: sources in their checkpoint dtype (bf16: 1/4 of the memory), task vectors "
+        "computed per candidate; same merged bits")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; default: 1 "
                                    "for models under 50M parameters (tiny matrices run fastest "
                                    "on one thread), else torch's default")
@@ -238,7 +245,8 @@ class RunConfig(_Strict):
 # has already been computed (more generations extends the run; the rest is presentation,
 # speed or placement).
 SAFE_ON_RESUME = ("optimizer.generations", "search_space.dataflow.generations", "final.top_k", "final.write_model",
-                  "evaluator.batch_size", "evaluator.device", "evaluator.threads", "run_dir", "name")
+                  "evaluator.batch_size", "evaluator.device", "evaluator.threads",
+                  "evaluator.merge_device", "evaluator.resident", "run_dir", "name")
 
 
 def _pop_dotted(d: dict, dotted: str) -> None:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shutil
+
 import pytest
 import torch
 
@@ -107,21 +109,44 @@ DISK_VS_MEMORY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def fam16(fam, tmp_path_factory):
+    """The same family saved in bfloat16 (what real checkpoints ship as)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("tiny16")
+    out = {}
+    for k in ("base", "a", "b", "c"):
+        src, dst = fam[k], root / k
+        shutil.copytree(src, dst)
+        sd = load_file(str(dst / "model.safetensors"))
+        save_file({n: t.to(torch.bfloat16) for n, t in sd.items()}, str(dst / "model.safetensors"),
+                  metadata={"format": "pt"})
+        out[k] = dst
+    return out
+
+
+@pytest.mark.parametrize("resident", ["float32", "native"])
 @pytest.mark.parametrize("method,globals_,mparams", DISK_VS_MEMORY, ids=[m[0] for m in DISK_VS_MEMORY])
-def test_disk_and_in_memory_are_bit_identical(fam, tmp_path, method, globals_, mparams):
+def test_disk_and_in_memory_are_bit_identical(fam, fam16, tmp_path, method, globals_, mparams, resident):
+    if resident == "native":
+        fam = fam16  # bf16 sources kept resident as bf16
     models = [{"model": str(fam[k]), "parameters": dict(mparams)} for k in ("a", "b", "c")]
     r = recipe({"merge_method": method, "base_model": str(fam["base"]), "models": models,
                 "parameters": globals_, "dtype": "bfloat16", "seed": 11})
     out = merge_to_disk(r, tmp_path / "o", max_shard_bytes=30_000)
     model = load_model(fam["base"], dtype=torch.bfloat16)
-    merger = InMemoryMerger(r, magnitude_cache=(method == "ties"))
+    merger = InMemoryMerger(r, magnitude_cache=(method == "ties"), resident=resident)
     # a first apply with other values (plan cache, resident task vectors) must not matter
     other_models = [{"model": str(fam[k]), "parameters": {**mparams, "weight": 0.9}} for k in ("a", "b", "c")]
     other = recipe({"merge_method": method, "base_model": str(fam["base"]), "models": other_models,
                     "parameters": {**globals_, **({"lambda": 0.1} if "lambda" in globals_ else {})}, "seed": 5})
     merger.apply(other, model)
     merger.apply(r, model)
-    if method == "ties":  # the sorted-magnitude cache was used
+    if resident == "native":  # sources stay bf16; no resident task vectors
+        assert all(t.dtype == torch.bfloat16 for t in merger._cache.values() if t.is_floating_point())
+        assert not any(k[0] == "d" for k in merger._cache)
+    elif method == "ties":  # the sorted-magnitude cache was used
         from evomerge.merge.methods import SORTED_ABS_ATTR
 
         deltas = [t for k, t in merger._cache.items() if k[0] == "d"]

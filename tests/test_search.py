@@ -219,7 +219,8 @@ def test_banks_from_an_earlier_run_replace_calibration(reference_run, tmp_path):
 def test_one_objective_per_task_gives_a_pareto_front(zoo, tmp_path):
     over = {"fitness": {"estimator": "pirt", "anchors": 10, "anchor_method": "irt",
                         "aggregate": "per_task"},
-            "optimizer": {"name": "optuna", "sampler": "nsga2", "population": 4, "generations": 2}}
+            "optimizer": {"name": "optuna", "sampler": "nsga2", "population": 4, "generations": 2},
+            "evaluator": {"batch_size": 128, "resident": "native", "merge_device": "cpu"}}
     rd = run_search(parse_config(small_config(tmp_path / "run", **over)), log=lambda m: None)
     evals = read_jsonl(rd.evaluations)
     assert all(isinstance(e["fitness"], list) and len(e["fitness"]) == 3 for e in evals)

@@ -446,7 +446,10 @@ class InMemoryMerger:
 
     ``recipe_or_paths``: a :class:`MergeRecipe` (its models are loaded at once, inputs prepared
     for its method: task vectors for task-arithmetic methods) or a sequence of model folders
-    (loaded lazily on the first :meth:`apply`). Inputs are kept as float32 on ``device``.
+    (loaded lazily on the first :meth:`apply`). Inputs are kept as float32 on ``device``
+    (task vectors computed once), or with ``resident="native"`` in the checkpoints' own dtype
+    (bf16 models: half the memory, no resident task vectors: each apply computes
+    ``t.float() - base.float()`` per tensor, as the disk path does; same bits either way).
 
     ``magnitude_cache=True`` keeps each task vector's sorted magnitudes (sorted once, on first
     use) so that magnitude sparsification (TIES) at any density is a lookup instead of a
@@ -472,10 +475,16 @@ class InMemoryMerger:
         allow_pickle: bool = False,
         magnitude_cache: bool = False,
         svd_cache: bool = False,
+        resident: str = "float32",
     ):
+        if resident not in ("float32", "native"):
+            raise EvomergeError(f"resident must be 'float32' or 'native', got {resident!r}")
         self.device = torch.device(device)
-        self.magnitude_cache = magnitude_cache
-        self.svd_cache = svd_cache
+        self.resident = resident
+        # native: sources stay in their checkpoint dtype (half the memory of float32 for bf16
+        # models) and task vectors are computed per apply -- so no per-task-vector caches
+        self.magnitude_cache = magnitude_cache and resident == "float32"
+        self.svd_cache = svd_cache and resident == "float32"
         self.allow_pickle = allow_pickle
         self.readers: dict[str, CheckpointReader] = {}
         self._plans: dict[tuple, MergePlan] = {}
@@ -494,11 +503,16 @@ class InMemoryMerger:
         ck = ("t", key, name)
         t = self._cache.get(ck)
         if t is None:
-            t = _f32(self.readers[key].get(name), self.device)
+            raw = self.readers[key].get(name)
+            t = raw.to(self.device) if self.resident == "native" else _f32(raw, self.device)
             self._cache[ck] = t
+        if self.resident == "native":
+            return t.to(dtype=torch.float32)  # the same values the disk path computes with
         return t
 
     def _delta(self, key: str, name: str, base: tuple[str, str]) -> torch.Tensor:
+        if self.resident == "native":
+            return self._tensor(key, name) - self._tensor(*base)
         ck = ("d", key, name, base)
         d = self._cache.get(ck)
         if d is None:

@@ -271,7 +271,9 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
     evaluator = make_evaluator(cfg.evaluator, base)
     # caches the search's method reads (ties / breadcrumbs: sorted magnitudes; tsv: SVD factors)
     caches = resident_caches(ss.method if ss.kind != "dataflow" else None)
-    merger = InMemoryMerger([base, *endpoints.values()], device=cfg.evaluator.device, **caches)
+    ev = cfg.evaluator
+    merger = InMemoryMerger([base, *endpoints.values()], device=ev.merge_device or ev.device,
+                            resident=ev.resident, **caches)
     ctx = SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, merger, log=log)
     ctx.resident_model = evaluator.model
     return ctx
