@@ -18,7 +18,6 @@ memory bandwidth line is a large tensor copy (read + write) measured in the same
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys

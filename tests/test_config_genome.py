@@ -1,10 +1,8 @@
 """Config validation, genome decoding, optimizer determinism and run-directory crash safety."""
 
-import json
 
 import numpy as np
 import pytest
-import yaml
 
 from evomerge.config import SAFE_ON_RESUME, diff_configs, load_config, parse_config
 from evomerge.errors import EvomergeError

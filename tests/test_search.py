@@ -1,14 +1,12 @@
 """`evomerge search` end to end on the zoo: the loop, the run directory, resume after SIGKILL."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 

@@ -290,7 +290,7 @@ def test_named_tokenizer_source_outside_the_merge(fam, tmp_path):
     # model's own mean row (task vector = difference of the means); '<tool>' comes from b's id 42
     out = merge_to_disk(ta(fam, str(fam["a"]), models=("b",), weights=(1.0,)), tmp_path / "o")
     assert vocab_of(out) == vocab_of(fam["a"])
-    s, sb, sbb = state(out), state(fam["base"]), state(fam["b"])
+    s, sbb = state(out), state(fam["b"])
     for n in (EMB, HEAD):
         assert s[n].shape[0] == 44
         torch.testing.assert_close(s[n][:41], sbb[n][:41])

@@ -12,7 +12,6 @@ being evaluated at that moment, which is then evaluated again.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field

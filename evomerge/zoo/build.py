@@ -248,7 +248,7 @@ def build_into(tmp: Path, verbose: bool = True) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from evomerge.backends.hf import HFEvaluator
-    from evomerge.tasks import Task, load_task_dir, write_items
+    from evomerge.tasks import load_task_dir, write_items
 
     t0 = time.time()
     torch.manual_seed(SEED)
