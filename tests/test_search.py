@@ -110,7 +110,8 @@ def _lines(path):
 
 
 def test_resume_after_sigkill_reaches_the_same_best(reference_run, tmp_path):
-    """Kill -9 during calibration, mid-generation and mid-write; no evaluation lost or re-run."""
+    """Kill -9 during calibration, mid-generation, mid-write and during the held-out stage;
+    no evaluation lost or re-run."""
     ref_rd, _ = reference_run
     cfg = write_config(tmp_path)
     run = tmp_path / "run"
@@ -125,9 +126,15 @@ def test_resume_after_sigkill_reaches_the_same_best(reference_run, tmp_path):
     # 3. "while writing": what a kill in the middle of an append leaves behind
     with open(run / "evaluations.jsonl", "a") as fh:
         fh.write('{"index": %d, "generation": 1, "genome": [0.1' % n_before)
+    # 4. during the end of the run (held-out re-evaluation, before the best model is written)
+    p = _launch(["search", "--resume", str(run)], REPO)
+    _kill_when(p, lambda: _lines(run / "heldout.jsonl") >= 3)
+    assert not (run / "best" / "model").exists() or (run / "best" / "model" / "config.json").exists()
     p = _launch(["search", "--resume", str(run)], REPO)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
+    assert [h["name"] for h in read_jsonl(run / "heldout.jsonl")] == \
+        [h["name"] for h in read_jsonl(ref_rd.heldout)]              # none re-evaluated
     evals = read_jsonl(run / "evaluations.jsonl")
     assert [e["index"] for e in evals] == list(range(12))             # nothing lost or re-run
     assert evals[:n_before] == kept
