@@ -252,3 +252,20 @@ def test_dataflow_space_with_exact_fitness(zoo, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(rd.best / "model")
+
+
+def test_ps_dfs_refuses_a_dfs_log_made_on_another_model_a(zoo, tmp_path):
+    from evomerge.search.rundir import RunDir
+
+    over = {"search_space": {"kind": "ps+dfs", "method": "task_arithmetic",
+                             "genes": [{"name": "weight", "bounds": [0.0, 1.2]}],
+                             "dataflow": {"model_b": "zoo:lang", "repeats": 1,
+                                          "scale_mode": "none", "generations": 1,
+                                          "population": 4}}}
+    cfg = parse_config(small_config(tmp_path / "run", **over))
+    cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"generations": 1})})
+    rd = run_search(cfg, log=lambda m: None)
+    dfs = RunDir(rd.root / "dfs")
+    dfs.set_state(model_a_index=10_000)           # as if the PS best had changed since
+    with pytest.raises(EvomergeError, match="model A"):
+        run_search(cfg, resume=rd.root, log=lambda m: None)

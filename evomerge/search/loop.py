@@ -708,6 +708,14 @@ def run_dataflow_stage(ctx: SearchContext, ps_heldout: list[dict], ps_best: dict
     df = cfg.search_space.dataflow
     stage_rd = RunDir(rd.root / "dfs")
     stage_rd.root.mkdir(exist_ok=True)
+    used = stage_rd.state().get("model_a_index")
+    if used is not None and used != ps_best["index"] and read_jsonl(stage_rd.evaluations):
+        raise EvomergeError(
+            f"{stage_rd.root}: the data-flow stage was searched with PS candidate {used} as "
+            f"model A, but the PS best is now candidate {ps_best['index']} (the PS stage ran "
+            f"longer); its log would mix two models A. Move {stage_rd.root} away to search the "
+            "data-flow stage again on the new PS best, or resume without the change")
+    stage_rd.set_state(model_a_index=ps_best["index"])
     refs = {"base": ctx.base_path, **ctx.endpoint_paths}
     ctx.log(f"\ndata-flow stage: A = PS best ({rd.best / 'model'}), B = {df.model_b}")
     space = dataflow_space(cfg, rd.best / "model", refs[df.model_b])
