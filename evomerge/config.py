@@ -309,8 +309,11 @@ def load_config(path: str | Path) -> RunConfig:
 
 def demo_config_path() -> Path:
     """configs/demo.yaml shipped with the package (falls back to the repository copy)."""
+    import sys
+
     here = Path(__file__).resolve().parent
-    for cand in (here / "configs" / "demo.yaml", here.parent / "configs" / "demo.yaml"):
+    for cand in (here.parent / "configs" / "demo.yaml",  # a checkout (editable install)
+                 Path(sys.prefix) / "share" / "evomerge" / "configs" / "demo.yaml"):  # a wheel
         if cand.is_file():
             return cand
     raise EvomergeError("configs/demo.yaml not found; pass a config file")
