@@ -14,6 +14,7 @@ import torch
 
 from evomerge.checkpoint.names import layer_index
 from evomerge.errors import EvomergeError
+from evomerge.fsutil import fsync_dir
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -397,14 +398,14 @@ class CheckpointWriter:
             _write_json(self._tmp / "config.json", self.config)
         if self.tokenizer_from is not None:
             copy_tokenizer_files(self.tokenizer_from, self._tmp)
-        _fsync_dir(self._tmp)
+        fsync_dir(self._tmp)
         old = None
         if self.out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
             os.rmdir(old)
             os.rename(self.out_dir, old)
         os.rename(self._tmp, self.out_dir)
-        _fsync_dir(self.out_dir.parent)
+        fsync_dir(self.out_dir.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._done = True
@@ -425,19 +426,6 @@ def _write_json(path: Path, obj) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from evomerge.errors import EvomergeError
+from evomerge.fsutil import fsync_dir
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -38,24 +39,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
