@@ -102,7 +102,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, Union
@@ -929,65 +928,6 @@ def build_dataflow_model(
 # Checkpoint on disk
 # --------------------------------------------------------------------------------------------
 
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
-
-def _write_fallback(out_dir: Path, tensors, config: dict, tokenizer_from: Path | None, max_shard_bytes: int) -> None:
-    from safetensors.torch import save_file
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        shards: list[dict[str, Any]] = []
-        cur: dict[str, Any] = {}
-        size = 0
-        for name, t in tensors:
-            nb = t.numel() * t.element_size()
-            if cur and size + nb > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[name] = t.contiguous()
-            size += nb
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            wm, total = {}, 0
-            for i, sh in enumerate(shards):
-                fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(sh, str(tmp / fn), metadata={"format": "pt"})
-                for k, v in sh.items():
-                    wm[k] = fn
-                    total += v.numel() * v.element_size()
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=1)
-            )
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer_from is not None:
-            for f in _TOKENIZER_FILES:
-                if (tokenizer_from / f).exists():
-                    shutil.copy2(tokenizer_from / f, tmp / f)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
 
 def write_dataflow_checkpoint(
     path: DataflowPath,
@@ -1028,22 +968,17 @@ def write_dataflow_checkpoint(
         "model_b": (str(b.dir) if b.dir else f"<in-memory {type(b.model).__name__}>") if b is not a else None,
         "cumulative_scales": cumulative_scales(path),
     }
-    try:
-        from evomerge.checkpoint import CheckpointWriter  # type: ignore[attr-defined]
-    except ImportError:  # pragma: no cover - only while the checkpoint package is incomplete
-        CheckpointWriter = None
-    if CheckpointWriter is not None:
-        specs = []
-        for n, shape, dt in _iter_specs(a, b, plan):
-            if tied and n == "lm_head.weight":
-                continue
-            specs.append((n, shape, a_dtype if (a_dtype is not None and dt.is_floating_point) else dt))
-        with CheckpointWriter(out, specs, config, tok, max_shard_bytes) as w:
-            for n, t in tensors():
-                w.write(n, t)
-            w.commit()
-    else:  # pragma: no cover
-        _write_fallback(out, tensors(), config, tok, max_shard_bytes)
+    from evomerge.checkpoint import CheckpointWriter
+
+    specs = []
+    for n, shape, dt in _iter_specs(a, b, plan):
+        if tied and n == "lm_head.weight":
+            continue
+        specs.append((n, shape, a_dtype if (a_dtype is not None and dt.is_floating_point) else dt))
+    with CheckpointWriter(out, specs, config, tok, max_shard_bytes) as w:
+        for n, t in tensors():
+            w.write(n, t)
+        w.commit()
     if a.model is not None and tokenizer_from is None:
         gc = getattr(a.model, "generation_config", None)
         if gc is not None and not (out / "generation_config.json").exists():
