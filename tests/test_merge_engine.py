@@ -158,15 +158,6 @@ def test_disk_and_in_memory_are_bit_identical(fam, fam16, tmp_path, method, glob
         assert torch.equal(so[n], sd[n]), n
 
 
-@pytest.fixture
-def one_thread():
-    """LAPACK's threaded SVD on tiny matrices is very slow on a busy small box (TSV tests)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tsv_svd_cache_bit_identical_to_disk_and_uncached(fam, tmp_path, one_thread):
     """InMemoryMerger(svd_cache=True): TSV candidates (weights, lambda, a negative weight, another
     rank) give the same bits as the uncached merger and as merge_to_disk; the factors are cached."""

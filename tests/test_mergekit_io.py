@@ -28,12 +28,8 @@ MERGEKIT_TOP = {"models", "slices", "merge_method", "base_model", "dtype", "out_
                 "parameters", "seed", "name"}  # mergekit 0.1.5 MergeConfiguration fields (+ two it ignores)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny matrices: LAPACK / BLAS threads only wait on each other on a busy 2-core box
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

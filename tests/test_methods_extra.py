@@ -14,13 +14,8 @@ from evomerge.errors import EvomergeError
 from evomerge.merge import methods_extra as mx
 from evomerge.merge.registry import REQUIRED, get_method
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """LAPACK's threaded SVD on tiny matrices is ~1000x slower on a busy 2-core box; tests are tiny."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny matrices: LAPACK / BLAS threads only wait on each other on a busy 2-core box
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EXTRA = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "multislerp",
@@ -697,17 +692,6 @@ def test_svd_switch_by_filter_averages_embeddings(fam):
 # ----------------------------------------------------------------------------- on the embedded zoo
 
 
-@pytest.fixture(scope="module")
-def zoo_models():
-    import os
-    from pathlib import Path
-
-    zoo_mod = pytest.importorskip("evomerge.zoo")
-    env = os.environ.get("EVOMERGE_ZOO")
-    root = Path(env) if env else Path(__file__).resolve().parents[1] / ".cache" / "zoo"
-    return zoo_mod.build_zoo(root=root, verbose=False)
-
-
 ZOO_CASES = {  # method -> (per-model params, method params, endpoint: which model the merge must equal)
     "breadcrumbs": ({"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}, None),
     "breadcrumbs_ties": ({"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}, None),
@@ -726,11 +710,11 @@ ZOO_CASES = {  # method -> (per-model params, method params, endpoint: which mod
 
 
 @pytest.mark.parametrize("method", sorted(ZOO_CASES))
-def test_zoo_merges_finite_with_expected_endpoints(zoo_models, method):
+def test_zoo_merges_finite_with_expected_endpoints(zoo, method):
     from evomerge.merge.engine import InMemoryMerger
     from evomerge.merge.recipe import MergeRecipe
 
-    z = zoo_models
+    z = zoo
     experts = [z.experts[t] for t in z.expert_tasks[:2]]
     if method == "nearswap":
         experts = experts[:1]

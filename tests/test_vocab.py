@@ -21,12 +21,8 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 ")  # 4 + 37 = 41 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny matrices: LAPACK / BLAS threads only wait on each other on a busy 2-core box
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer(extra: list[tuple[str, bool]] = ()):
@@ -224,24 +220,13 @@ def test_same_vocab_is_untouched(fam, tmp_path, source):
 # ----------------------------------------------------------------------------- from the zoo
 
 
-@pytest.fixture(scope="module")
-def zoo_models():
-    """The embedded zoo (shared cache with tests/conftest.py's ``zoo`` fixture)."""
-    import os
-
-    zoo_mod = pytest.importorskip("evomerge.zoo")
-    env = os.environ.get("EVOMERGE_ZOO")
-    root = Path(env) if env else Path(__file__).resolve().parents[1] / ".cache" / "zoo"
-    return zoo_mod.build_zoo(root=root, verbose=False)
-
-
-def test_zoo_fine_tune_with_extra_tokens(zoo_models, tmp_path):
+def test_zoo_fine_tune_with_extra_tokens(zoo, tmp_path):
     """A zoo expert that adds two tokens, merged with another expert: union keeps every old row as
     the plain merge has it, the new rows are the adding expert's own, and the model answers as the
     plain merge does."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    z = zoo_models
+    z = zoo
     e1, e2 = (z.experts[t] for t in z.expert_tasks[:2])
     tok = AutoTokenizer.from_pretrained(e1)
     n_old = len(tok)
