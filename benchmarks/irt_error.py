@@ -42,6 +42,18 @@ N_ANCHORS = (5, 10, 20, 50, 100)
 METHODS = ("random", "correctness", "irt", "info")
 
 
+def _population(P, K, n_calib, n_m, n_items, rng) -> dict:
+    """Answers drawn from the probabilities ``P`` (K endpoints, then n_m merges), split into
+    calibration subjects and held-out merges; ``floor`` = |expected − observed| accuracy."""
+    Y = (rng.random(P.shape) < P).astype(np.float64)
+    names = [f"endpoint{j}" for j in range(K)] + [f"merge{m}" for m in range(n_m)]
+    calib = np.arange(K + n_calib)
+    test = np.arange(K + n_calib, K + n_m)
+    floor = float(np.abs(P[test].mean(1) - Y[test].mean(1)).mean())
+    return {"Y": Y, "names": names, "calib": calib, "test": test, "endpoints": names[:K],
+            "item_ids": [f"q{i}" for i in range(n_items)], "floor": floor}
+
+
 def simulate_ability(n_items=1000, n_calib=300, n_test=200, K=3, d=3, noise=0.15, seed=0):
     """Responses of K endpoints + (n_calib + n_test) merges; returns dict of arrays.
 
@@ -61,13 +73,7 @@ def simulate_ability(n_items=1000, n_calib=300, n_test=200, K=3, d=3, noise=0.15
     lam = rng.dirichlet(np.full(K, 0.7), n_m) * rng.uniform(0.3, 1.5, (n_m, 1))
     th = np.vstack([E, lam @ E + noise * rng.standard_normal((n_m, d))])
     P = 1 / (1 + np.exp(-(th @ a.T - b)))
-    Y = (rng.random(P.shape) < P).astype(np.float64)
-    names = [f"endpoint{j}" for j in range(K)] + [f"merge{m}" for m in range(n_m)]
-    calib = np.arange(K + n_calib)
-    test = np.arange(K + n_calib, K + n_m)
-    floor = float(np.abs(P[test].mean(1) - Y[test].mean(1)).mean())
-    return {"Y": Y, "names": names, "calib": calib, "test": test, "endpoints": names[:K],
-            "item_ids": [f"q{i}" for i in range(n_items)], "floor": floor}
+    return _population(P, K, n_calib, n_m, n_items, rng)
 
 
 def simulate(n_items=1000, n_calib=300, n_test=200, K=3, d=3, resid=1.5, noise=0.5, sharpness=1.0, seed=0):
@@ -93,13 +99,7 @@ def simulate(n_items=1000, n_calib=300, n_test=200, K=3, d=3, resid=1.5, noise=0
     lam = rng.dirichlet(np.full(K, 0.7), n_m) * rng.uniform(0.5, 1.5, (n_m, 1))
     Zm = np.vstack([Z, lam @ Z + noise * rng.standard_normal((n_m, n_items))])
     P = 1 / (1 + np.exp(-sharpness * Zm))
-    Y = (rng.random(P.shape) < P).astype(np.float64)
-    names = [f"endpoint{j}" for j in range(K)] + [f"merge{m}" for m in range(n_m)]
-    calib = np.arange(K + n_calib)
-    test = np.arange(K + n_calib, K + n_m)
-    floor = float(np.abs(P[test].mean(1) - Y[test].mean(1)).mean())
-    return {"Y": Y, "names": names, "calib": calib, "test": test, "endpoints": names[:K],
-            "item_ids": [f"q{i}" for i in range(n_items)], "floor": floor}
+    return _population(P, K, n_calib, n_m, n_items, rng)
 
 
 def error_table(Y_calib, calib_names, Y_test, item_ids, endpoints, dim=None, seeds=(0, 1, 2),

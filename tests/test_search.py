@@ -178,15 +178,19 @@ def test_more_generations_is_a_safe_resume_change(reference_run, tmp_path):
     assert [e["genome"] for e in evals[:12]] == [e["genome"] for e in read_jsonl(rd.evaluations)]
 
 
-def test_ps_plus_dfs_two_stage_run(zoo, tmp_path):
-    """PS stage, then a data-flow stage whose model A is the PS best; plain checkpoints out."""
+def ps_dfs_config(tmp_path, generations: int, **dataflow):
+    """A small PS+DFS run: ``generations`` in each stage, B = the lang expert."""
     over = {"search_space": {"kind": "ps+dfs", "method": "task_arithmetic",
                              "genes": [{"name": "weight", "bounds": [0.0, 1.2]}],
-                             "dataflow": {"model_b": "zoo:lang", "repeats": 2,
-                                          "scale_mode": "layer", "generations": 2,
-                                          "population": 4}}}
-    cfg = parse_config(small_config(tmp_path / "run", **over))
-    cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"generations": 2})})
+                             "dataflow": {"model_b": "zoo:lang", "generations": generations,
+                                          "population": 4, **dataflow}},
+            "optimizer.generations": generations}
+    return parse_config(small_config(tmp_path / "run", **over))
+
+
+def test_ps_plus_dfs_two_stage_run(zoo, tmp_path):
+    """PS stage, then a data-flow stage whose model A is the PS best; plain checkpoints out."""
+    cfg = ps_dfs_config(tmp_path, generations=2, repeats=2, scale_mode="layer")
     rd = run_search(cfg, log=lambda m: None)
     dfs = rd.root / "dfs"
     evals = read_jsonl(dfs / "evaluations.jsonl")
@@ -257,13 +261,7 @@ def test_dataflow_space_with_exact_fitness(zoo, tmp_path):
 def test_ps_dfs_refuses_a_dfs_log_made_on_another_model_a(zoo, tmp_path):
     from evomerge.search.rundir import RunDir
 
-    over = {"search_space": {"kind": "ps+dfs", "method": "task_arithmetic",
-                             "genes": [{"name": "weight", "bounds": [0.0, 1.2]}],
-                             "dataflow": {"model_b": "zoo:lang", "repeats": 1,
-                                          "scale_mode": "none", "generations": 1,
-                                          "population": 4}}}
-    cfg = parse_config(small_config(tmp_path / "run", **over))
-    cfg = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"generations": 1})})
+    cfg = ps_dfs_config(tmp_path, generations=1, repeats=1, scale_mode="none")
     rd = run_search(cfg, log=lambda m: None)
     dfs = RunDir(rd.root / "dfs")
     dfs.set_state(model_a_index=10_000)           # as if the PS best had changed since
