@@ -573,12 +573,7 @@ def write_best(ctx: SearchContext, records: list[dict], heldout: list[dict]) -> 
     resolved = _resolve_recipe(rec["recipe"], ctx.base_path, ctx.endpoint_paths)
     summary["recipe_resolved"] = resolved
     summary["genes"] = {s.label(): v for s, v in ctx.space.values(rec["genome"]).items()}
-    rd.best.mkdir(parents=True, exist_ok=True)
-    model_dir = rd.best / "model"
-    old = rd.best / "recipe.json"
-    if model_dir.exists() and (not old.exists() or json.loads(old.read_text())["index"] != rec["index"]):
-        shutil.rmtree(model_dir)  # a longer (resumed) run found a better candidate
-    atomic_write_json(rd.best / "recipe.json", summary)
+    model_dir = _record_best(rd, summary)
     from evomerge.merge.mergekit_io import to_mergekit_yaml
 
     # strict=False: what mergekit cannot express is written as a comment, not an error
@@ -589,6 +584,18 @@ def write_best(ctx: SearchContext, records: list[dict], heldout: list[dict]) -> 
     return summary
 
 
+def _record_best(rd: RunDir, summary: dict) -> Path:
+    """Write best/recipe.json; drop a best/model of another candidate (a longer, resumed run
+    found a better one). Returns where the model goes."""
+    rd.best.mkdir(parents=True, exist_ok=True)
+    model_dir, old = rd.best / "model", rd.best / "recipe.json"
+    if model_dir.exists() and (not old.exists()
+                               or json.loads(old.read_text())["index"] != summary["index"]):
+        shutil.rmtree(model_dir)
+    atomic_write_json(old, summary)
+    return model_dir
+
+
 def _write_best_dataflow(ctx: SearchContext, rec: dict, summary: dict) -> dict:
     """Best dataflow path: its JSON, a mergekit passthrough YAML when every scale is 1, and
     the folded checkpoint."""
@@ -597,12 +604,7 @@ def _write_best_dataflow(ctx: SearchContext, rec: dict, summary: dict) -> dict:
     rd, space = ctx.rd, ctx.space
     path = DataflowPath.from_dict(rec["recipe"])
     summary["model_a"], summary["model_b"] = str(space.model_a), str(space.model_b)
-    rd.best.mkdir(parents=True, exist_ok=True)
-    model_dir = rd.best / "model"
-    old = rd.best / "recipe.json"
-    if model_dir.exists() and (not old.exists() or json.loads(old.read_text())["index"] != rec["index"]):
-        shutil.rmtree(model_dir)
-    atomic_write_json(old, summary)
+    model_dir = _record_best(rd, summary)
     mk = rd.best / "recipe.mergekit.yaml"
     if all(st.scale == 1.0 for st in path.steps):
         slices, run = [], None
