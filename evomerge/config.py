@@ -174,7 +174,23 @@ class FitnessConfig(_Strict):
     estimator: Literal["mean", "pirt", "gpirt", "mpirt", "gmpirt", "full"] = "mpirt"
     anchors: int = Field(20, ge=1, description="anchor items per task (ignored by 'full')")
     anchor_method: Literal["random", "correctness", "irt", "info"] = "info"
+    rounds: int = Field(1, ge=1, description="1: the same anchors for every candidate; R > 1: an "
+                        "adaptive test -- the anchors are asked in R rounds, round 1 chosen by "
+                        "anchor_method, later rounds picked per candidate from its answers so far "
+                        "(irt.adaptive; needs estimator pirt or mpirt)")
     aggregate: Literal["mean", "per_task"] = "mean"
+
+    @model_validator(mode="after")
+    def _check_rounds(self):
+        if self.rounds > 1 and self.estimator not in ("pirt", "mpirt"):
+            raise ValueError(f"fitness.rounds: {self.rounds} rounds (adaptive anchors) need estimator pirt "
+                             f"or mpirt, not {self.estimator!r}: adaptively chosen items are not a "
+                             "representative sample, so their plain mean (used by mean, gpirt, gmpirt) "
+                             "is biased, and 'full' asks every item anyway")
+        if self.rounds > self.anchors:
+            raise ValueError(f"fitness.rounds: {self.rounds} rounds for {self.anchors} anchors; "
+                             "each round asks at least one item")
+        return self
 
 
 class OptimizerConfig(_Strict):

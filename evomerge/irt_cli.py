@@ -154,5 +154,37 @@ def estimate_cmd(
                 typer.echo(f"{name}\t{z:.4f}")
 
 
+@app.command("next")
+def next_cmd(
+    bank_path: Path = typer.Argument(..., metavar="BANK", help="item bank (.safetensors)"),
+    answers: Path = typer.Argument(..., help="answers so far, one subject per row (.csv / .jsonl / .npz); "
+                                             "items a subject has not been asked are missing"),
+    k: int = typer.Option(5, "-k", "--k", help="how many items to ask next"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per subject"),
+) -> None:
+    """Adaptive testing: the K items to ask each subject next, given its answers so far.
+
+    Ask them, add the answers to the file, repeat; then `evomerge irt estimate BANK ANSWERS
+    -e pirt` on the items asked. With no answers yet, start from `evomerge irt anchors BANK
+    --method info -n K` (the best first round for everyone)."""
+    with _user_errors():
+        import numpy as np
+
+        from irt import ItemBank, next_items
+        from irt.io import read_responses
+
+        bank = ItemBank.load(bank_path)
+        Y, item_ids, names = read_responses(answers)
+        col = bank.index(item_ids)  # unknown ids → clear error
+        for name, row in zip(names, Y):
+            seen = ~np.isnan(row)
+            nxt = next_items(bank, col[seen], row[seen], k)
+            ids = [bank.item_ids[i] for i in nxt]
+            if as_json:
+                typer.echo(json.dumps({"subject": name, "asked": int(seen.sum()), "next": ids}))
+            else:
+                typer.echo(f"{name}\t" + ",".join(ids))
+
+
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="irt")

@@ -50,7 +50,7 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
     fit = cfg["fitness"]
     md.append(f"- fitness: {fit['estimator']}"
               + ("" if fit["estimator"] == "full" else f" on {fit['anchors']} {fit['anchor_method']} "
-                 "anchors per task") + f", aggregate {fit['aggregate']}")
+                 "anchors per task") + _rounds_text(fit) + f", aggregate {fit['aggregate']}")
     md.append(f"- stage: {rd.state().get('stage')}; {len(evals)} candidates evaluated, "
               f"{sum(r.get('items', 0) for r in evals)} items answered")
     md.append("")
@@ -181,3 +181,8 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
         plt.close(fig)
         md += [f"![genes of the best recipe]({prefix}best_genes.png)", ""]
     return md
+
+
+def _rounds_text(fit: dict) -> str:
+    r = int(fit.get("rounds", 1))
+    return f" (adaptive: {r} rounds, round 1 {fit['anchor_method']}, then chosen per candidate)" if r > 1 else ""

@@ -9,11 +9,17 @@ and estimate a new subject's full accuracy from its answers to those anchors::
     E = bank.subject_theta(["expert_a", "expert_b"])                    # endpoint abilities
     acc = estimate_accuracy("mpirt", bank, anchors.idx, anchors.weights, answers, endpoint_theta=E)
 
+or ask each subject adaptively, in a few rounds (fewer items for the same error)::
+
+    from irt import run_adaptive
+    res = run_adaptive(bank, lambda pos: answer_items(pos), n=20, rounds=4)   # res.estimate
+
 Modules: :mod:`irt.model` (MIRT2PL, fit_ability, select_dim), :mod:`irt.bank` (ItemBank and
-its file format), :mod:`irt.anchors`, :mod:`irt.estimators`, :mod:`irt.io` (response files),
+its file format), :mod:`irt.anchors`, :mod:`irt.adaptive` (adaptive tests), :mod:`irt.estimators`, :mod:`irt.io` (response files),
 :mod:`irt.bayes` (optional pymc fitter, ``pip install evomerge[pymc]``).
 """
 
+from irt.adaptive import AdaptiveResult, next_items, run_adaptive
 from irt.anchors import Anchors, select_anchors
 from irt.bank import ItemBank
 from irt.errors import IRTError
@@ -21,6 +27,7 @@ from irt.estimators import ESTIMATORS, estimate_accuracy, estimate_accuracy_batc
 from irt.model import MIRT2PL, fit_ability, procrustes_align, select_dim
 
 __all__ = [
+    "AdaptiveResult",
     "Anchors",
     "ESTIMATORS",
     "IRTError",
@@ -30,7 +37,9 @@ __all__ = [
     "estimate_accuracy_batch",
     "fit_ability",
     "gp_lambda",
+    "next_items",
     "procrustes_align",
+    "run_adaptive",
     "select_anchors",
     "select_dim",
 ]

@@ -28,6 +28,9 @@ def test_demo_config_is_valid():
     ({"tasks": [{"zoo": "add", "path": "x"}]}, "tasks.0"),
     ({"tasks": [{"zoo": "add"}, {"zoo": "add"}]}, "tasks"),
     ({"fitness": {"aggregate": "per_task"}}, "per_task"),
+    ({"fitness": {"rounds": 4, "estimator": "gpirt"}}, "fitness.rounds"),
+    ({"fitness": {"rounds": 4, "estimator": "pirt", "anchors": 3}}, "fitness.rounds"),
+    ({"fitness": {"rounds": 0}}, "fitness.rounds"),
 ])
 def test_config_errors_name_the_field(patch, field):
     data = {**MINIMAL, **patch}

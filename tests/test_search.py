@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -223,6 +224,32 @@ def test_banks_from_an_earlier_run_replace_calibration(reference_run, tmp_path):
     with pytest.raises(EvomergeError, match="not found"):
         run_search(parse_config(cfg), log=lambda m: None)
     assert not (tmp_path / "run2").exists()                   # bad input: nothing written
+
+
+def test_adaptive_anchors_search(zoo, tmp_path):
+    """fitness.rounds > 1: round 1 = the run's anchors, then items chosen per candidate; every
+    record says which items it asked, the estimate is p-IRT on exactly those answers."""
+    import irt
+
+    over = {"fitness": {"estimator": "pirt", "anchors": 9, "rounds": 3, "anchor_method": "info",
+                        "aggregate": "mean"},
+            "optimizer": {"name": "cmaes", "population": 4, "generations": 2, "sigma0": 0.1667}}
+    rd = run_search(parse_config(small_config(tmp_path / "run", **over)), log=lambda m: None)
+    evals = read_jsonl(rd.evaluations)
+    assert len(evals) == 8 and all(e["items"] == 27 for e in evals)
+    for task in ("lang", "cipher", "upper"):
+        bank = irt.ItemBank.load(rd.bank_path(task))
+        first = irt.Anchors.load(rd.banks / f"{task}.anchors.json", bank)
+        assert len(first) == 3                                  # round 1 only
+        asked = [e["asked"][task] for e in evals]
+        assert all(len(set(a)) == 9 for a in asked)
+        assert all(a[:3] == [int(i) for i in bank.index(first.item_ids)] for a in asked)  # bank order = task order
+        assert len({tuple(a[3:]) for a in asked}) > 1           # later rounds depend on the answers
+        e = evals[0]
+        ans = np.array([int(c) for c in e["answers"][task]], dtype=float)
+        est = irt.estimate_accuracy("pirt", bank, np.array(asked[0]), None, ans)
+        assert est == pytest.approx(e["estimates"][task], abs=1e-12)
+    assert "adaptive: 3 rounds" in rd.report.read_text()
 
 
 def test_one_objective_per_task_gives_a_pareto_front(zoo, tmp_path):

@@ -139,6 +139,11 @@ class SearchContext:
                   "dtype": self.cfg.evaluator.dtype}
         self.merger.apply(MergeRecipe.from_dict(recipe), self._resident())
 
+    def bank_to_task(self, task: str) -> np.ndarray:
+        """For each item of ``task``'s bank, its position among the task's search items (−1: none)."""
+        pos = {it.id: i for i, it in enumerate(self.tasks[task].search.items)}
+        return np.asarray([pos.get(i, -1) for i in self.banks[task].item_ids], dtype=np.int64)
+
     def answer(self, task: str, split: str, indices=None) -> np.ndarray:
         pair = self.tasks[task]
         t = pair.search if split == "search" else pair.heldout
@@ -378,8 +383,9 @@ def fit_banks(ctx: SearchContext) -> None:
             bank = irt.ItemBank.load(path)
             if not anchors_path.exists():
                 # anchors are chosen among this task's items only (a given bank may hold more)
-                sel = irt.select_anchors(bank, min(cfg.fitness.anchors, len(item_ids)),
-                                         method=cfg.fitness.anchor_method, seed=cfg.seed)
+                # an adaptive test (rounds > 1) stores its first round here: the rest is per candidate
+                n_fixed = first_round_size(cfg, len(item_ids))
+                sel = irt.select_anchors(bank, n_fixed, method=cfg.fitness.anchor_method, seed=cfg.seed)
                 tmp = anchors_path.with_name(anchors_path.name + ".tmp")
                 sel.save(tmp)
                 tmp.replace(anchors_path)
@@ -392,6 +398,14 @@ def fit_banks(ctx: SearchContext) -> None:
 
 
 # ----------------------------------------------------------------------------- fitness
+
+
+def first_round_size(cfg: RunConfig, n_items: int) -> int:
+    """Items in the fixed anchor set: all anchors, or round 1 of an adaptive test."""
+    from irt.adaptive import round_sizes
+
+    n = min(cfg.fitness.anchors, n_items)
+    return round_sizes(n, cfg.fitness.rounds)[0]
 
 
 def endpoint_refs(cfg: RunConfig) -> list[str]:
@@ -411,18 +425,43 @@ def estimate_task(ctx: SearchContext, task: str, answers: np.ndarray) -> float:
                                        endpoint_theta=theta))
 
 
+def adaptive_task(ctx: SearchContext, task: str) -> tuple[list[int], np.ndarray, float]:
+    """An adaptive test on ``task`` (``fitness.rounds`` > 1): round 1 = the run's anchors, later
+    rounds chosen from the candidate's answers so far (:func:`irt.adaptive.run_adaptive`).
+    Returns (asked positions in the task's search items, answers in that order, estimate)."""
+    import irt
+    from irt.adaptive import run_adaptive
+
+    cfg = ctx.cfg
+    bank = ctx.banks[task]
+    items = ctx.tasks[task].search.items
+    to_task = ctx.bank_to_task(task)  # bank position -> position in the task's items
+    theta = bank.subject_theta(endpoint_refs(cfg)) if cfg.fitness.estimator == "mpirt" else None
+    try:
+        res = run_adaptive(bank, lambda pos: ctx.answer(task, "search", to_task[pos]),
+                           n=min(cfg.fitness.anchors, len(items)), rounds=cfg.fitness.rounds,
+                           first=ctx.anchors[task].idx, estimator=cfg.fitness.estimator,
+                           endpoint_theta=theta, candidates=np.flatnonzero(to_task >= 0))
+    except irt.IRTError as exc:
+        raise EvomergeError(f"task {task!r}: {exc}") from None
+    return [int(p) for p in to_task[res.asked]], res.answers.astype(np.int8), float(res.estimate)
+
+
 def evaluate_candidate(ctx: SearchContext, genome: np.ndarray, generation: int, member: int,
                        index: int) -> dict:
     """Merge in memory, answer the anchors, estimate, return the log record."""
     t0 = time.perf_counter()
     recipe = ctx.apply_genome(genome)
     t1 = time.perf_counter()
-    answers, estimates = {}, {}
+    answers, estimates, asked = {}, {}, {}
     for task in ctx.tasks:
-        idx = None if ctx.cfg.fitness.estimator == "full" else ctx.anchor_positions[task]
-        a = ctx.answer(task, "search", idx)
+        if ctx.cfg.fitness.rounds > 1:
+            asked[task], a, estimates[task] = adaptive_task(ctx, task)
+        else:
+            idx = None if ctx.cfg.fitness.estimator == "full" else ctx.anchor_positions[task]
+            a = ctx.answer(task, "search", idx)
+            estimates[task] = estimate_task(ctx, task, a)
         answers[task] = _bits(a)
-        estimates[task] = estimate_task(ctx, task, a)
     t2 = time.perf_counter()
     if ctx.cfg.fitness.aggregate == "per_task":
         fitness = [estimates[t] for t in ctx.tasks]
@@ -430,7 +469,7 @@ def evaluate_candidate(ctx: SearchContext, genome: np.ndarray, generation: int, 
         fitness = float(np.mean([estimates[t] for t in ctx.tasks]))
     return {"index": index, "generation": generation, "member": member,
             "genome": [float(v) for v in genome], "recipe": recipe, "answers": answers,
-            "estimates": estimates, "fitness": fitness,
+            **({"asked": asked} if asked else {}), "estimates": estimates, "fitness": fitness,
             "items": int(sum(len(a) for a in answers.values())),
             "timings": {"merge_s": round(t1 - t0, 4), "eval_s": round(t2 - t1, 4)}}
 
