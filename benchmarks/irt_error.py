@@ -9,6 +9,10 @@ answers being the baseline; then the fit time of a 300 × 1000, d = 3 bank.
     simplex), ε ~ N(0, 0.15² I) (merges are not exact mixtures). The bank is calibrated on the
     endpoints + 300 merges; MAE is measured on 200 other merges against their observed accuracy
     on all 1000 items. mp-IRT uses the endpoints' abilities fitted from their full answers.
+The ``adaptive`` rows ask the same number of items adaptively (irt.adaptive): 4 rounds, round 1
+the ``info`` design, later rounds chosen per subject from its answers so far; p-IRT / mp-IRT
+on the items asked (the plain mean and gp-IRT do not apply to adaptively chosen items).
+
 (b) real: ``real_table(path, endpoints)`` does the same on a response-matrix file (CSV / JSONL
     / npz, see irt.io) of real answers. ``--zoo`` generates that file for the embedded zoo
     (:func:`zoo_responses`): the base, the 3 experts and 150 seeded random merges
@@ -16,10 +20,12 @@ answers being the baseline; then the fit time of a 300 × 1000, d = 3 bank.
     search items of each expert task (lang, cipher, upper); one npz per task, cached under
     ``.cache/irt_bench/`` (reruns skip the generation). Per task the bank is fitted on the base,
     the experts and the first 40 merges (as the search's calibration population), and MAE is
-    measured on the other 110 merges; mp-IRT's endpoints are the base and the experts.
+    measured on the other 110 merges, averaged over 3 random splits (``--splits``); mp-IRT's
+    endpoints are the base and the experts.
 
 Usage:  python benchmarks/irt_error.py [--quick]            (a) simulated
-        python benchmarks/irt_error.py --zoo [--calib 40]    (b) zoo merges
+        python benchmarks/irt_error.py --zoo [--calib 40]    (b) zoo merges (--calib 80: a larger
+                                                             calibration population)
         python benchmarks/irt_error.py --real RESPONSES --endpoints a,b,c
 """
 

@@ -49,8 +49,7 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
               f" ({cfg['optimizer']['sampler'] if cfg['optimizer']['name'] == 'optuna' else 'cmaes'})")
     fit = cfg["fitness"]
     md.append(f"- fitness: {fit['estimator']}"
-              + ("" if fit["estimator"] == "full" else f" on {fit['anchors']} {fit['anchor_method']} "
-                 "anchors per task") + _rounds_text(fit) + f", aggregate {fit['aggregate']}")
+              + ("" if fit["estimator"] == "full" else _anchors_text(fit)) + f", aggregate {fit['aggregate']}")
     md.append(f"- stage: {rd.state().get('stage')}; {len(evals)} candidates evaluated, "
               f"{sum(r.get('items', 0) for r in evals)} items answered")
     md.append("")
@@ -183,6 +182,9 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
     return md
 
 
-def _rounds_text(fit: dict) -> str:
+def _anchors_text(fit: dict) -> str:
     r = int(fit.get("rounds", 1))
-    return f" (adaptive: {r} rounds, round 1 {fit['anchor_method']}, then chosen per candidate)" if r > 1 else ""
+    if r > 1:
+        return (f" on {fit['anchors']} items per task asked adaptively in {r} rounds (round 1: "
+                f"{fit['anchor_method']} anchors; later rounds chosen per candidate)")
+    return f" on {fit['anchors']} {fit['anchor_method']} anchors per task"
