@@ -16,10 +16,15 @@ $(BIN)/evomerge: pyproject.toml
 
 setup: $(BIN)/evomerge
 
+# the tests also cover the optional Bayesian IRT fitter, so they install the pymc extra
+$(VENV)/.test-deps: $(BIN)/evomerge
+	$(BIN)/python -m pip install -q -e ".[dev,pymc]"
+	touch $@
+
 demo: setup
 	$(BIN)/evomerge search
 
-test: setup
+test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q
 
 bench: setup
