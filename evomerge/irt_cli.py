@@ -164,9 +164,10 @@ def next_cmd(
 ) -> None:
     """Adaptive testing: the K items to ask each subject next, given its answers so far.
 
-    Ask them, add the answers to the file, repeat; then `evomerge irt estimate BANK ANSWERS
-    -e pirt` on the items asked. With no answers yet, start from `evomerge irt anchors BANK
-    --method info -n K` (the best first round for everyone)."""
+    Ask them, add the answers to the file and repeat; finally estimate with
+    `evomerge irt estimate BANK ANSWERS -e pirt`.
+
+    First round (no answers yet): `evomerge irt anchors BANK --method info -n K`."""
     with _user_errors():
         import numpy as np
 
