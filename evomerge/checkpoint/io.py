@@ -249,10 +249,15 @@ def check_compatible(
 ) -> None:
     """Raise :class:`EvomergeError` unless all readers agree with the first one.
 
-    Checked from headers only: ``architectures`` in config.json, and for every tensor of the
-    first reader (or ``names``) presence and shape in every other reader.
+    ``readers``: a mapping label → reader, or a sequence of readers (labelled by their path) or
+    of ``(label, reader)`` pairs. Checked from headers only: ``architectures`` in config.json,
+    and for every tensor of the first reader (or ``names``) presence and shape in every other
+    reader.
     """
-    items = list(readers.items()) if isinstance(readers, Mapping) else [(str(r.path), r) for r in readers]
+    if isinstance(readers, Mapping):
+        items = list(readers.items())
+    else:
+        items = [x if isinstance(x, tuple) else (str(x.path), x) for x in readers]
     if len(items) < 2:
         return
     ref_label, ref = items[0]
@@ -264,7 +269,7 @@ def check_compatible(
             )
         for name in wanted:
             if name not in r:
-                raise EvomergeError(f"tensor {name!r} of {ref_label} is missing from model {label}")
+                raise EvomergeError(f"tensor {name!r} is missing from model {label} (it is in {ref_label})")
             if r.shape(name) != ref.shape(name):
                 raise EvomergeError(
                     f"shape mismatch for tensor {name!r}: {list(ref.shape(name))} in {ref_label} "

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from evomerge.checkpoint import DEFAULT_MAX_SHARD_BYTES, layer_index, set_layer_index
-from evomerge.checkpoint.io import CheckpointReader, CheckpointWriter
+from evomerge.checkpoint.io import CheckpointReader, CheckpointWriter, check_compatible
 from evomerge.errors import EvomergeError
 from evomerge.merge.recipe import MergeRecipe, ModelEntry, evaluate_setting, load_recipe, resolve_model_path
 from evomerge.merge.methods import SORTED_ABS_ATTR
@@ -148,7 +148,7 @@ def build_plan(
         ref = readers[ref_key]
         names = ref.tensor_names()
         participants = [ref_key] + [k for k in keys if k != ref_key]
-        _check_all(readers, participants, names, labels)
+        check_compatible([(labels.get(k, k), readers[k]) for k in participants], names)
         nl = ref.num_layers
         for name in names:
             li = layer_index(name)
@@ -205,7 +205,7 @@ def build_plan(
             gi = 0 if name in pre else len(groups) - 1
             g = groups[gi]
             participants = ([g.base_key] if g.base_key else []) + g.keys
-            _check_all(readers, [ref_key] + participants, [name], labels)
+            check_compatible([(labels.get(k, k), readers[k]) for k in [ref_key, *participants]], [name])
             jobs.append(_job(recipe, spec, readers, ref_key, name, name, None, gi, g.keys, g.base_key))
         jobs.sort(key=lambda j: _order_key(j.name))
     config = dict(ref.config)
@@ -233,25 +233,6 @@ def _order_key(name: str):
     if li is None:
         return (0 if "embed" in name else 2, 0, name)
     return (1, li, name)
-
-
-def _check_all(readers, keys, names, labels) -> None:
-    ref = readers[keys[0]]
-    for k in keys[1:]:
-        r = readers[k]
-        if ref.architectures and r.architectures and ref.architectures != r.architectures:
-            raise EvomergeError(
-                f"architecture mismatch: {labels.get(keys[0], keys[0])} is {ref.architectures} but "
-                f"{labels.get(k, k)} is {r.architectures}"
-            )
-        for name in names:
-            if name not in r:
-                raise EvomergeError(f"tensor {name!r} is missing from model {labels.get(k, k)}")
-            if r.shape(name) != ref.shape(name):
-                raise EvomergeError(
-                    f"shape mismatch for tensor {name!r}: {list(ref.shape(name))} in {labels.get(keys[0], keys[0])} "
-                    f"but {list(r.shape(name))} in {labels.get(k, k)}"
-                )
 
 
 def _job(recipe, spec, readers, ref_key, out_name, name, t, gi, keys, bkey) -> TensorJob:
