@@ -3,8 +3,8 @@
 Fixed anchors must serve every subject at once; an adaptive test (computerized adaptive testing)
 asks in a few rounds and picks, for *this* subject, the items that tell most about *its* full
 accuracy. With the same number of items the estimate is markedly better (benchmarks/irt_error.py:
-on real zoo merges, 20 items in 4 rounds cut the p-IRT error by about a third against the best
-fixed anchors).
+on real zoo merges, 20 items in 4 rounds have 16–32 % (mostly ~30 %) lower mean absolute error
+than the best fixed 20 anchors with any estimator).
 
 Design criterion (Bayesian c-optimal, linearised at the subject's current MAP ability θ̂)
 ---------------------------------------------------------------------------------------
