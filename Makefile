@@ -16,9 +16,10 @@ $(BIN)/evomerge: pyproject.toml
 
 setup: $(BIN)/evomerge
 
-# the tests also cover the optional Bayesian IRT fitter, so they install the pymc extra
+# the tests also cover the optional Bayesian IRT fitter (pymc extra) and check our mergekit
+# exports against mergekit itself (the version is pinned: the test reads its method registry)
 $(VENV)/.test-deps: $(BIN)/evomerge
-	$(BIN)/python -m pip install -q -e ".[dev,pymc]"
+	$(BIN)/python -m pip install -q -e ".[dev,pymc]" "mergekit==0.1.5"
 	touch $@
 
 demo: setup
