@@ -237,6 +237,13 @@ def test_adaptive_anchors_search(zoo, tmp_path):
             "optimizer": {"name": "cmaes", "population": 4, "generations": 2, "sigma0": 0.1667}}
     rd = run_search(parse_config(small_config(tmp_path / "run", **over)), log=lambda m: None)
     evals = read_jsonl(rd.evaluations)
+    # stopped after one generation and resumed: the same items asked, the same answers and estimates
+    over["optimizer"]["generations"] = 1
+    part = run_search(parse_config(small_config(tmp_path / "part", **over)), log=lambda m: None)
+    resumed = run_search(parse_config(small_config(tmp_path / "part", **{**over, "optimizer.generations": 2})),
+                         resume=part.root, log=lambda m: None)
+    keys = ("genome", "asked", "answers", "estimates", "fitness")
+    assert [{k: e[k] for k in keys} for e in read_jsonl(resumed.evaluations)] == [{k: e[k] for k in keys} for e in evals]
     assert len(evals) == 8 and all(e["items"] == 27 for e in evals)
     for task in ("lang", "cipher", "upper"):
         bank = irt.ItemBank.load(rd.bank_path(task))
