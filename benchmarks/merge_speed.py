@@ -1,7 +1,7 @@
 """Merge throughput: disk merge and in-memory merge vs this machine's memory bandwidth.
 
 Makes a random ~100M-parameter Llama (base + fine-tune-like variants = base + small noise) in
-a temporary folder, then times, for task_arithmetic and ties:
+a temporary folder, then times, for task_arithmetic, ties and dare_ties:
 
 - disk:      ``merge_to_disk`` (read inputs tensor by tensor, merge, stream shards, rename);
 - in-memory: ``InMemoryMerger.apply`` into a live ``LlamaForCausalLM`` (inputs resident, task
@@ -97,7 +97,7 @@ def main() -> None:
         base, fts = str(paths[0]), [str(p) for p in paths[1:]]
 
         def recipe(method: str, w: float) -> MergeRecipe:
-            extra = {"density": 0.5} if method == "ties" else {}
+            extra = {"density": 0.5} if method in ("ties", "dare_ties") else {}
             return MergeRecipe.from_dict({
                 "merge_method": method, "base_model": base, "dtype": args.dtype,
                 "models": [{"model": p, "parameters": {"weight": w, **extra}} for p in fts],
@@ -107,7 +107,7 @@ def main() -> None:
 
         model = LlamaForCausalLM.from_pretrained(base, dtype=dtype).to(args.device)
         rows = []
-        cases = [("task_arithmetic", False), ("ties", False), ("ties", True)]
+        cases = [("task_arithmetic", False), ("ties", False), ("ties", True), ("dare_ties", False)]
         for method, mcache in cases:
             if not mcache:
                 disk_s = float("inf")
