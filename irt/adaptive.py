@@ -100,17 +100,17 @@ def next_items(bank, asked, answers, k: int = 1, *, prior=None, candidates=None)
         Finv = np.linalg.inv(F)
         u = Finv @ g
         q = np.einsum("id,de,ie->i", a, Finv, a)  # a_iᵀF⁻¹a_i
-        c = w[:, None] * a / N  # each item's share of g
-        # V after moving item i from U to A (Sherman–Morrison on F, g' = g − c_i)
-        gFg = g @ u - 2 * (c @ u) + np.einsum("id,de,ie->i", c, Finv, c)
-        aFg = a @ u - w * q / N
+        au = a @ u
+        # V after moving item i from U to A (Sherman–Morrison on F, g' = g − w_i a_i / N)
+        gFg = g @ u - 2 * w * au / N + w**2 * q / N**2
+        aFg = au - w * q / N
         V = gFg - w * aFg**2 / (1.0 + w * q) + noise - w / N**2
         V[~avail] = np.inf
         i = int(np.argmin(V))
         picked.append(i)
         avail[i] = False
         F += w[i] * np.outer(a[i], a[i])
-        g = g - c[i]
+        g = g - w[i] * a[i] / N
         noise -= w[i] / N**2
     return np.asarray(picked, dtype=np.int64)
 
