@@ -75,6 +75,16 @@ def _population(P, K, n_calib, n_m, n_items, rng) -> dict:
             "item_ids": [f"q{i}" for i in range(n_items)], "floor": floor}
 
 
+def _items_and_endpoints(rng, n_items, K, d):
+    """Item parameters (a, b) and K endpoint abilities E, as described in :func:`simulate_ability`."""
+    a = np.abs(rng.normal(0.9, 0.5, (n_items, d))) * rng.choice([1, 1, 1, -1], (n_items, d))
+    a[:, 0] = np.abs(rng.normal(1.5, 0.5, n_items))
+    b = rng.normal(0, 1.5, n_items)
+    E = rng.normal(0, 1.0, (K, d))
+    E[:, 0] = np.r_[2.0, np.linspace(0.5, -0.5, K - 1)] if K > 1 else 2.0
+    return a, b, E
+
+
 def simulate_ability(n_items=1000, n_calib=300, n_test=200, K=3, d=3, noise=0.15, seed=0):
     """Responses of K endpoints + (n_calib + n_test) merges; returns dict of arrays.
 
@@ -85,11 +95,7 @@ def simulate_ability(n_items=1000, n_calib=300, n_test=200, K=3, d=3, noise=0.15
     ε ~ N(0, noise² I). Accuracy then spreads over merges roughly as in real merge populations.
     """
     rng = np.random.default_rng(seed)
-    a = np.abs(rng.normal(0.9, 0.5, (n_items, d))) * rng.choice([1, 1, 1, -1], (n_items, d))
-    a[:, 0] = np.abs(rng.normal(1.5, 0.5, n_items))
-    b = rng.normal(0, 1.5, n_items)
-    E = rng.normal(0, 1.0, (K, d))
-    E[:, 0] = np.r_[2.0, np.linspace(0.5, -0.5, K - 1)] if K > 1 else 2.0
+    a, b, E = _items_and_endpoints(rng, n_items, K, d)
     n_m = n_calib + n_test
     lam = rng.dirichlet(np.full(K, 0.7), n_m) * rng.uniform(0.3, 1.5, (n_m, 1))
     th = np.vstack([E, lam @ E + noise * rng.standard_normal((n_m, d))])
@@ -110,11 +116,7 @@ def simulate(n_items=1000, n_calib=300, n_test=200, K=3, d=3, resid=1.5, noise=0
     endpoints' item-level strengths, as merged models do, and are not convex mixtures.
     """
     rng = np.random.default_rng(seed)
-    a = np.abs(rng.normal(0.9, 0.5, (n_items, d))) * rng.choice([1, 1, 1, -1], (n_items, d))
-    a[:, 0] = np.abs(rng.normal(1.5, 0.5, n_items))
-    b = rng.normal(0, 1.5, n_items)
-    E = rng.normal(0, 1.0, (K, d))
-    E[:, 0] = np.r_[2.0, np.linspace(0.5, -0.5, K - 1)] if K > 1 else 2.0
+    a, b, E = _items_and_endpoints(rng, n_items, K, d)
     Z = E @ a.T - b + resid * rng.standard_normal((K, n_items))
     n_m = n_calib + n_test
     lam = rng.dirichlet(np.full(K, 0.7), n_m) * rng.uniform(0.5, 1.5, (n_m, 1))
