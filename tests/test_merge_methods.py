@@ -89,6 +89,49 @@ def test_ties_density_one_single_model_equals_task_arithmetic():
                                M.task_arithmetic(d, base, weight=[1.0], **LAM), rtol=0, atol=1e-7)
 
 
+def _consensus_full_tensor(sparse, base, weights, method, normalize, lam):
+    """The consensus merge in full-tensor passes, from the public building blocks."""
+    wds = [d * float(w) for d, w in zip(sparse, weights)]
+    majority = M.elect_sign(wds, method)
+    mixed = torch.zeros_like(base)
+    divisor = torch.zeros_like(base)
+    for wd, w in zip(wds, weights):
+        agree = M.sign_agreement_mask(wd, majority)
+        mixed += wd * agree
+        divisor += agree * float(w)
+    if normalize:
+        divisor[divisor == 0] = 1.0
+        mixed = mixed / divisor
+    return mixed * lam + base if lam != 1.0 else mixed + base
+
+
+@pytest.mark.parametrize("method,normalize,lam", [("sum", True, 1.0), ("sum", False, 0.7), ("count", True, 1.3)])
+def test_blocked_consensus_merge_is_bit_identical_to_full_tensor_passes(method, normalize, lam):
+    # several CPU blocks plus a ragged tail; exact zeros, a zero-total position and a NaN included
+    n = 2 * M.CONSENSUS_BLOCK + 1234
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(n // 7, 7, generator=g) if n % 7 == 0 else torch.randn(n, generator=g)
+    deltas = [0.01 * torch.randn(base.shape, generator=g) for _ in range(3)]
+    deltas[0].view(-1)[:100] = 0.0
+    deltas[1].view(-1)[100] = -deltas[2].view(-1)[100] * 0.3 / 0.9
+    deltas[0].view(-1)[100] = 0.0
+    deltas[2].view(-1)[7] = float("nan")
+    w = [0.9, 0.3, 0.9]
+    dens = [0.3, 1.0, 0.55]
+    got = M.combine_deltas(deltas, base, w, consensus=method, normalize=normalize, lam=lam,
+                           thresholds=[M.magnitude_threshold(d, p) for d, p in zip(deltas, dens)])
+    sparse = [M.magnitude_sparsify(d, p) for d, p in zip(deltas, dens)]
+    want = _consensus_full_tensor(sparse, base, w, method, normalize, lam)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().sum() == 1
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+    # without thresholds the (pre-sparsified) deltas count as given
+    plain = M.combine_deltas(sparse, base, w, consensus=method, normalize=normalize, lam=lam)
+    assert torch.equal(torch.nan_to_num(plain), torch.nan_to_num(want))
+    if method == "sum":  # ties() is the fused path
+        tied = M.ties(deltas, base, weight=w, density=dens, normalize=normalize, **{"lambda": lam})
+        assert torch.equal(torch.nan_to_num(tied), torch.nan_to_num(want))
+
+
 def test_sign_election_uses_weighted_sum_and_zero_goes_plus():
     a = torch.tensor([1.0, -1.0, 2.0, 0.0])
     b = torch.tensor([-3.0, 0.5, -2.0, 0.0])
