@@ -164,8 +164,8 @@ class EvaluatorConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    samples: int = Field(16, ge=0, description="recipes sampled from the search space, besides "
-                         "the base and the endpoints")
+    samples: int = Field(40, ge=0, description="recipes sampled from the search space, besides "
+                         "the base and the endpoints (more: better item banks; see the README)")
     dim: Optional[int] = Field(None, ge=1, description="IRT dimension; None = chosen by validation")
     banks: Optional[str] = Field(None, description="folder with <task>.bank.safetensors files to reuse (e.g. an earlier run's banks/); calibration is then skipped")
 
