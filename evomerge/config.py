@@ -154,6 +154,10 @@ class EvaluatorConfig(_Strict):
     merge_device: Optional[str] = Field(None, description="where the merge engine keeps the "
                                         "sources and computes (default: device); 'cpu' when "
                                         "base + endpoints do not fit next to the model on the GPU")
+    merge_compute: Optional[str] = Field(None, description="where the merge math runs (default: "
+                                         "merge_device); merge_device: cpu with merge_compute: cuda "
+                                         "keeps the sources in pinned host memory and merges each tensor "
+                                         "on the GPU")
     resident: Literal["float32", "native"] = Field(
         "float32", description="float32: sources and task vectors resident in float32 (fastest); "
         "native: sources in their checkpoint dtype (bf16: 1/4 of the memory), task vectors "
@@ -262,7 +266,7 @@ class RunConfig(_Strict):
 # speed or placement).
 SAFE_ON_RESUME = ("optimizer.generations", "search_space.dataflow.generations", "final.top_k", "final.write_model",
                   "evaluator.batch_size", "evaluator.device", "evaluator.threads",
-                  "evaluator.merge_device", "evaluator.resident", "run_dir", "name")
+                  "evaluator.merge_device", "evaluator.merge_compute", "evaluator.resident", "run_dir", "name")
 
 
 def _pop_dotted(d: dict, dotted: str) -> None:

@@ -158,6 +158,28 @@ def test_disk_and_in_memory_are_bit_identical(fam, fam16, tmp_path, method, glob
         assert torch.equal(so[n], sd[n]), n
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_streamed_merge_on_the_gpu_matches_the_disk_merge_there(fam16, tmp_path, method):
+    """Sources resident in (pinned) host memory, math on the GPU (``compute_device``): the bits
+    of the disk merge computed on that GPU. Without a GPU: one clear error, nothing loaded."""
+    models = [{"model": str(fam16[k]), "parameters": {"weight": 0.6, "density": 0.5}} for k in ("a", "b", "c")]
+    r = recipe({"merge_method": method, "base_model": str(fam16["base"]), "models": models, "seed": 3,
+                "dtype": "bfloat16"})
+    if not torch.cuda.is_available():
+        with pytest.raises(EvomergeError, match="compute_device 'cuda' but torch sees no CUDA GPU"):
+            InMemoryMerger(r, compute_device="cuda", resident="native")
+        return
+    out = state(merge_to_disk(r, tmp_path / "o", device="cuda"))
+    model = load_model(fam16["base"], dtype=torch.bfloat16).to("cuda")
+    for resident in ("native", "float32"):
+        merger = InMemoryMerger(r, compute_device="cuda", resident=resident, magnitude_cache=True)
+        merger.apply(r, model)
+        assert merger._cache and all(t.device.type == "cpu" and t.is_pinned() for t in merger._cache.values())
+        sd = model.state_dict()
+        for n in out:
+            assert torch.equal(out[n], sd[n].cpu()), (resident, n)
+
+
 def test_tsv_svd_cache_bit_identical_to_disk_and_uncached(fam, tmp_path, one_thread):
     """InMemoryMerger(svd_cache=True): TSV candidates (weights, lambda, a negative weight, another
     rank) give the same bits as the uncached merger and as merge_to_disk; the factors are cached."""

@@ -167,6 +167,19 @@ def test_new_run_refuses_an_existing_run_dir(reference_run):
         run_search(cfg)
 
 
+@pytest.mark.parametrize("field,value,pattern", [
+    ("merge_compute", "cuda:99", r"evaluator\.merge_compute: 'cuda:99', but .*(no CUDA GPU|GPU\(s\))"),
+    ("merge_device", "gpu", r"evaluator\.merge_device: 'gpu' is not a device name"),
+    ("device", "mps", r"evaluator\.device: 'mps': only cpu and cuda"),
+])
+def test_a_device_the_machine_lacks_is_refused_before_the_run_starts(zoo, tmp_path, field, value, pattern):
+    cfg = small_config(tmp_path / "run")
+    cfg["evaluator"][field] = value
+    with pytest.raises(EvomergeError, match=pattern):
+        run_search(parse_config(cfg), log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_more_generations_is_a_safe_resume_change(reference_run, tmp_path):
     import shutil
 

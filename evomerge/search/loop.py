@@ -255,6 +255,33 @@ def make_evaluator(ev, model_path: Path):
     return evaluator
 
 
+def check_devices(ev) -> None:
+    """Refuse, before anything is loaded, an evaluator device this machine does not have; the
+    error names the config field."""
+    import torch
+
+    for field_name in ("device", "merge_device", "merge_compute"):
+        value = getattr(ev, field_name)
+        if value is None:
+            continue
+        try:
+            dev = torch.device(value)
+        except (RuntimeError, ValueError):
+            raise EvomergeError(f"evaluator.{field_name}: {value!r} is not a device name; use cpu, "
+                                "cuda or cuda:N") from None
+        if dev.type == "cpu":
+            continue
+        if dev.type != "cuda":
+            raise EvomergeError(f"evaluator.{field_name}: {value!r}: only cpu and cuda devices are supported")
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise EvomergeError(f"evaluator.{field_name}: {value!r}, but torch {torch.__version__} sees no "
+                                "CUDA GPU on this machine; set it to cpu here, or run on a machine with a GPU")
+        if dev.index is not None and dev.index >= n:
+            raise EvomergeError(f"evaluator.{field_name}: {value!r}, but this machine has {n} CUDA "
+                                f"GPU(s): cuda:0..cuda:{n - 1}")
+
+
 def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
     from evomerge.genome import ParameterSpace
     from evomerge.merge.engine import InMemoryMerger, resident_caches
@@ -262,6 +289,7 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per model load would drown the progress lines
+    check_devices(cfg.evaluator)
     base = resolve_model(cfg.models.base)
     endpoints = {ref: resolve_model(ref) for ref in cfg.models.endpoints}
     tasks = load_tasks(cfg)
@@ -277,7 +305,7 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
     caches = resident_caches(ss.method if ss.kind != "dataflow" else None)
     ev = cfg.evaluator
     merger = InMemoryMerger([base, *endpoints.values()], device=ev.merge_device or ev.device,
-                            resident=ev.resident, **caches)
+                            compute_device=ev.merge_compute, resident=ev.resident, **caches)
     ctx = SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, merger, log=log)
     ctx.resident_model = evaluator.model
     return ctx
