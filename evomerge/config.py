@@ -156,7 +156,7 @@ class EvaluatorConfig(_Strict):
                                         "base + endpoints do not fit next to the model on the GPU")
     merge_compute: Optional[str] = Field(None, description="where the merge math runs (default: "
                                          "merge_device); merge_device: cpu with merge_compute: cuda "
-                                         "keeps the sources in pinned host memory and merges each tensor "
+                                         "keeps the sources in host memory and merges each tensor "
                                          "on the GPU")
     resident: Literal["float32", "native"] = Field(
         "float32", description="float32: sources and task vectors resident in float32 (fastest); "

@@ -433,11 +433,13 @@ class InMemoryMerger:
     ``t.float() - base.float()`` per tensor, as the disk path does; same bits either way).
 
     ``compute_device`` (default: ``device``): where the merge math runs. With ``device="cpu"``
-    and ``compute_device="cuda"`` the sources stay in pinned host memory and each tensor's inputs
-    are copied to the GPU (asynchronously, in their resident dtype), merged there and written into
-    the model: models whose sources do not fit on the GPU next to the evaluated model merge at
-    PCIe speed instead of CPU speed (with ``resident="native"``, base + 3 bf16 7B fine-tunes are
-    ~58 GB per candidate over the bus). The same computation as ``merge_to_disk(device=compute_device)``.
+    and ``compute_device="cuda"`` the sources stay in host memory and each tensor's inputs are
+    copied to the GPU (in their resident dtype), merged there and written into the model: models
+    whose sources do not fit on the GPU next to the evaluated model merge at PCIe speed instead of
+    CPU speed (with ``resident="native"``, base + 3 bf16 7B fine-tunes are ~58 GB per candidate
+    over the bus). The sources are not page-locked (pinned): pinning ~58 GB would take nearly all
+    the RAM of a 64 GB machine (CUDA's host allocator also rounds blocks up to powers of two), for
+    about twice the copy speed. The same computation as ``merge_to_disk(device=compute_device)``.
     The two caches below live on resident tensors and are off when streaming.
 
     ``magnitude_cache=True`` keeps each task vector's sorted magnitudes (sorted once, on first
@@ -475,10 +477,9 @@ class InMemoryMerger:
             if dev.type == "cuda" and not torch.cuda.is_available():
                 raise EvomergeError(f"merge engine: {what} {str(dev)!r} but torch sees no CUDA GPU here "
                                     f"(torch {torch.__version__}); use 'cpu'")
-        # streamed: sources resident on `device` (pinned host memory for a GPU), each tensor's
-        # inputs copied to `compute_device` per merge
+        # streamed: sources resident on `device`, each tensor's inputs copied to `compute_device`
+        # per merge
         self.streamed = self.compute_device != self.device
-        self._pin = self.streamed and self.device.type == "cpu" and self.compute_device.type == "cuda"
         self.resident = resident
         # native: sources stay in their checkpoint dtype (half the memory of float32 for bf16
         # models) and task vectors are computed per apply -- so no per-task-vector caches; the
@@ -506,7 +507,7 @@ class InMemoryMerger:
         if t is None:
             raw = self.readers[key].get(name)
             t = raw.to(self.device) if self.resident == "native" else _f32(raw, self.device)
-            self._cache[ck] = t = t.pin_memory() if self._pin else t
+            self._cache[ck] = t
         return t
 
     def _resident_delta(self, key: str, name: str, base: tuple[str, str]) -> torch.Tensor:
@@ -517,7 +518,6 @@ class InMemoryMerger:
             raw = self._cache.get(("t", key, name))
             x = raw if raw is not None else _f32(self.readers[key].get(name), self.device)
             d = x - self._resident(*base)
-            d = d.pin_memory() if self._pin else d
             if self.magnitude_cache:
                 setattr(d, SORTED_ABS_ATTR, True)
             if self.svd_cache and d.dim() >= 2:
@@ -527,7 +527,7 @@ class InMemoryMerger:
 
     # -- inputs of one merge (float32 on self.compute_device)
     def _on_compute(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.compute_device, non_blocking=True) if self.streamed else t
+        return t.to(self.compute_device) if self.streamed else t
 
     def _tensor(self, key: str, name: str) -> torch.Tensor:
         # native: copied in the checkpoint dtype, then widened (the values the disk path computes with)
