@@ -42,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from irt import ItemBank, select_anchors  # noqa: E402
-from irt.adaptive import ADAPTIVE_ESTIMATORS, round_sizes, run_adaptive  # noqa: E402
+from irt.adaptive import ADAPTIVE_ESTIMATORS  # noqa: E402
 from irt.estimators import ESTIMATORS, estimate_accuracy_batch  # noqa: E402
+from irt.validate import heldout_estimates  # noqa: E402
 
 N_ANCHORS = (5, 10, 20, 50, 100)
 ROUNDS = 4  # the adaptive rows: n items asked in 4 rounds (round 1 = the info design)
@@ -57,10 +58,8 @@ def _valid(est: str, method: str) -> bool:
 
 def adaptive_estimates(bank, Y_test, n, est, E, rounds=ROUNDS):
     """Each held-out subject takes an adaptive test of n items in ``rounds`` rounds (answers
-    looked up in its full answer row); returns the estimates."""
-    first = select_anchors(bank, n=round_sizes(n, rounds)[0], method="info", compute_gp_lambda=False).idx
-    return np.array([run_adaptive(bank, lambda pos, y=y: y[pos], n, rounds, first=first, estimator=est,
-                                  endpoint_theta=E).estimate for y in np.asarray(Y_test)])
+    looked up in its full answer row, round 1 = the info design); returns the estimates."""
+    return heldout_estimates(bank, Y_test, n, estimator=est, anchor_method="info", rounds=rounds, endpoint_theta=E)
 
 
 def _population(P, K, n_calib, n_m, n_items, rng) -> dict:

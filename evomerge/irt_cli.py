@@ -187,5 +187,39 @@ def next_cmd(
                 typer.echo(f"{name}\t" + ",".join(ids))
 
 
+@app.command("check")
+def check_cmd(
+    responses: Path = typer.Argument(..., help="subjects × items answers: .csv / .jsonl / .npz (see irt.io)"),
+    n: int = typer.Option(20, "-n", "--n", help="items each subject answers"),
+    estimator: str = typer.Option("pirt", "--estimator", "-e", help="mean | pirt | gpirt | mpirt | gmpirt"),
+    method: str = typer.Option("info", "--method", "-m", help="anchor selection: random | correctness | irt | info"),
+    rounds: int = typer.Option(1, "--rounds", "-r", min=1, help="1 = fixed anchors; R > 1 = adaptive test in R "
+                                                                   "rounds (pirt / mpirt)"),
+    endpoints: Optional[str] = typer.Option(None, "--endpoints", help="comma-separated subject names mp-IRT "
+                                                                       "combines (kept in every training fold)"),
+    folds: int = typer.Option(4, "--folds", "-k", min=2, help="cross-fitting folds"),
+    dim: Optional[int] = typer.Option(None, "--dim", "-d", help="bank dimension (default: chosen per fold)"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """How accurate would N-item estimates be on this data? Cross-fits the whole procedure
+    (bank, anchors or adaptive test, estimator) on the subjects of RESPONSES."""
+    with _user_errors():
+        from irt.io import read_responses
+        from irt.validate import cross_validate_estimates
+
+        Y, item_ids, names = read_responses(responses)
+        c = cross_validate_estimates(Y, item_ids, names, n=n, estimator=estimator, anchor_method=method,
+                                     rounds=rounds, endpoints=_csv_list(endpoints), folds=folds, dim=dim, seed=seed)
+        if as_json:
+            typer.echo(json.dumps(c.to_dict()))
+            return
+        how = f"adaptive, {c.rounds} rounds" if c.rounds > 1 else f"{c.anchor_method} anchors"
+        typer.echo(f"{c.estimator} on {c.n} items ({how}), {c.folds}-fold cross-fit on {c.n_subjects} subjects:\n"
+                   f"  mean absolute error {c.mae:.4f}, bias {c.bias:+.4f}\n"
+                   f"  plain mean of {c.n} random items: {c.plain_mean_mae:.4f}\n"
+                   f"  sd of the subjects' accuracies: {c.accuracy_sd:.4f}")
+
+
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="irt")

@@ -53,6 +53,7 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
     md.append(f"- stage: {rd.state().get('stage')}; {len(evals)} candidates evaluated, "
               f"{sum(r.get('items', 0) for r in evals)} items answered")
     md.append("")
+    md += _banks_section(rd, cfg)
     md += _stage(rd, rd, "", plt)
     dfs = RunDir(rd.root / "dfs")
     if (dfs.root / "evaluations.jsonl").exists():
@@ -179,6 +180,34 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
         _save(fig, rd.root / f"{prefix}best_genes.png")
         plt.close(fig)
         md += [f"![genes of the best recipe]({prefix}best_genes.png)", ""]
+    return md
+
+
+def _banks_section(rd: RunDir, cfg: dict) -> list[str]:
+    """The item banks and the expected error of the fitness estimates they give."""
+    import json
+
+    from safetensors import safe_open
+
+    paths = sorted(rd.banks.glob("*.bank.safetensors")) if rd.banks.exists() else []
+    if not paths:
+        return []
+    md = ["## Item banks", "",
+          "| task | d | calibration models | expected error of the estimate | bias | plain mean of random items "
+          "| sd of true accuracies |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for p in paths:
+        with safe_open(str(p), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        c = meta.get("estimate_check")
+        n_sub = meta.get("quality", {}).get("n_subjects", "—")
+        cells = ([f"{c['mae']:.3f} ({c['n']} items)", f"{c['bias']:+.3f}", f"{c['plain_mean_mae']:.3f}",
+                  f"{c['accuracy_sd']:.3f}"] if c else ["—"] * 4)
+        md.append(f"| {p.name.removesuffix('.bank.safetensors')} | {meta.get('dim', '—')} | {n_sub} | "
+                  + " | ".join(cells) + " |")
+    md += ["", "Expected error: mean |estimate − accuracy on all search items| of the fitness procedure, "
+           "cross-fitted on the sampled calibration models (4 folds; each fold's bank sees 3/4 of them, so "
+           "slightly pessimistic). Where it is large next to the differences between the candidates that "
+           "matter, raise `calibration.samples`.", ""]
     return md
 
 

@@ -14,8 +14,15 @@ or ask each subject adaptively, in a few rounds (fewer items for the same error)
     from irt import run_adaptive
     res = run_adaptive(bank, lambda pos: answer_items(pos), n=20, rounds=4)   # res.estimate
 
+and know beforehand how accurate such estimates will be on your data (the whole procedure
+cross-fitted on the calibration subjects)::
+
+    from irt import cross_validate_estimates
+    check = cross_validate_estimates(Y, item_ids, subject_names, n=20, estimator="pirt", rounds=4)
+
 Modules: :mod:`irt.model` (MIRT2PL, fit_ability, select_dim), :mod:`irt.bank` (ItemBank and
-its file format), :mod:`irt.anchors`, :mod:`irt.adaptive` (adaptive tests), :mod:`irt.estimators`, :mod:`irt.io` (response files),
+its file format), :mod:`irt.anchors`, :mod:`irt.adaptive` (adaptive tests), :mod:`irt.estimators`, :mod:`irt.validate`
+(expected error by cross-fitting), :mod:`irt.io` (response files),
 :mod:`irt.bayes` (optional pymc fitter, ``pip install evomerge[pymc]``).
 """
 
@@ -25,18 +32,22 @@ from irt.bank import ItemBank
 from irt.errors import IRTError
 from irt.estimators import ESTIMATORS, estimate_accuracy, estimate_accuracy_batch, gp_lambda
 from irt.model import MIRT2PL, fit_ability, procrustes_align, select_dim
+from irt.validate import EstimateCheck, cross_validate_estimates, heldout_estimates
 
 __all__ = [
     "AdaptiveResult",
     "Anchors",
     "ESTIMATORS",
+    "EstimateCheck",
     "IRTError",
     "ItemBank",
     "MIRT2PL",
+    "cross_validate_estimates",
     "estimate_accuracy",
     "estimate_accuracy_batch",
     "fit_ability",
     "gp_lambda",
+    "heldout_estimates",
     "next_items",
     "procrustes_align",
     "run_adaptive",

@@ -65,8 +65,14 @@ def test_search_writes_a_complete_run(reference_run):
     assert set(rec) >= {"genome", "recipe", "answers", "estimates", "fitness", "timings"}
     assert all(len(a) == 10 for a in rec["answers"].values())        # anchors only
     assert rd.state()["stage"] == "done"
+    import irt
+
     for task in ("lang", "cipher", "upper"):
-        assert rd.bank_path(task).exists()
+        # the expected error of the fitness estimates, cross-fitted on the 4 sampled calibration models
+        check = irt.ItemBank.load(rd.bank_path(task)).meta["estimate_check"]
+        assert check["n"] == 10 and check["folds"] == 4 and check["n_subjects"] == 4
+        assert check["estimator"] == "mpirt" and 0 < check["mae"] < 0.5
+    assert any(line.startswith("    expected error of the 10-item estimate:") for line in lines)
     best = json.loads((rd.best / "recipe.json").read_text())
     assert best["heldout_average"] > 0
     assert (rd.best / "recipe.mergekit.yaml").exists()
@@ -75,7 +81,9 @@ def test_search_writes_a_complete_run(reference_run):
     AutoModelForCausalLM.from_pretrained(rd.best / "model")          # loads with no custom code
     for png in ("fitness.png", "estimated_vs_true.png", "best_genes.png"):
         assert (rd.root / png).stat().st_size > 1000
-    assert "Held-out accuracy" in rd.report.read_text()
+    report = rd.report.read_text()
+    assert "Held-out accuracy" in report and "## Item banks" in report
+    assert f"| lang | {irt.ItemBank.load(rd.bank_path('lang')).dim} | 8 |" in report
     assert any(line.startswith("gen   3/3") for line in lines)
 
 

@@ -407,6 +407,10 @@ def fit_banks(ctx: SearchContext) -> None:
                                             dim=cfg.calibration.dim, seed=cfg.seed, task=task)
                     ctx.log(f"  item bank {task}: d={bank.dim}, fitted in "
                             f"{time.perf_counter() - t0:.1f}s on {len(names)} models")
+                    check = estimate_check(cfg, Y, item_ids, names, bank.dim)
+                    if check is not None:
+                        bank.meta["estimate_check"] = check.to_dict()
+                        ctx.log(f"    {describe_check(check)}")
                 bank.save(path)
             bank = irt.ItemBank.load(path)
             if not anchors_path.exists():
@@ -423,6 +427,29 @@ def fit_banks(ctx: SearchContext) -> None:
             raise EvomergeError(f"task {task!r}: {exc}") from None
         pos = {iid: i for i, iid in enumerate(item_ids)}
         ctx.anchor_positions[task] = np.asarray([pos[i] for i in ctx.anchors[task].item_ids], dtype=int)
+
+
+def estimate_check(cfg: RunConfig, Y: np.ndarray, item_ids: list[str], names: list[str], dim: int):
+    """The expected error of this run's fitness estimates on one task: the fitness procedure
+    cross-fitted on the calibration models (:func:`irt.validate.cross_validate_estimates`);
+    None with fewer than 2 sampled calibration models."""
+    from irt.validate import cross_validate_estimates
+
+    if len(names) - len(endpoint_refs(cfg)) < 2:
+        return None
+    fit = cfg.fitness
+    return cross_validate_estimates(Y, item_ids, names, n=fit.anchors, estimator=fit.estimator,
+                                    anchor_method=fit.anchor_method, rounds=fit.rounds,
+                                    endpoints=endpoint_refs(cfg), folds=4, dim=dim, seed=cfg.seed)
+
+
+def describe_check(check) -> str:
+    """One line for the log and the report."""
+    c = check if isinstance(check, dict) else check.to_dict()
+    return (f"expected error of the {c['n']}-item estimate: {c['mae']:.3f} (bias {c['bias']:+.3f}; "
+            f"{c['folds']}-fold cross-fit on {c['n_subjects']} sampled calibration models, whose "
+            f"accuracies spread with sd {c['accuracy_sd']:.3f}; plain mean of {c['n']} random items: "
+            f"{c['plain_mean_mae']:.3f})")
 
 
 # ----------------------------------------------------------------------------- fitness
