@@ -28,6 +28,18 @@ class _Strict(BaseModel):
 class ModelsConfig(_Strict):
     base: str = Field(description="base model: folder, hub id or zoo:base")
     endpoints: list[str] = Field(min_length=1, description="fine-tunes of the base to merge")
+    tokenizer_source: Optional[str] = Field(
+        None, description="base: map embedding rows by token onto the base's vocabulary, for "
+        "fine-tunes that added tokens (every candidate keeps the base's tokenizer)")
+
+    @model_validator(mode="after")
+    def _check_tokenizer_source(self):
+        if self.tokenizer_source not in (None, "base"):
+            raise ValueError(
+                f"tokenizer_source: {self.tokenizer_source!r} cannot be searched: candidates are merged into "
+                "the evaluator's live model, which keeps the base's vocabulary; use 'base' here, and merge the "
+                "best recipe with another tokenizer_source afterwards (`evomerge merge`)")
+        return self
 
 
 class GeneSpec(_Strict):

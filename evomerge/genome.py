@@ -38,7 +38,7 @@ class ParameterSpace:
     """Parameter-space recipes for one merge method over a base and its endpoints."""
 
     def __init__(self, method: str, base: str, endpoints: list[str], genes, fixed: dict | None = None,
-                 dtype: str = "float32", seed: int = 0):
+                 dtype: str = "float32", seed: int = 0, tokenizer_source: str | None = None):
         from evomerge.merge.registry import get_method
 
         self.method = method
@@ -48,6 +48,7 @@ class ParameterSpace:
         self.fixed = dict(fixed or {})
         self.dtype = dtype
         self.seed = seed
+        self.tokenizer_source = tokenizer_source
         n = len(self.endpoints)
         if n < self.spec.min_models or (self.spec.max_models and n > self.spec.max_models):
             hi = self.spec.max_models or "any"
@@ -109,6 +110,8 @@ class ParameterSpace:
             "parameters": {**self.fixed, **_collapse(global_)},
             "dtype": self.dtype,
         }
+        if self.tokenizer_source is not None:
+            recipe["tokenizer_source"] = self.tokenizer_source
         if self.spec.randomized:
             # one seed for every candidate: DARE drops the same positions at the same density
             # (common random numbers), so candidates differ by their genes, not by luck

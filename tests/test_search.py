@@ -188,6 +188,44 @@ def test_a_device_the_machine_lacks_is_refused_before_the_run_starts(zoo, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_an_endpoint_with_an_added_token(zoo, reference_run, tmp_path):
+    """A fine-tune that added a token (more embedding rows than the base): refused before the run
+    starts unless models.tokenizer_source: base; with it the run completes, the endpoint answers
+    exactly as the expert it was made from, and the best model keeps the base's vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    ref_rd, _ = reference_run
+    lang = tmp_path / "lang_plus_token"
+    tok = AutoTokenizer.from_pretrained(zoo.experts["lang"])
+    n_base = len(tok)
+    tok.add_tokens(["<tool>"])
+    m = LlamaForCausalLM.from_pretrained(zoo.experts["lang"])
+    m.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        m.lm_head.weight[n_base:] = 10.0  # would win every argmax if it were kept
+    m.save_pretrained(lang)
+    tok.save_pretrained(lang)
+    cfg = small_config(tmp_path / "run")
+    cfg["models"]["endpoints"] = [str(lang), "zoo:cipher", "zoo:upper"]
+    cfg["optimizer"]["generations"] = 1
+    with pytest.raises(EvomergeError, match=r"vocabularies differ in size .*lang_plus_token: %d.*"
+                                            r"set `models.tokenizer_source: base`" % (n_base + 1)):
+        run_search(parse_config(cfg), log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    cfg["models"]["tokenizer_source"] = "base"
+    rd = run_search(parse_config(cfg), log=lambda *_: None)
+    calib = {r["name"]: r["answers"] for r in read_jsonl(rd.calibration)}
+    ref = {r["name"]: r["answers"] for r in read_jsonl(ref_rd.calibration)}
+    assert calib[str(lang)] == ref["zoo:lang"]
+    best = json.loads((rd.best / "recipe.json").read_text())
+    assert best["recipe"]["tokenizer_source"] == "base"
+    assert json.loads((rd.best / "model" / "config.json").read_text())["vocab_size"] == n_base
+    assert len(AutoTokenizer.from_pretrained(rd.best / "model")) == n_base
+    with pytest.raises(Exception, match="tokenizer_source: 'union' cannot be searched"):
+        parse_config({**cfg, "models": {**cfg["models"], "tokenizer_source": "union"}})
+
+
 def test_more_generations_is_a_safe_resume_change(reference_run, tmp_path):
     import shutil
 

@@ -611,13 +611,9 @@ class InMemoryMerger:
         self._model_params = (weakref.ref(model), targets)
         return targets
 
-    def apply(self, recipe: MergeRecipe, model) -> Any:
-        """Write ``recipe``'s merge into ``model`` (a ``torch.nn.Module`` whose state-dict names
-        match the checkpoints, e.g. a ``transformers`` model) in place; returns ``model``.
-
-        The model keeps its own dtype and device (``param.data.copy_``); the recipe's dtype is
-        not used. Tensors of the model that the merge does not produce are left untouched.
-        """
+    def check_fits(self, recipe: MergeRecipe, model) -> None:
+        """Raise, before any compute, unless every tensor ``recipe`` produces exists in ``model``
+        with the same shape (reads only headers; plans are cached, so this costs nothing later)."""
         plan = self.plan(recipe)
         targets = self._targets(model)
         missing = [j.name for j in plan.jobs if j.name not in targets]
@@ -626,10 +622,24 @@ class InMemoryMerger:
                 f"the model has no tensor {missing[0]!r} (and {len(missing) - 1} more) that the merge produces; "
                 f"the recipe yields {plan.num_layers} layers — is the model of the same architecture and depth?"
             )
+        for j in plan.jobs:
+            shape = tuple(targets[j.name].shape)
+            if shape != tuple(j.shape):
+                raise EvomergeError(f"tensor {j.name!r}: model has shape {list(shape)}, merge gives {list(j.shape)}"
+                                    + (" (a different vocabulary size: see tokenizer_source)"
+                                       if j.name.endswith(("embed_tokens.weight", "lm_head.weight")) else ""))
+
+    def apply(self, recipe: MergeRecipe, model) -> Any:
+        """Write ``recipe``'s merge into ``model`` (a ``torch.nn.Module`` whose state-dict names
+        match the checkpoints, e.g. a ``transformers`` model) in place; returns ``model``.
+
+        The model keeps its own dtype and device (``param.data.copy_``); the recipe's dtype is
+        not used. Tensors of the model that the merge does not produce are left untouched.
+        Names and shapes are checked before the first tensor is written (:meth:`check_fits`).
+        """
+        self.check_fits(recipe, model)
+        targets = self._targets(model)
         with torch.no_grad():
             for name, out in self.merged_tensors(recipe):
-                p = targets[name]
-                if tuple(p.shape) != tuple(out.shape):
-                    raise EvomergeError(f"tensor {name!r}: model has shape {list(p.shape)}, merge gives {list(out.shape)}")
-                p.data.copy_(out)
+                targets[name].data.copy_(out)
         return model

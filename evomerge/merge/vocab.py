@@ -46,6 +46,15 @@ import torch
 from evomerge.checkpoint import layer_index
 from evomerge.errors import EvomergeError
 
+
+class VocabSizeMismatch(EvomergeError):
+    """The models' vocabularies differ in size and no ``tokenizer_source`` says how to map rows;
+    ``detail`` names the models, their row counts and the tensors."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
 __all__ = [
     "EMBEDDING_HINTS",
     "load_vocab",
@@ -354,12 +363,11 @@ def prepare_vocab(recipe, readers: dict[str, Any], key_of: Callable[[str], str])
     if mode is None:
         if len(set(rows.values())) <= 1:
             return None
-        detail = ", ".join(f"{labels.get(k, k)}: {rows[k]}" for k in keys)
-        raise EvomergeError(
-            f"the models' vocabularies differ in size ({detail} rows in {sorted(names)}); set "
+        detail = ", ".join(f"{labels.get(k, k)}: {rows[k]}" for k in keys) + f" rows in {sorted(names)}"
+        raise VocabSizeMismatch(
+            f"the models' vocabularies differ in size ({detail}); set "
             "'tokenizer_source' to 'base', 'union' or one model's folder to map embedding rows by token "
-            "(evomerge never truncates them silently)"
-        )
+            "(evomerge never truncates them silently)", detail)
     vocabs = {k: load_vocab(raw[k].path) for k in keys}
     if mode not in ("base", "union"):
         named_key = key_of(mode)  # opens its reader when the model is not part of the merge

@@ -133,11 +133,36 @@ class SearchContext:
         returns that model's tensors exactly."""
         from evomerge.merge.recipe import MergeRecipe
 
+        self.merger.apply(MergeRecipe.from_dict(self.endpoint_recipe(ref)), self._resident())
+
+    def endpoint_recipe(self, ref: str) -> dict:
         path = self.base_path if ref == "base" else self.endpoint_paths[ref]
-        recipe = {"merge_method": "linear", "models": [{"model": str(path),
-                                                        "parameters": {"weight": 1.0}}],
+        recipe = {"merge_method": "linear", "models": [{"model": str(path), "parameters": {"weight": 1.0}}],
                   "dtype": self.cfg.evaluator.dtype}
-        self.merger.apply(MergeRecipe.from_dict(recipe), self._resident())
+        if self.cfg.models.tokenizer_source == "base":
+            # rows mapped onto the base's vocabulary, as for the candidates (linear ignores base_model)
+            recipe.update(base_model=str(self.base_path), tokenizer_source="base")
+        return recipe
+
+    def check_recipes_fit(self) -> None:
+        """Before anything runs: the endpoints and a candidate merge into the live model (names,
+        shapes, vocabularies), or one error that says what to set."""
+        from evomerge.merge.recipe import MergeRecipe
+        from evomerge.merge.vocab import VocabSizeMismatch
+
+        if getattr(self.space, "kind", "parameter") == "dataflow":
+            return
+        # the candidate first: with every model in one recipe a vocabulary mismatch is named as such
+        recipes = [_resolve_recipe(self.space.decode(self.space.initial_genome()), self.base_path,
+                                   self.endpoint_paths)]
+        recipes += [self.endpoint_recipe(r) for r in endpoint_refs(self.cfg)]
+        try:
+            for r in recipes:
+                self.merger.check_fits(MergeRecipe.from_dict(r), self._resident())
+        except VocabSizeMismatch as exc:
+            raise EvomergeError(f"models: the vocabularies differ in size ({exc.detail}); set "
+                                "`models.tokenizer_source: base` to map embedding rows by token onto the base's "
+                                "vocabulary (every candidate keeps the base's tokenizer)") from None
 
     def bank_to_task(self, task: str) -> np.ndarray:
         """For each item of ``task``'s bank, its position among the task's search items (−1: none)."""
@@ -299,7 +324,8 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
         space = dataflow_space(cfg, ref[ss.dataflow.model_a], ref[ss.dataflow.model_b])
     else:
         space = ParameterSpace(ss.method, cfg.models.base, cfg.models.endpoints, ss.genes,
-                               ss.fixed, dtype=cfg.evaluator.dtype, seed=cfg.seed)
+                               ss.fixed, dtype=cfg.evaluator.dtype, seed=cfg.seed,
+                               tokenizer_source=cfg.models.tokenizer_source)
     evaluator = make_evaluator(cfg.evaluator, base)
     # caches the search's method reads (ties / breadcrumbs: sorted magnitudes; tsv: SVD factors)
     caches = resident_caches(ss.method if ss.kind != "dataflow" else None)
@@ -308,6 +334,7 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
                             compute_device=ev.merge_compute, resident=ev.resident, **caches)
     ctx = SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, merger, log=log)
     ctx.resident_model = evaluator.model
+    ctx.check_recipes_fit()
     return ctx
 
 
