@@ -226,6 +226,21 @@ def test_an_endpoint_with_an_added_token(zoo, reference_run, tmp_path):
         parse_config({**cfg, "models": {**cfg["models"], "tokenizer_source": "union"}})
 
 
+def test_check_prints_the_plan_and_writes_nothing(zoo, reference_run, tmp_path):
+    cfg_path = write_config(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(cfg_path), "--check"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "calibration: 8 models × 600 items = 4,800 answers" in out.stdout
+    assert "population 4 × 3 generations = 12 candidates × 30 items = 360 answers" in out.stdout
+    assert "held-out: (4 endpoints + top 2 candidates)" in out.stdout
+    assert not (tmp_path / "run").exists()
+    rd, _ = reference_run
+    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", "--resume", str(rd.root), "--check"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode != 0 and "--check is for a new run" in out.stderr
+
+
 def test_more_generations_is_a_safe_resume_change(reference_run, tmp_path):
     import shutil
 

@@ -18,6 +18,8 @@ def search(
     generations: Optional[int] = typer.Option(None, "--generations", min=1,
                                               help="override optimizer.generations"),
     seed: Optional[int] = typer.Option(None, "--seed", help="override the config's seed"),
+    check: bool = typer.Option(False, "--check", help="check the config, models, vocabularies, tasks and "
+                               "devices, print what the run would answer, and stop (writes nothing)"),
 ) -> None:
     """Search a merge recipe by evolution, judging each candidate on a few IRT-chosen items."""
     from evomerge.config import demo_config_path, load_config
@@ -39,6 +41,14 @@ def search(
         _, frozen = open_run_dir(resume)
         cfg = frozen.model_copy(update={"optimizer": frozen.optimizer.model_copy(
             update={"generations": generations})})
+    if check:
+        from evomerge.errors import EvomergeError
+        from evomerge.search.loop import check_run
+
+        if resume is not None:
+            raise EvomergeError("--check is for a new run; a run directory is resumed with --resume alone")
+        check_run(cfg, run_dir=run_dir, log=_log)
+        return
     run_search(cfg, resume=resume, run_dir=run_dir, log=_log)
 
 

@@ -765,6 +765,49 @@ def summary_table(ctx: SearchContext, heldout: list[dict]) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
+def check_run(cfg: RunConfig, *, run_dir: str | None = None, log=print) -> list[str]:
+    """Everything a new run checks before it starts (config, models and their vocabularies,
+    tasks, devices, the run directory), then the plan — what the run will answer — as lines
+    (also logged). Writes nothing."""
+    from evomerge.search.optimizers import default_population
+
+    target = target_run_dir(cfg, run_dir)
+    _check_given_banks(cfg)
+    ctx = build_context(cfg, None, log=lambda *_: None)
+    fit, ss, ev = cfg.fitness, cfg.search_space, cfg.evaluator
+    n_search = {t: len(p.search.items) for t, p in ctx.tasks.items()}
+    n_held = {t: len(p.heldout.items) for t, p in ctx.tasks.items()}
+    K = len(cfg.models.endpoints)
+    pop = cfg.optimizer.population or default_population(ctx.space.dim)
+    cands = pop * cfg.optimizer.generations
+    per_cand = sum(n_search.values()) if fit.estimator == "full" else sum(min(fit.anchors, n) for n in n_search.values())
+    calibrate = fit.estimator != "full" and cfg.calibration.banks is None
+    n_calib = 1 + K + cfg.calibration.samples
+    params = sum(p.numel() for p in ctx.evaluator.model.parameters())
+    lines = [
+        f"config OK; the run would write to {target.root}",
+        f"models: base {ctx.base_path} ({params / 1e6:.1f}M parameters) + {K} endpoints"
+        + (", rows mapped onto the base's vocabulary" if cfg.models.tokenizer_source else ""),
+        "tasks: " + ", ".join(f"{t} ({n_search[t]} search / {n_held[t]} held-out items)" for t in ctx.tasks),
+        f"devices: evaluation {ev.device}, sources on {ev.merge_device or ev.device}, merging on "
+        f"{ev.merge_compute or ev.merge_device or ev.device}",
+        (f"calibration: {n_calib} models × {sum(n_search.values())} items = {n_calib * sum(n_search.values()):,} answers"
+         if calibrate else "calibration: none" + (" (banks from calibration.banks)" if fit.estimator != "full" else "")),
+        f"search: {ss.kind} / {ss.method if ss.kind != 'dataflow' else 'layer dataflow'}, {ctx.space.dim} genes, "
+        f"{cfg.optimizer.name}, population {pop} × {cfg.optimizer.generations} generations = {cands} candidates × "
+        f"{per_cand} items = {cands * per_cand:,} answers"
+        + (f" (asked in {fit.rounds} rounds)" if fit.rounds > 1 and fit.estimator != "full" else ""),
+    ]
+    if ss.kind == "ps+dfs":
+        lines.append(f"then a data-flow stage: {ss.dataflow.generations} generations on top of the PS best")
+    n_models = 1 + K + cfg.final.top_k
+    lines.append(f"held-out: ({1 + K} endpoints + top {cfg.final.top_k} candidates) × {sum(n_held.values())} items "
+                 f"= {n_models * sum(n_held.values()):,} answers")
+    for line in lines:
+        log(line)
+    return lines
+
+
 def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None,
                run_dir: str | None = None, log=print) -> RunDir:
     """Run (or resume) a search to the end; returns its run directory."""
