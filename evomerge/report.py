@@ -53,7 +53,7 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
     md.append(f"- stage: {rd.state().get('stage')}; {len(evals)} candidates evaluated, "
               f"{sum(r.get('items', 0) for r in evals)} items answered")
     md.append("")
-    md += _banks_section(rd, cfg)
+    md += _banks_section(rd)
     md += _stage(rd, rd, "", plt)
     dfs = RunDir(rd.root / "dfs")
     if (dfs.root / "evaluations.jsonl").exists():
@@ -183,7 +183,7 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
     return md
 
 
-def _banks_section(rd: RunDir, cfg: dict) -> list[str]:
+def _banks_section(rd: RunDir) -> list[str]:
     """The item banks and the expected error of the fitness estimates they give."""
     import json
 

@@ -136,7 +136,7 @@ def cross_validate_estimates(
                                 endpoint_theta=E, seed=seed)
         err[g] = est - truth
         picks = [rng.choice(N, min(n, N), replace=False) for _ in range(PLAIN_DRAWS)]
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a draw with no observed answer: skipped
             plain[g] = np.nanmean([np.abs(np.nanmean(Y[np.ix_(g, p)], axis=1) - truth) for p in picks], axis=0)
     tested = others[~np.isnan(err[others])]
