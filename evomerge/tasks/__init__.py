@@ -189,6 +189,12 @@ class Task:
     def extract_answer(self, text: str) -> str | None:
         return extract_answer(text, self.extract)
 
+    def answer(self, evaluator, items: Sequence[Item] | None = None) -> np.ndarray:
+        """0/1 correctness (int8) of ``evaluator``'s answers to ``items`` (default: all): greedy
+        generation, extracted and compared with the reference."""
+        items = self.items if items is None else list(items)
+        return self.score(evaluator.generate(self.prompts(items), self.max_new_tokens), items)
+
     def score(self, outputs: Sequence[str], items: Sequence[Item] | None = None) -> np.ndarray:
         """0/1 per item (int8): does the extracted output equal the extracted answer?"""
         items = self.items if items is None else items
