@@ -126,6 +126,10 @@ class DatasetSource(_Strict):
     answer_field: str = "answer"
     answer_regex: Optional[str] = Field(None, description="regex whose first group is the "
                                         "gold answer inside answer_field (e.g. '#### (.*)')")
+    choices_field: Optional[str] = Field(None, description="multiple choice: the list-valued "
+                                         "field of choices (dotted for nested, e.g. choices.text); "
+                                         "answer_field then holds the right one's text, letter "
+                                         "label (A, B, ...) or 0-based index")
     limit: Optional[int] = Field(None, ge=1)
 
 
@@ -140,6 +144,9 @@ class TaskConfig(_Strict):
     template: Optional[str] = Field(None, description="prompt template with {prompt}")
     extract: Optional[Literal["exact", "last_number", "normalized"]] = None
     max_new_tokens: Optional[int] = Field(None, ge=1)
+    metric: Optional[Literal["acc", "acc_norm"]] = Field(
+        None, description="multiple-choice tasks: acc (highest log-likelihood) or acc_norm "
+        "(per character of the choice); overrides task.json's")
     search_limit: Optional[int] = Field(None, ge=1, description="use the first N search items")
 
     @model_validator(mode="after")
@@ -177,6 +184,11 @@ class EvaluatorConfig(_Strict):
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; default: 1 "
                                    "for models under 50M parameters (tiny matrices run fastest "
                                    "on one thread), else torch's default")
+    kv_cache_gib: Optional[float] = Field(None, gt=0, description="vllm: KV-cache size in GiB "
+                                          "(default: 1 on the CPU; on CUDA gpu_memory_utilization decides)")
+    gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vllm on CUDA: the share of "
+                                          "GPU memory vLLM may take (model + KV cache); leave room "
+                                          "for the merge engine's sources when they are on the GPU")
 
 
 class CalibrationConfig(_Strict):
@@ -278,7 +290,8 @@ class RunConfig(_Strict):
 # speed or placement).
 SAFE_ON_RESUME = ("optimizer.generations", "search_space.dataflow.generations", "final.top_k", "final.write_model",
                   "evaluator.batch_size", "evaluator.device", "evaluator.threads",
-                  "evaluator.merge_device", "evaluator.merge_compute", "evaluator.resident", "run_dir", "name")
+                  "evaluator.merge_device", "evaluator.merge_compute", "evaluator.resident", "evaluator.kv_cache_gib",
+                  "evaluator.gpu_memory_utilization", "run_dir", "name")
 
 
 def _pop_dotted(d: dict, dotted: str) -> None:

@@ -88,7 +88,8 @@ class TaskPair:
 
 @dataclass
 class SearchContext:
-    """Everything resident during a run: models, evaluator, merger, tasks, banks."""
+    """Everything resident during a run: models, the evaluator (which merges candidates into
+    itself), tasks, banks."""
 
     cfg: RunConfig
     rd: RunDir
@@ -96,44 +97,29 @@ class SearchContext:
     endpoint_paths: dict[str, Path]
     tasks: dict[str, TaskPair]
     space: object
-    evaluator: object
-    merger: object
+    evaluator: object  # evomerge.backends.evaluator.Evaluator
     banks: dict = field(default_factory=dict)
     anchors: dict = field(default_factory=dict)   # task -> irt.Anchors (positions in the bank)
     anchor_positions: dict = field(default_factory=dict)  # task -> positions in the task's items
     log: callable = print
 
-    resident_model: object = None  # the model the merge engine writes into
-
     def apply_genome(self, genome) -> dict:
         """Make the evaluator's model the candidate of ``genome``; returns its recipe (a
         mergekit-style dict, or a dataflow path's JSON form)."""
         if getattr(self.space, "kind", "parameter") == "dataflow":
-            self.evaluator.set_model(self.space.build(genome))
+            self.evaluator.load_model(self.space.build(genome))
             return self.space.decode(genome)
         recipe = self.space.decode(genome)
         self.apply_recipe(recipe)
         return recipe
 
-    def _resident(self):
-        if self.resident_model is None:
-            self.resident_model = self.evaluator.model
-        if self.evaluator.model is not self.resident_model:
-            self.evaluator.set_model(self.resident_model)
-        return self.resident_model
-
     def apply_recipe(self, recipe: dict) -> None:
-        from evomerge.merge.recipe import MergeRecipe
-
-        resolved = _resolve_recipe(recipe, self.base_path, self.endpoint_paths)
-        self.merger.apply(MergeRecipe.from_dict(resolved), self._resident())
+        self.evaluator.apply_recipe(_resolve_recipe(recipe, self.base_path, self.endpoint_paths))
 
     def apply_endpoint(self, ref: str) -> None:
         """Load one endpoint (or the base) into the live model: linear with weight 1, which
         returns that model's tensors exactly."""
-        from evomerge.merge.recipe import MergeRecipe
-
-        self.merger.apply(MergeRecipe.from_dict(self.endpoint_recipe(ref)), self._resident())
+        self.evaluator.apply_recipe(self.endpoint_recipe(ref))
 
     def endpoint_recipe(self, ref: str) -> dict:
         path = self.base_path if ref == "base" else self.endpoint_paths[ref]
@@ -147,7 +133,6 @@ class SearchContext:
     def check_recipes_fit(self) -> None:
         """Before anything runs: the endpoints and a candidate merge into the live model (names,
         shapes, vocabularies), or one error that says what to set."""
-        from evomerge.merge.recipe import MergeRecipe
         from evomerge.merge.vocab import VocabSizeMismatch
 
         if getattr(self.space, "kind", "parameter") == "dataflow":
@@ -158,7 +143,7 @@ class SearchContext:
         recipes += [self.endpoint_recipe(r) for r in endpoint_refs(self.cfg)]
         try:
             for r in recipes:
-                self.merger.check_fits(MergeRecipe.from_dict(r), self._resident())
+                self.evaluator.check_recipe(r)
         except VocabSizeMismatch as exc:
             raise EvomergeError(f"models: the vocabularies differ in size ({exc.detail}); set "
                                 "`models.tokenizer_source: base` to map embedding rows by token onto the base's "
@@ -261,25 +246,6 @@ def load_tasks(cfg: RunConfig) -> dict[str, TaskPair]:
     return out
 
 
-def make_evaluator(ev, model_path: Path):
-    """The evaluator named by an ``EvaluatorConfig``, holding ``model_path`` resident."""
-    if ev.backend == "vllm":
-        raise EvomergeError("evaluator.backend: vllm is not available yet (see the README's "
-                            "status list); use backend: hf, which also runs on CUDA")
-    import torch
-
-    from evomerge.backends.hf import HFEvaluator
-
-    evaluator = HFEvaluator(model_path, device=ev.device, dtype=ev.dtype, batch_size=ev.batch_size)
-    threads = ev.threads
-    if threads is None and evaluator.device.type == "cpu":
-        n_params = sum(p.numel() for p in evaluator.model.parameters())
-        threads = 1 if n_params < 50_000_000 else None
-    if threads:
-        torch.set_num_threads(threads)
-    return evaluator
-
-
 def check_devices(ev) -> None:
     """Refuse, before anything is loaded, an evaluator device this machine does not have; the
     error names the config field."""
@@ -308,8 +274,8 @@ def check_devices(ev) -> None:
 
 
 def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
+    from evomerge.backends.evaluator import MergeSources, make_evaluator
     from evomerge.genome import ParameterSpace
-    from evomerge.merge.engine import InMemoryMerger, resident_caches
 
     from transformers.utils import logging as hf_logging
 
@@ -326,15 +292,22 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
         space = ParameterSpace(ss.method, cfg.models.base, cfg.models.endpoints, ss.genes,
                                ss.fixed, dtype=cfg.evaluator.dtype, seed=cfg.seed,
                                tokenizer_source=cfg.models.tokenizer_source)
-    evaluator = make_evaluator(cfg.evaluator, base)
-    # caches the search's method reads (ties / breadcrumbs: sorted magnitudes; tsv: SVD factors)
-    caches = resident_caches(ss.method if ss.kind != "dataflow" else None)
+    if ss.kind != "parameter" and cfg.evaluator.backend == "vllm":
+        raise EvomergeError(
+            f"search_space.kind: {ss.kind} with evaluator.backend: vllm: every data-flow candidate has its "
+            "own layer count, so vLLM would start a new engine per candidate (~25 s each on the CPU); run "
+            "the data-flow stage with backend: hf (also on CUDA), or search kind: parameter with vllm")
     ev = cfg.evaluator
-    merger = InMemoryMerger([base, *endpoints.values()], device=ev.merge_device or ev.device,
-                            compute_device=ev.merge_compute, resident=ev.resident, **caches)
-    ctx = SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, merger, log=log)
-    ctx.resident_model = evaluator.model
-    ctx.check_recipes_fit()
+    sources = MergeSources(tuple(str(p) for p in (base, *endpoints.values())),
+                           device=ev.merge_device or ev.device, compute_device=ev.merge_compute,
+                           resident=ev.resident, method=ss.method if ss.kind != "dataflow" else None)
+    evaluator = make_evaluator(ev, base, sources)
+    ctx = SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, log=log)
+    try:
+        ctx.check_recipes_fit()
+    except BaseException:
+        evaluator.close()
+        raise
     return ctx
 
 
@@ -774,6 +747,13 @@ def check_run(cfg: RunConfig, *, run_dir: str | None = None, log=print) -> list[
     target = target_run_dir(cfg, run_dir)
     _check_given_banks(cfg)
     ctx = build_context(cfg, None, log=lambda *_: None)
+    try:
+        return _plan_lines(cfg, ctx, target, log)
+    finally:
+        ctx.evaluator.close()
+
+
+def _plan_lines(cfg: RunConfig, ctx: SearchContext, target: RunDir, log) -> list[str]:
     fit, ss, ev = cfg.fitness, cfg.search_space, cfg.evaluator
     n_search = {t: len(p.search.items) for t, p in ctx.tasks.items()}
     n_held = {t: len(p.heldout.items) for t, p in ctx.tasks.items()}
@@ -783,7 +763,7 @@ def check_run(cfg: RunConfig, *, run_dir: str | None = None, log=print) -> list[
     per_cand = sum(n_search.values()) if fit.estimator == "full" else sum(min(fit.anchors, n) for n in n_search.values())
     calibrate = fit.estimator != "full" and cfg.calibration.banks is None
     n_calib = 1 + K + cfg.calibration.samples
-    params = sum(p.numel() for p in ctx.evaluator.model.parameters())
+    params = ctx.evaluator.num_parameters
     lines = [
         f"config OK; the run would write to {target.root}",
         f"models: base {ctx.base_path} ({params / 1e6:.1f}M parameters) + {K} endpoints"
@@ -821,8 +801,16 @@ def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None
         target = target_run_dir(cfg, run_dir)
         _check_given_banks(cfg)
         ctx = build_context(cfg, None, log=log)
-        rd = ctx.rd = new_run_dir(cfg, str(target.root))
-        log(f"run directory: {rd.root}")
+    try:
+        if resume is None:
+            rd = ctx.rd = new_run_dir(cfg, str(target.root))
+            log(f"run directory: {rd.root}")
+        return _run_stages(ctx, cfg, rd, log)
+    finally:
+        ctx.evaluator.close()
+
+
+def _run_stages(ctx: SearchContext, cfg: RunConfig, rd: RunDir, log) -> RunDir:
     if cfg.fitness.estimator != "full":
         rd.set_state(stage="calibrating")
         if cfg.calibration.banks is None:  # given banks replace the calibration
