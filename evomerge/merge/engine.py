@@ -614,16 +614,19 @@ class InMemoryMerger:
     def check_fits(self, recipe: MergeRecipe, model) -> None:
         """Raise, before any compute, unless every tensor ``recipe`` produces exists in ``model``
         with the same shape (reads only headers; plans are cached, so this costs nothing later)."""
+        self.check_shapes(recipe, {n: tuple(t.shape) for n, t in self._targets(model).items()})
+
+    def check_shapes(self, recipe: MergeRecipe, shapes: dict[str, tuple[int, ...]]) -> None:
+        """:meth:`check_fits` against a name -> shape mapping (a model held elsewhere, e.g. in vLLM)."""
         plan = self.plan(recipe)
-        targets = self._targets(model)
-        missing = [j.name for j in plan.jobs if j.name not in targets]
+        missing = [j.name for j in plan.jobs if j.name not in shapes]
         if missing:
             raise EvomergeError(
                 f"the model has no tensor {missing[0]!r} (and {len(missing) - 1} more) that the merge produces; "
                 f"the recipe yields {plan.num_layers} layers — is the model of the same architecture and depth?"
             )
         for j in plan.jobs:
-            shape = tuple(targets[j.name].shape)
+            shape = tuple(shapes[j.name])
             if shape != tuple(j.shape):
                 raise EvomergeError(f"tensor {j.name!r}: model has shape {list(shape)}, merge gives {list(j.shape)}"
                                     + (" (a different vocabulary size: see tokenizer_source)"
