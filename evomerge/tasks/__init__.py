@@ -1,8 +1,21 @@
 """Task definitions: items, prompt format, answer extraction, scoring.
 
-An item is one line of JSONL: ``{"id": str, "prompt": str, "answer": str}`` with an optional
-``"subgroup"`` (str). A task directory holds ``task.json`` (name, max_new_tokens, extract,
-template) and one JSONL file per split (``search.jsonl``, ``heldout.jsonl``).
+Two kinds of task, told apart by their items (:attr:`Task.kind`):
+
+- ``generate``: one line of JSONL per item, ``{"id": str, "prompt": str, "answer": str}``;
+  the model answers by greedy generation, scored by exact match after extraction.
+- ``choice`` (multiple choice, scored by log-likelihood as lm-evaluation-harness does):
+  ``{"id": str, "prompt": str, "choices": [str, ...], "answer": int}``, at least two
+  non-empty choices, ``answer`` the 0-based index of the right one.
+
+Both take an optional ``"subgroup"`` (str). A file holds one kind only. A task directory
+holds ``task.json`` and one JSONL file per split (``search.jsonl``, ``heldout.jsonl``).
+``task.json`` fields (all optional; others are rejected):
+
+- ``name`` (default: the folder name), ``description``;
+- ``template``: the prompt template, containing ``{prompt}`` (default ``"{prompt}"``);
+- ``max_new_tokens`` (default 32), ``extract`` (default ``exact``): generation only;
+- ``metric`` (default ``acc``), ``choice_delimiter`` (default ``" "``): choice only.
 
 Extraction modes (applied to the model output before comparing with the reference answer,
 which goes through the same normalisation):
@@ -11,6 +24,19 @@ which goes through the same normalisation):
 - ``last_number``: the last number (optionally signed, with decimals, thousands separators
   removed) in the output; no number -> never correct.
 - ``normalized``: lower case, punctuation removed, whitespace collapsed.
+
+Multiple choice: for each choice the evaluator scores the continuation
+``choice_delimiter + choice`` after the context ``template(prompt)`` (the sum of the
+log-probabilities of its tokens, :meth:`Evaluator.loglikelihoods`); all requests of a batch of
+items go in one call. The pair is tokenised as lm-evaluation-harness does
+(:func:`evomerge.backends.tokens.encode_pair`): context + continuation as one string, split
+where the context's tokens end, trailing spaces of the context moved into the continuation.
+The item is right when the best-scoring choice (the first of equals) is the answer. Metrics:
+
+- ``acc``: the highest sum of log-probabilities wins;
+- ``acc_norm``: the sum divided by the length of the choice text in characters (without the
+  delimiter) wins, lm-evaluation-harness's ``acc_norm``, which stops long choices losing for
+  their length alone.
 """
 
 from __future__ import annotations
@@ -27,11 +53,14 @@ import numpy as np
 from evomerge.errors import EvomergeError
 
 EXTRACT_MODES = ("exact", "last_number", "normalized")
+METRICS = ("acc", "acc_norm")
+KINDS = ("generate", "choice")
 SPLITS = ("search", "heldout")
 
 __all__ = [
     "EXTRACT_MODES",
     "Item",
+    "METRICS",
     "Task",
     "extract_answer",
     "load_items",
@@ -42,15 +71,24 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Item:
-    """One question: the prompt given to the model and the reference answer."""
+    """One question: the prompt given to the model and the reference answer (a string), or
+    for a multiple-choice item the ``choices`` and the index of the right one."""
 
     id: str
     prompt: str
-    answer: str
+    answer: str | int
     subgroup: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "generate" if self.choices is None else "choice"
 
     def to_dict(self) -> dict:
-        d = {"id": self.id, "prompt": self.prompt, "answer": self.answer}
+        d: dict = {"id": self.id, "prompt": self.prompt}
+        if self.choices is not None:
+            d["choices"] = list(self.choices)
+        d["answer"] = self.answer
         if self.subgroup is not None:
             d["subgroup"] = self.subgroup
         return d
@@ -108,10 +146,16 @@ def _item_from_obj(obj: object, where: str, seen: set[str]) -> Item:
         iid = str(iid)
     if not isinstance(iid, str) or not iid:
         raise EvomergeError(f"{where}: field 'id' must be a non-empty string, got {iid!r}")
-    for key in ("prompt", "answer"):
-        if not isinstance(obj[key], str):
-            raise EvomergeError(f"{where}: field {key!r} must be a string, got "
-                                f"{type(obj[key]).__name__}")
+    if not isinstance(obj["prompt"], str):
+        raise EvomergeError(f"{where}: field 'prompt' must be a string, got "
+                            f"{type(obj['prompt']).__name__}")
+    choices = None
+    if "choices" in obj:
+        choices = _check_choices(obj["choices"], obj["answer"], where)
+    elif not isinstance(obj["answer"], str):
+        raise EvomergeError(f"{where}: field 'answer' must be a string, got "
+                            f"{type(obj['answer']).__name__} (a multiple-choice item gives "
+                            "'choices' and the 0-based index of the right one as 'answer')")
     sub = obj.get("subgroup")
     if sub is not None and not isinstance(sub, str):
         raise EvomergeError(f"{where}: field 'subgroup' must be a string, got "
@@ -119,7 +163,25 @@ def _item_from_obj(obj: object, where: str, seen: set[str]) -> Item:
     if iid in seen:
         raise EvomergeError(f"{where}: duplicate id {iid!r} (ids must be unique in a file)")
     seen.add(iid)
-    return Item(id=iid, prompt=obj["prompt"], answer=obj["answer"], subgroup=sub)
+    return Item(id=iid, prompt=obj["prompt"], answer=obj["answer"], subgroup=sub,
+                choices=choices)
+
+
+def _check_choices(choices: object, answer: object, where: str) -> tuple[str, ...]:
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise EvomergeError(f"{where}: field 'choices' must be a list of at least 2 strings, "
+                            f"got {choices!r:.80}")
+    for k, c in enumerate(choices):
+        if not isinstance(c, str) or not c:
+            raise EvomergeError(f"{where}: field 'choices' entry {k} must be a non-empty "
+                                f"string, got {c!r:.80}")
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        raise EvomergeError(f"{where}: field 'answer' of a multiple-choice item must be the "
+                            f"0-based index of the right choice (an integer), got {answer!r:.80}")
+    if not 0 <= answer < len(choices):
+        raise EvomergeError(f"{where}: field 'answer' is {answer}, out of range for "
+                            f"{len(choices)} choices (0-based: 0..{len(choices) - 1})")
+    return tuple(choices)
 
 
 def load_items(path: str | Path) -> list[Item]:
@@ -139,7 +201,14 @@ def load_items(path: str | Path) -> list[Item]:
             except json.JSONDecodeError as exc:
                 raise EvomergeError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})"
                                     ) from None
-            items.append(_item_from_obj(obj, where, seen))
+            item = _item_from_obj(obj, where, seen)
+            if items and item.kind != items[0].kind:
+                raise EvomergeError(
+                    f"{where}: a {item.kind} item in a file of {items[0].kind} items (the "
+                    "first line has " + ("no 'choices'" if items[0].choices is None else
+                                         "'choices'") + "); a file holds one kind of item: "
+                    "put multiple-choice and generation items in separate tasks")
+            items.append(item)
     if not items:
         raise EvomergeError(f"{path}: no items (the file is empty)")
     return items
@@ -157,13 +226,19 @@ def write_items(path: str | Path, items: Iterable[Item | dict]) -> None:
 # --------------------------------------------------------------------------- task
 @dataclass
 class Task:
-    """A named set of items with a prompt template, a generation budget and a scorer."""
+    """A named set of items with a prompt template and a scorer.
+
+    Generation tasks use ``max_new_tokens`` and ``extract``; multiple-choice tasks (items with
+    ``choices``) use ``metric`` and ``choice_delimiter`` instead (see the module docstring).
+    """
 
     name: str
     items: list[Item] = field(default_factory=list)
     max_new_tokens: int = 32
     extract: str = "exact"
     template: str = "{prompt}"
+    metric: str = "acc"
+    choice_delimiter: str = " "
 
     def __post_init__(self) -> None:
         if self.extract not in EXTRACT_MODES:
@@ -175,9 +250,19 @@ class Task:
         if int(self.max_new_tokens) < 1:
             raise EvomergeError(f"task {self.name!r}: field 'max_new_tokens' must be >= 1")
         self.max_new_tokens = int(self.max_new_tokens)
+        if self.metric not in METRICS:
+            raise EvomergeError(f"task {self.name!r}: unknown metric {self.metric!r}; use one "
+                                f"of {', '.join(METRICS)}")
+        if not isinstance(self.choice_delimiter, str):
+            raise EvomergeError(f"task {self.name!r}: field 'choice_delimiter' must be a string")
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def kind(self) -> str:
+        """``"choice"`` when the items have choices (multiple choice), else ``"generate"``."""
+        return self.items[0].kind if self.items else "generate"
 
     def format_prompt(self, item: Item) -> str:
         """The text given to the model for ``item``."""
@@ -190,14 +275,22 @@ class Task:
         return extract_answer(text, self.extract)
 
     def answer(self, evaluator, items: Sequence[Item] | None = None) -> np.ndarray:
-        """0/1 correctness (int8) of ``evaluator``'s answers to ``items`` (default: all): greedy
-        generation, extracted and compared with the reference."""
+        """0/1 correctness (int8) of ``evaluator``'s answers to ``items`` (default: all).
+
+        Generation: greedy generation, extracted and compared with the reference. Multiple
+        choice: every choice of every item scored in one ``evaluator.loglikelihoods`` call."""
         items = self.items if items is None else list(items)
+        if not items:
+            return np.zeros(0, dtype=np.int8)
+        if items[0].kind == "choice":
+            return self.score_choices(evaluator.loglikelihoods(self.choice_requests(items)),
+                                      items)
         return self.score(evaluator.generate(self.prompts(items), self.max_new_tokens), items)
 
     def score(self, outputs: Sequence[str], items: Sequence[Item] | None = None) -> np.ndarray:
         """0/1 per item (int8): does the extracted output equal the extracted answer?"""
         items = self.items if items is None else items
+        self._check_kind(items, "generate")
         if len(outputs) != len(items):
             raise EvomergeError(f"task {self.name!r}: {len(outputs)} outputs for "
                                 f"{len(items)} items")
@@ -207,6 +300,53 @@ class Task:
             ref = extract_answer(it.answer, self.extract)
             out[i] = int(got is not None and ref is not None and got == ref)
         return out
+
+    # ---- multiple choice
+    def choice_requests(self, items: Sequence[Item] | None = None) -> list[tuple[str, str]]:
+        """``(context, continuation)`` pairs, item by item and choice by choice:
+        ``(template(prompt), choice_delimiter + choice)``."""
+        items = self.items if items is None else items
+        self._check_kind(items, "choice")
+        return [(self.format_prompt(it), self.choice_delimiter + c)
+                for it in items for c in it.choices]  # type: ignore[union-attr]
+
+    def choice_scores(self, logliks: Sequence[float],
+                      items: Sequence[Item] | None = None) -> list[np.ndarray]:
+        """Per item, the score of each choice under ``metric`` from the flat log-likelihoods
+        of :meth:`choice_requests`: the sum itself (``acc``) or divided by the choice's length
+        in characters (``acc_norm``)."""
+        items = self.items if items is None else items
+        self._check_kind(items, "choice")
+        ll = np.asarray(logliks, dtype=np.float64)
+        n = sum(len(it.choices) for it in items)  # type: ignore[arg-type]
+        if ll.shape != (n,):
+            raise EvomergeError(f"task {self.name!r}: {ll.size} log-likelihoods for {n} "
+                                f"choices of {len(items)} items")
+        out, k = [], 0
+        for it in items:
+            s = ll[k:k + len(it.choices)]  # type: ignore[arg-type]
+            k += len(it.choices)  # type: ignore[arg-type]
+            if self.metric == "acc_norm":
+                s = s / np.array([len(c) for c in it.choices], dtype=np.float64)  # type: ignore[union-attr]
+            out.append(s)
+        return out
+
+    def score_choices(self, logliks: Sequence[float],
+                      items: Sequence[Item] | None = None) -> np.ndarray:
+        """0/1 per item (int8): is the best-scoring choice (the first of equals) the answer?"""
+        items = self.items if items is None else items
+        scores = self.choice_scores(logliks, items)
+        return np.array([int(np.argmax(s)) == it.answer for s, it in zip(scores, items)],
+                        dtype=np.int8)
+
+    def _check_kind(self, items: Sequence[Item], kind: str) -> None:
+        for it in items:
+            if it.kind != kind:
+                raise EvomergeError(
+                    f"task {self.name!r}: item {it.id!r} is a {it.kind} item, but "
+                    + ("scoring generated text needs generation items (use answer() for "
+                       "multiple-choice tasks)" if kind == "generate" else
+                       "multiple-choice scoring needs items with choices"))
 
 
 def load_task_dir(path: str | Path, split: str = "search") -> Task:
@@ -225,7 +365,8 @@ def load_task_dir(path: str | Path, split: str = "search") -> Task:
                             ) from None
     if not isinstance(meta, dict):
         raise EvomergeError(f"{meta_path}: expected a JSON object")
-    known = {"name", "max_new_tokens", "extract", "template", "description"}
+    known = {"name", "max_new_tokens", "extract", "template", "description", "metric",
+             "choice_delimiter"}
     unknown = sorted(set(meta) - known)
     if unknown:
         raise EvomergeError(f"{meta_path}: unknown field(s) {', '.join(unknown)}; known: "
@@ -241,7 +382,15 @@ def load_task_dir(path: str | Path, split: str = "search") -> Task:
     if not isinstance(template, str) or "{prompt}" not in template:
         raise EvomergeError(f"{meta_path}: field 'template' must be a string containing "
                             "'{prompt}'")
+    metric = meta.get("metric", "acc")
+    if metric not in METRICS:
+        raise EvomergeError(f"{meta_path}: field 'metric' is {metric!r}; use one of "
+                            f"{', '.join(METRICS)} (multiple-choice tasks)")
+    delim = meta.get("choice_delimiter", " ")
+    if not isinstance(delim, str):
+        raise EvomergeError(f"{meta_path}: field 'choice_delimiter' must be a string (put "
+                            "between the prompt and each choice; \"\" for none)")
     name = meta.get("name", path.name)
     items = load_items(path / f"{split}.jsonl")
     return Task(name=str(name), items=items, max_new_tokens=mnt, extract=extract,
-                template=template)
+                template=template, metric=metric, choice_delimiter=delim)
