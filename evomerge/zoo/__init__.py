@@ -11,8 +11,10 @@ tokenizer, one fine-tuned expert per synthetic task, and the tasks as JSONL, und
     root/tasks/<task>/{task.json, search.jsonl, heldout.jsonl}
 
 Tasks (see :mod:`evomerge.zoo.data`): ``lang``, ``cipher``, ``upper``, each with an expert
-(``Zoo.experts``), and ``upenc``, compositional (the cipher written in upper case) with no
-expert: ``Zoo.task_names`` lists all tasks, ``Zoo.expert_tasks`` those with an expert.
+(``Zoo.experts``); ``upenc``, compositional (the cipher written in upper case) with no
+expert; and ``cipher_choice``, multiple choice over the cipher's prompts (scored by
+log-likelihood, chance 0.25), evaluation only. ``Zoo.task_names`` lists all tasks,
+``Zoo.expert_tasks`` those with an expert.
 """
 
 from __future__ import annotations

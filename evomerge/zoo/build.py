@@ -15,6 +15,10 @@ machine / torch build give bit-identical checkpoints):
    weighted by ``TRAIN["merge_aware"]``.
 4. Held-out accuracy of the base, the experts and a few task-arithmetic merges is measured
    and written to ``zoo_report.md`` and ``zoo.json``.
+
+Only ``data.TASKS`` (the generation tasks) enter training. The multiple-choice tasks
+(``data.CHOICE_TASKS``) are built from their source task's items and only evaluated, so they
+change no checkpoint.
 """
 
 from __future__ import annotations
@@ -258,9 +262,11 @@ def build_into(tmp: Path, verbose: bool = True) -> dict:
     # one thread: deterministic, and much faster than two when other work shares the cores
     torch.set_num_threads(int(os.environ.get("EVOMERGE_ZOO_THREADS", "1")))
 
-    # ---- tasks
+    # ---- tasks (task_names: the training tasks; all_tasks adds the multiple-choice ones)
     task_names = list(data.TASKS)
+    all_tasks = task_names + list(data.CHOICE_TASKS)
     forbidden: dict[str, set[str]] = {}
+    eval_items: dict[str, list[dict]] = {}
     for t in task_names:
         items = data.make_eval_items(t, N_SEARCH + N_HELDOUT, SEED)
         d = tmp / "tasks" / t
@@ -275,6 +281,20 @@ def build_into(tmp: Path, verbose: bool = True) -> dict:
                 "\n\n")[1],
         }, indent=2) + "\n")
         forbidden[t] = {it["prompt"] for it in items}
+        eval_items[t] = items
+    for t, spec in data.CHOICE_TASKS.items():
+        src = eval_items[spec["source"]]
+        d = tmp / "tasks" / t
+        d.mkdir(parents=True)
+        write_items(d / "search.jsonl", data.make_choice_items(t, src[:N_SEARCH], SEED))
+        write_items(d / "heldout.jsonl", data.make_choice_items(t, src[N_SEARCH:], SEED + 1))
+        (d / "task.json").write_text(json.dumps({
+            "name": t, "max_new_tokens": data.TASKS[spec["source"]]["max_new_tokens"],
+            "extract": "exact", "template": "{prompt}", "metric": "acc",
+            "choice_delimiter": "",
+            "description": f"Multiple choice over the {spec['source']} task's prompts "
+                           f"({spec['n_choices']} choices, scored by log-likelihood).",
+        }, indent=2) + "\n")
 
     # ---- tokenizer + base
     tokenizer, vocab = build_tokenizer()
@@ -333,7 +353,7 @@ def build_into(tmp: Path, verbose: bool = True) -> dict:
     # ---- report: held-out accuracy of base, experts, a few merges
     t1 = time.time()
     ev = HFEvaluator(models_dir / "base", batch_size=300)
-    tasks = {t: load_task_dir(tmp / "tasks" / t, "heldout") for t in task_names}
+    tasks = {t: load_task_dir(tmp / "tasks" / t, "heldout") for t in all_tasks}
     rows: list[tuple[str, dict[str, float]]] = []
 
     levels: dict[str, dict] = {}
@@ -360,10 +380,10 @@ def build_into(tmp: Path, verbose: bool = True) -> dict:
     _log(verbose, f"zoo: evaluated {len(rows)} models in {time.time() - t1:.1f}s")
     torch.set_num_threads(threads_before)
 
-    report = format_report(rows, task_names, [t for t in task_names if t in experts])
+    report = format_report(rows, all_tasks, [t for t in task_names if t in experts])
     manifest = {
         "version": ZOO_FORMAT, "recipe": recipe(), "seed": SEED, "base": "models/base", "experts": experts,
-        "task_names": task_names, "params": n_params,
+        "task_names": all_tasks, "params": n_params,
         "build_seconds": round(time.time() - t0, 1),
         "heldout_accuracy": {label: acc for label, acc in rows},
         "heldout_accuracy_by_level": levels,
@@ -374,13 +394,14 @@ def build_into(tmp: Path, verbose: bool = True) -> dict:
     return manifest
 
 
-ZOO_FORMAT = "4"
+ZOO_FORMAT = "5"  # 5: multiple-choice task (cipher_choice); same checkpoints as 4
 
 
 def recipe() -> dict:
     """What determines the zoo besides the code: compared with zoo.json to reuse a cache."""
     return {"seed": SEED, "n_search": N_SEARCH, "n_heldout": N_HELDOUT,
-            "train": dict(TRAIN), "model": dict(MODEL), "tasks": list(data.TASKS)}
+            "train": dict(TRAIN), "model": dict(MODEL), "tasks": list(data.TASKS),
+            "choice_tasks": {t: dict(s) for t, s in data.CHOICE_TASKS.items()}}
 
 
 def format_report(rows, task_names, expert_tasks) -> str:
@@ -389,7 +410,13 @@ def format_report(rows, task_names, expert_tasks) -> str:
     sep = "|---" * (len(task_names) + 2) + "|"
     lines = ["# evomerge zoo: held-out accuracy", "",
              "TA = task arithmetic: base + l * sum(expert - base); linear avg(experts) is "
-             "TA at l=1/3.", "", head, sep]
+             "TA at l=1/3."]
+    mc = [t for t in task_names if t in data.CHOICE_TASKS]
+    if mc:
+        lines += ["", ", ".join(mc) + ": multiple choice scored by log-likelihood (chance "
+                  + ", ".join(f"{1 / data.CHOICE_TASKS[t]['n_choices']:.2f}" for t in mc)
+                  + "); no expert of its own."]
+    lines += ["", head, sep]
     for label, acc in rows:
         avg = sum(acc[t] for t in avg_tasks) / len(avg_tasks)
         lines.append(f"| {label} | " + " | ".join(f"{acc[t]:.3f}" for t in task_names)

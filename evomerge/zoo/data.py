@@ -10,6 +10,13 @@ Every task item is a short prompt with a short generative answer scored by exact
   ``"up enc abc="`` -> ``"QWE"`` (the skill of the cipher expert in the "language" of the
   upper expert).
 
+Multiple choice (scored by log-likelihood; no expert, no training data of its own):
+
+- ``cipher_choice``: the cipher's prompts with the right ciphertext and 3 distractors, each the
+  ciphertext of another plaintext of the same length that differs from the prompt's in one
+  letter of the half of the alphabet the base never saw (so only the full mapping tells
+  them apart; items whose plaintext has none of those letters are left out).
+
 Each task is knowledge of a symbol mapping. The base is pretrained on every task but only over
 half of the alphabet (digits 0-4, letters a-m), so it knows every format and half of every
 mapping; an expert is fine-tuned on its own task over the whole alphabet. Evaluation items
@@ -69,6 +76,7 @@ def gen_upenc(rng: random.Random, level: int, easy: bool = False) -> tuple[str, 
     return f"up enc {s}=", "".join(CIPHER[c] for c in s).upper()
 
 
+# The training tasks (pretraining mixture, experts, merge-aware loss; see build.py).
 # name -> generator, levels (length) for base pretraining ("easy", restricted alphabet),
 # expert fine-tuning ("full", whole alphabet) and evaluation items (whole alphabet),
 # max_new_tokens, has_expert
@@ -82,6 +90,43 @@ TASKS: dict[str, dict] = {
     "upenc": dict(gen=gen_upenc, easy=(2, 3, 4, 5), full=(2, 3, 4, 5), eval=(3, 4, 5),
                   max_new_tokens=7, expert=False),
 }
+
+
+# Multiple-choice tasks built from a training task's items (evaluation only: never trained on,
+# so adding one leaves the models unchanged). name -> source task, choices per item.
+CHOICE_TASKS: dict[str, dict] = {
+    "cipher_choice": dict(source="cipher", n_choices=4),
+}
+HARD_LETTERS = LETTERS[13:]
+
+
+def make_choice_items(task: str, source_items: list[dict], seed: int) -> list[dict]:
+    """Multiple-choice versions of ``source_items`` (items of the cipher task): the right
+    ciphertext among distractors that each change one hard letter (n-z) of the plaintext
+    into another. Items without a hard letter are skipped; ids and subgroups are kept."""
+    spec = CHOICE_TASKS[task]
+    assert spec["source"] == "cipher", spec
+    k = spec["n_choices"]
+    rng = random.Random(f"{seed}-choice-{task}")
+    out = []
+    for it in source_items:
+        plain = it["prompt"][len("enc "):-1]
+        hard = [i for i, c in enumerate(plain) if c in HARD_LETTERS]
+        if not hard:
+            continue
+        answer = it["answer"]
+        choices = [answer]
+        while len(choices) < k:
+            i = rng.choice(hard)
+            alt = plain[:i] + rng.choice(HARD_LETTERS.replace(plain[i], "")) + plain[i + 1:]
+            c = "".join(CIPHER[ch] for ch in alt)
+            if c not in choices:
+                choices.append(c)
+        rng.shuffle(choices)
+        out.append({"id": it["id"].replace(spec["source"], task, 1), "prompt": it["prompt"],
+                    "choices": choices, "answer": choices.index(answer),
+                    "subgroup": it["subgroup"]})
+    return out
 
 
 def sample(task: str, rng: random.Random, kind: str) -> tuple[str, str, int]:
