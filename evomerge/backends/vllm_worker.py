@@ -44,17 +44,33 @@ class MergeWorker:
             return ("error", str(exc), "")
         return None
 
-    def evomerge_apply(self, recipe: dict) -> float:
-        """Merge ``recipe`` here and reload the result in place; returns the seconds it took."""
+    def evomerge_apply(self, recipe: dict):
+        """Merge ``recipe`` here and reload the result in place; returns (seconds, None), or
+        (None, error message): an exception raised here would stop vLLM's engine."""
         from evomerge.merge.recipe import MergeRecipe
 
         t0 = time.perf_counter()
-        r = MergeRecipe.from_dict(recipe)
-        merger = self._evomerge_merger
-        merger.check_shapes(r, self._evomerge_shapes)
-        self.model_runner.reload_weights(weights_iterator=merger.merged_tensors(r))
-        return time.perf_counter() - t0
+        try:
+            r = MergeRecipe.from_dict(recipe)
+            merger = self._evomerge_merger
+            merger.check_shapes(r, self._evomerge_shapes)
+            self.model_runner.reload_weights(weights_iterator=merger.merged_tensors(r))
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which raises it
+            return None, f"{type(exc).__name__}: {exc}"
+        return time.perf_counter() - t0, None
 
-    def evomerge_load_weights(self, weights: list) -> None:
-        """Load checkpoint-named ``(name, tensor)`` pairs in place."""
-        self.model_runner.reload_weights(weights_iterator=iter(weights))
+    def evomerge_load_weights(self, weights: list):
+        """Load checkpoint-named tensors in place, sent as ``(name, dtype, shape, bytes)`` (the RPC
+        layer does not carry tensors); returns None or an error message."""
+        import torch
+
+        try:
+            pairs = [(name, torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).reshape(shape))
+                     for name, dtype, shape, raw in weights]
+            missing = [n for n, _ in pairs if n not in self._evomerge_shapes]
+            if missing:
+                return f"the model has no tensor {missing[0]!r}"
+            self.model_runner.reload_weights(weights_iterator=iter(pairs))
+        except Exception as exc:  # noqa: BLE001
+            return f"{type(exc).__name__}: {exc}"
+        return None

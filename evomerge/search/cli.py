@@ -18,6 +18,8 @@ def search(
     generations: Optional[int] = typer.Option(None, "--generations", min=1,
                                               help="override optimizer.generations"),
     seed: Optional[int] = typer.Option(None, "--seed", help="override the config's seed"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="override evaluator.backend: hf "
+                                          "(transformers) or vllm"),
     check: bool = typer.Option(False, "--check", help="check the config, models, vocabularies, tasks and "
                                "devices, print what the run would answer, and stop (writes nothing)"),
 ) -> None:
@@ -33,6 +35,12 @@ def search(
             updates["optimizer"] = cfg.optimizer.model_copy(update={"generations": generations})
         if seed is not None:
             updates["seed"] = seed
+        if backend is not None:
+            from evomerge.config import parse_config
+
+            data = cfg.to_dict()
+            data["evaluator"]["backend"] = backend
+            updates["evaluator"] = parse_config(data, "--backend").evaluator
         if updates:
             cfg = cfg.model_copy(update=updates)
     elif generations is not None:

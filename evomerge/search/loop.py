@@ -240,6 +240,8 @@ def load_tasks(cfg: RunConfig) -> dict[str, TaskPair]:
             mnt = cfg.evaluator.max_new_tokens or tc.max_new_tokens
             if mnt is not None:
                 t.max_new_tokens = mnt
+            if tc.metric is not None:
+                t.metric = tc.metric
         if tc.search_limit:
             search.items = search.items[: tc.search_limit]
         out[name] = TaskPair(name, search, heldout)
@@ -769,7 +771,7 @@ def _plan_lines(cfg: RunConfig, ctx: SearchContext, target: RunDir, log) -> list
         f"models: base {ctx.base_path} ({params / 1e6:.1f}M parameters) + {K} endpoints"
         + (", rows mapped onto the base's vocabulary" if cfg.models.tokenizer_source else ""),
         "tasks: " + ", ".join(f"{t} ({n_search[t]} search / {n_held[t]} held-out items)" for t in ctx.tasks),
-        f"devices: evaluation {ev.device}, sources on {ev.merge_device or ev.device}, merging on "
+        f"devices: evaluation {ev.device} ({ev.backend}), sources on {ev.merge_device or ev.device}, merging on "
         f"{ev.merge_compute or ev.merge_device or ev.device}",
         (f"calibration: {n_calib} models × {sum(n_search.values())} items = {n_calib * sum(n_search.values()):,} answers"
          if calibrate else "calibration: none" + (" (banks from calibration.banks)" if fit.estimator != "full" else "")),
