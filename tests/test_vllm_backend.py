@@ -107,7 +107,7 @@ def test_vllm_scores_multiple_choice_as_hf_does(zoo, engines):
 
 
 @needs_vllm
-def test_vllm_load_weights_and_recipe_errors(zoo, engines):
+def test_vllm_load_weights_and_recipe_errors(zoo, engines, tmp_path):
     import torch
 
     v, h = engines
@@ -120,11 +120,16 @@ def test_vllm_load_weights_and_recipe_errors(zoo, engines):
     t = zoo.load_task("upper", "search")
     assert np.array_equal(v.answer(t, t.items[:100]), h.answer(t, t.items[:100]))
     bad = _recipe(zoo, [1, 1, 1])
-    bad["slices"] = [{"sources": [{"model": str(zoo.base), "layer_range": [0, 2]}]}]
-    bad["merge_method"] = "passthrough"
-    del bad["models"]
-    with pytest.raises(EvomergeError, match="no tensor|layers"):
+    bad["models"][0]["model"] = str(tmp_path)  # not a model: the worker's error comes back, the engine lives
+    with pytest.raises(EvomergeError, match=str(tmp_path)):
         v.check_recipe(bad)
+    with pytest.raises(EvomergeError, match=str(tmp_path)):
+        v.apply_recipe(bad)
+    with pytest.raises(EvomergeError, match="no tensor"):
+        v.load_weights([("model.no_such.weight", w)])
+    v.apply_recipe(_recipe(zoo, [1, 1, 1]))
+    h.apply_recipe(_recipe(zoo, [1, 1, 1]))
+    assert np.array_equal(v.answer(t, t.items[:50]), h.answer(t, t.items[:50]))
     with pytest.raises(EvomergeError, match="in-memory"):
         v.load_model(h.model)
 
