@@ -12,13 +12,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
+                      field_validator, model_validator)
 
 from evomerge.errors import EvomergeError
+
+# Numbers are strict: a YAML bool (yes / true) or a quoted string is refused, not read as 1 / 1.0.
+Num = StrictFloat
+Int = StrictInt
+
+
+class _FieldErrors(ValueError):
+    """Validation errors at sub-fields of the model that raises them: ``(dotted path, message)``
+    pairs, the path relative to that model (reported as one line per error)."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = list(errors)
+        super().__init__("; ".join(f"{p}: {m}" if p else m for p, m in self.errors))
+
+
+def _field_error(path: str, msg: str) -> _FieldErrors:
+    return _FieldErrors([(path, msg)])
 
 
 class _Strict(BaseModel):
@@ -34,9 +53,18 @@ class ModelsConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_tokenizer_source(self):
+        seen: dict[str, int] = {}
+        for i, ref in enumerate(self.endpoints):
+            if ref in seen:
+                raise _field_error(f"endpoints.{i}", f"{ref!r} is listed twice (also endpoints.{seen[ref]}); "
+                                   "list each endpoint once")
+            seen[ref] = i
+            if ref == self.base:
+                raise _field_error(f"endpoints.{i}", f"{ref!r} is the base model; endpoints are the "
+                                   "fine-tunes merged into the base, so leave the base out of them")
         if self.tokenizer_source not in (None, "base"):
-            raise ValueError(
-                f"tokenizer_source: {self.tokenizer_source!r} cannot be searched: candidates are merged into "
+            raise _field_error(
+                "tokenizer_source", f"{self.tokenizer_source!r} cannot be searched: candidates are merged into "
                 "the evaluator's live model, which keeps the base's vocabulary; use 'base' here, and merge the "
                 "best recipe with another tokenizer_source afterwards (`evomerge merge`)")
         return self
@@ -46,16 +74,18 @@ class GeneSpec(_Strict):
     """One merge parameter that the optimizer searches."""
 
     name: str = Field(description="merge-method parameter, e.g. weight, density, t")
-    bounds: tuple[float, float] = (0.0, 1.0)
-    layer_groups: int = Field(1, ge=1, description="1 = one value for all layers; k = k values "
+    bounds: tuple[Num, Num] = (0.0, 1.0)
+    layer_groups: Int = Field(1, ge=1, description="1 = one value for all layers; k = k values "
                               "interpolated across the layers (mergekit gradient)")
     filter: Optional[str] = Field(None, description="tensor-name filter, e.g. self_attn or mlp")
 
     @model_validator(mode="after")
     def _check_bounds(self):
         lo, hi = self.bounds
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise _field_error("bounds", f"must be finite numbers, got {list(self.bounds)}")
         if not lo < hi:
-            raise ValueError(f"bounds must be [low, high] with low < high, got {list(self.bounds)}")
+            raise _field_error("bounds", f"must be [low, high] with low < high, got {list(self.bounds)}")
         return self
 
 
@@ -70,22 +100,22 @@ class DataflowSpaceConfig(_Strict):
     model_a: str = Field("ps", description="'ps' (the PS stage's best, kind ps+dfs), 'base', "
                          "or an endpoint reference")
     model_b: str = Field(description="'base' or an endpoint reference")
-    repeats: int = Field(2, ge=1, description="the layers of A then B are laid out this many times")
-    scale_bounds: tuple[float, float] = Field((0.5, 2.0), description="input scales, log-uniform; "
+    repeats: Int = Field(2, ge=1, description="the layers of A then B are laid out this many times")
+    scale_bounds: tuple[Num, Num] = Field((0.5, 2.0), description="input scales, log-uniform; "
                                               "0 < low <= 1 <= high")
     scale_mode: Literal["matrix", "layer", "none"] = Field(
         "matrix", description="matrix: W[i, j] per (previous, next) layer as in the paper; "
         "layer: one scale per layer (far fewer genes); none: all scales 1")
-    max_layers: Optional[int] = Field(None, ge=1, description="cap on the layers of a path")
-    generations: Optional[int] = Field(None, ge=1, description="DFS generations (ps+dfs); "
+    max_layers: Optional[Int] = Field(None, ge=1, description="cap on the layers of a path")
+    generations: Optional[Int] = Field(None, ge=1, description="DFS generations (ps+dfs); "
                                        "default optimizer.generations")
-    population: Optional[int] = Field(None, ge=4)
+    population: Optional[Int] = Field(None, ge=4)
 
     @model_validator(mode="after")
     def _check_scales(self):
         lo, hi = self.scale_bounds
         if not (0 < lo <= 1 <= hi):
-            raise ValueError(f"scale_bounds must satisfy 0 < low <= 1 <= high (scales are folded "
+            raise _field_error("scale_bounds", f"must satisfy 0 < low <= 1 <= high (scales are folded "
                              f"into weights and must stay positive), got {list(self.scale_bounds)}")
         return self
 
@@ -111,7 +141,48 @@ class SearchSpaceConfig(_Strict):
         names = [(g.name, g.filter) for g in self.genes]
         if len(set(names)) != len(names):
             raise ValueError("genes: the same (name, filter) appears twice")
+        if self.kind in ("parameter", "ps+dfs"):
+            self._check_method()
         return self
+
+    def _check_method(self) -> None:
+        """Genes and fixed values against the merge method's parameters and their valid values
+        (registry ranges), so that no candidate of the search can fall outside them."""
+        from evomerge.merge.registry import get_method
+
+        try:
+            spec = get_method(self.method)
+        except EvomergeError as exc:
+            raise _field_error("method", str(exc)) from None
+        known = set(spec.model_params) | set(spec.global_params)
+        takes = ", ".join(sorted(known)) or "none"
+        errors = []
+        for i, g in enumerate(self.genes):
+            if g.name not in known:
+                errors.append((f"genes.{i}.name", f"{g.name!r} is not a parameter of {spec.name}; it takes: {takes}"))
+            elif g.name in self.fixed:
+                errors.append((f"genes.{i}.name", f"{g.name!r} is both a gene and in search_space.fixed; keep one"))
+            else:
+                why = spec.check_bounds(g.name, *g.bounds)
+                if why is not None:
+                    errors.append((f"genes.{i}.bounds", why))
+        for key, value in self.fixed.items():
+            if key not in known:
+                errors.append((f"fixed.{key}", f"not a parameter of {spec.name}; it takes: {takes}"))
+                continue
+            from evomerge.merge.recipe import _scalars
+
+            try:
+                scalars = list(_scalars(value))
+            except (KeyError, TypeError):
+                scalars = [value]
+            for v in scalars:
+                why = spec.check_value(key, v)
+                if why is not None:
+                    errors.append((f"fixed.{key}", why))
+                    break
+        if errors:
+            raise _FieldErrors(errors)
 
 
 class DatasetSource(_Strict):
@@ -130,7 +201,7 @@ class DatasetSource(_Strict):
                                          "field of choices (dotted for nested, e.g. choices.text); "
                                          "answer_field then holds the right one's text, letter "
                                          "label (A, B, ...) or 0-based index")
-    limit: Optional[int] = Field(None, ge=1)
+    limit: Optional[Int] = Field(None, ge=1)
 
 
 class TaskConfig(_Strict):
@@ -143,11 +214,11 @@ class TaskConfig(_Strict):
     source: Optional[DatasetSource] = None
     template: Optional[str] = Field(None, description="prompt template with {prompt}")
     extract: Optional[Literal["exact", "last_number", "normalized"]] = None
-    max_new_tokens: Optional[int] = Field(None, ge=1)
+    max_new_tokens: Optional[Int] = Field(None, ge=1)
     metric: Optional[Literal["acc", "acc_norm"]] = Field(
         None, description="multiple-choice tasks: acc (highest log-likelihood) or acc_norm "
         "(per character of the choice); overrides task.json's")
-    search_limit: Optional[int] = Field(None, ge=1, description="use the first N search items")
+    search_limit: Optional[Int] = Field(None, ge=1, description="use the first N search items")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -157,6 +228,9 @@ class TaskConfig(_Strict):
                              + (f" (got {', '.join(given)})" if given else ""))
         if self.zoo is None and self.name is None:
             raise ValueError("a task from path or source needs a name")
+        if self.template is not None and "{prompt}" not in self.template:
+            raise _field_error("template", f"{self.template!r} has no '{{prompt}}': every item would get "
+                               "the same prompt; put {prompt} where the item's prompt goes")
         return self
 
     @property
@@ -168,8 +242,8 @@ class EvaluatorConfig(_Strict):
     backend: Literal["hf", "vllm"] = "hf"
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    batch_size: int = Field(64, ge=1)
-    max_new_tokens: Optional[int] = Field(None, ge=1, description="overrides each task's")
+    batch_size: Int = Field(64, ge=1)
+    max_new_tokens: Optional[Int] = Field(None, ge=1, description="overrides each task's")
     merge_device: Optional[str] = Field(None, description="where the merge engine keeps the "
                                         "sources and computes (default: device); 'cpu' when "
                                         "base + endpoints do not fit next to the model on the GPU")
@@ -181,28 +255,28 @@ class EvaluatorConfig(_Strict):
         "float32", description="float32: sources and task vectors resident in float32 (fastest); "
         "native: sources in their checkpoint dtype (bf16: 1/4 of the memory), task vectors "
         "computed per candidate; same merged bits")
-    threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; default: 1 "
+    threads: Optional[Int] = Field(None, ge=1, description="CPU threads for torch; default: 1 "
                                    "for models under 50M parameters (tiny matrices run fastest "
                                    "on one thread), else torch's default")
-    kv_cache_gib: Optional[float] = Field(None, gt=0, description="vllm: KV-cache size in GiB "
+    kv_cache_gib: Optional[Num] = Field(None, gt=0, description="vllm: KV-cache size in GiB "
                                           "(default: 1 on the CPU; on CUDA gpu_memory_utilization decides)")
-    gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vllm on CUDA: the share of "
+    gpu_memory_utilization: Num = Field(0.8, gt=0, le=1, description="vllm on CUDA: the share of "
                                           "GPU memory vLLM may take (model + KV cache); leave room "
                                           "for the merge engine's sources when they are on the GPU")
 
 
 class CalibrationConfig(_Strict):
-    samples: int = Field(40, ge=0, description="recipes sampled from the search space, besides "
+    samples: Int = Field(40, ge=0, description="recipes sampled from the search space, besides "
                          "the base and the endpoints (more: better item banks; see the README)")
-    dim: Optional[int] = Field(None, ge=1, description="IRT dimension; None = chosen by validation")
+    dim: Optional[Int] = Field(None, ge=1, description="IRT dimension; None = chosen by validation")
     banks: Optional[str] = Field(None, description="folder with <task>.bank.safetensors files to reuse (e.g. an earlier run's banks/); calibration is then skipped")
 
 
 class FitnessConfig(_Strict):
     estimator: Literal["mean", "pirt", "gpirt", "mpirt", "gmpirt", "full"] = "mpirt"
-    anchors: int = Field(20, ge=1, description="anchor items per task (ignored by 'full')")
+    anchors: Int = Field(20, ge=1, description="anchor items per task (ignored by 'full')")
     anchor_method: Literal["random", "correctness", "irt", "info"] = "info"
-    rounds: int = Field(1, ge=1, description="1: the same anchors for every candidate; R > 1: an "
+    rounds: Int = Field(1, ge=1, description="1: the same anchors for every candidate; R > 1: an "
                         "adaptive test -- the anchors are asked in R rounds, round 1 chosen by "
                         "anchor_method, later rounds picked per candidate from its answers so far "
                         "(irt.adaptive; needs estimator pirt or mpirt)")
@@ -211,12 +285,12 @@ class FitnessConfig(_Strict):
     @model_validator(mode="after")
     def _check_rounds(self):
         if self.rounds > 1 and self.estimator not in ("pirt", "mpirt"):
-            raise ValueError(f"fitness.rounds: {self.rounds} rounds (adaptive anchors) need estimator pirt "
+            raise _field_error("rounds", f"{self.rounds} rounds (adaptive anchors) need estimator pirt "
                              f"or mpirt, not {self.estimator!r}: adaptively chosen items are not a "
                              "representative sample, so their plain mean (used by mean, gpirt, gmpirt) "
                              "is biased, and 'full' asks every item anyway")
         if self.rounds > self.anchors:
-            raise ValueError(f"fitness.rounds: {self.rounds} rounds for {self.anchors} anchors; "
+            raise _field_error("rounds", f"{self.rounds} rounds for {self.anchors} anchors; "
                              "each round asks at least one item")
         return self
 
@@ -224,22 +298,22 @@ class FitnessConfig(_Strict):
 class OptimizerConfig(_Strict):
     name: Literal["cmaes", "optuna"] = "cmaes"
     sampler: Literal["cmaes", "tpe", "nsga2"] = "cmaes"
-    population: Optional[int] = Field(None, ge=4, description="candidates per generation "
+    population: Optional[Int] = Field(None, ge=4, description="candidates per generation "
                                       "(CMA-ES needs >= 4); default 4 + floor(3 ln d)")
-    generations: int = Field(10, ge=1)
-    sigma0: float = Field(1 / 6, gt=0, le=1)
-    separable: Union[bool, Literal["auto"]] = "auto"
+    generations: Int = Field(10, ge=1)
+    sigma0: Num = Field(1 / 6, gt=0, le=1)
+    separable: Union[StrictBool, Literal["auto"]] = "auto"
 
 
 class FinalConfig(_Strict):
-    top_k: int = Field(3, ge=1, description="best candidates re-evaluated on held-out items")
-    write_model: bool = True
+    top_k: Int = Field(3, ge=1, description="best candidates re-evaluated on held-out items")
+    write_model: StrictBool = True
 
 
 class RunConfig(_Strict):
     name: str = "run"
     run_dir: Optional[str] = Field(None, description="default populations/<name>-<time>")
-    seed: int = 0
+    seed: Int = Field(0, ge=0, description="seeds numpy / torch / the optimizer; >= 0")
     models: ModelsConfig
     search_space: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
     tasks: list[TaskConfig] = Field(min_length=1)
@@ -265,13 +339,13 @@ class RunConfig(_Strict):
             refs = {"base", "ps", *self.models.endpoints}
             for field_name in ("model_a", "model_b"):
                 if getattr(df, field_name) not in refs:
-                    raise ValueError(f"search_space.dataflow.{field_name}: "
-                                     f"{getattr(df, field_name)!r} is not 'base', 'ps' or one of "
-                                     f"models.endpoints")
+                    raise _field_error(f"search_space.dataflow.{field_name}",
+                                       f"{getattr(df, field_name)!r} is not 'base', 'ps' or one of "
+                                       f"models.endpoints")
         if self.fitness.aggregate == "per_task" and not (
                 self.optimizer.name == "optuna" and self.optimizer.sampler in ("nsga2", "tpe")):
-            raise ValueError("fitness.aggregate: per_task (one objective per task) needs "
-                             "optimizer.name: optuna with sampler: nsga2 or tpe")
+            raise _field_error("fitness.aggregate", "per_task (one objective per task) needs "
+                               "optimizer.name: optuna with sampler: nsga2 or tpe")
         return self
 
     def to_dict(self) -> dict:
@@ -316,18 +390,49 @@ def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+_TYPE_WORDS = {
+    "float_type": "expected a number", "int_type": "expected an integer", "bool_type": "expected true or false",
+    "string_type": "expected a string", "list_type": "expected a list", "tuple_type": "expected a list",
+    "dict_type": "expected a mapping", "model_type": "expected a mapping",
+}
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One readable message: file, then each failing field as a dotted path."""
+    """One line per failing field, each naming the file and the field as a dotted path:
+    ``cfg.yaml: search_space.genes.0.bounds: ...``."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = [str(p) for p in err["loc"]]
+        typ = err["type"]
+        original = (err.get("ctx") or {}).get("error")
+        if isinstance(original, _FieldErrors):
+            for path, msg in original.errors:
+                where = ".".join(loc + ([path] if path else [])) or "(top level)"
+                lines.append(f"{source}: {where}: {msg}")
+            continue
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if typ == "extra_forbidden":
             msg = "unknown field (check the spelling; see configs/demo.yaml for the schema)"
-        elif err["type"] == "missing":
+        elif typ == "missing":
             msg = "required field is missing"
-        lines.append(f"{loc}: {msg}")
-    return f"{source}: invalid config\n  " + "\n  ".join(lines)
+        elif typ in _TYPE_WORDS:
+            msg = f"{_TYPE_WORDS[typ]}, got {err.get('input')!r}"
+        where = ".".join(loc) or "(top level)"
+        if typ.startswith(("literal_", "union_")) and loc and loc[-1].startswith(("Literal", "bool", "int")):
+            where = ".".join(loc[:-1])  # the union's branch names add nothing for the user
+        lines.append(f"{source}: {where}: {msg}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def yaml_error_message(path: str | Path, exc: Exception) -> str:
+    """A YAML syntax error as one line naming the file, line and column (not '<unicode string>')."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def parse_config(data: Any, source: str = "<config>") -> RunConfig:
@@ -348,7 +453,7 @@ def load_config(path: str | Path) -> RunConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise EvomergeError(f"{path}: not valid YAML: {exc}") from None
+        raise EvomergeError(yaml_error_message(path, exc)) from None
     return parse_config(data, str(path))
 
 

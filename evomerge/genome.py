@@ -55,13 +55,16 @@ class ParameterSpace:
             raise EvomergeError(f"models.endpoints: merge method {method!r} takes "
                                 f"{self.spec.min_models}..{hi} models besides the base, got {n}")
         known = set(self.spec.model_params) | set(self.spec.global_params)
-        for key in self.fixed:
+        for key, value in self.fixed.items():
             if key not in known:
                 raise EvomergeError(f"search_space.fixed.{key}: not a parameter of {method!r}; "
                                     f"it takes: {', '.join(sorted(known)) or 'none'}")
+            why = self.spec.check_value(key, value) if not isinstance(value, (list, dict)) else None
+            if why is not None:
+                raise EvomergeError(f"search_space.fixed.{key}: {why}")
         slots: list[GeneSlot] = []
         pos = 0
-        for g in genes:
+        for i, g in enumerate(genes):
             if g.name in self.spec.model_params:
                 owners: list[str | None] = list(self.endpoints)
             elif g.name in self.spec.global_params:
@@ -71,6 +74,9 @@ class ParameterSpace:
                                     f"{method!r}; it takes: {', '.join(sorted(known)) or 'none'}")
             if g.name in self.fixed:
                 raise EvomergeError(f"search_space: {g.name!r} is both a gene and fixed")
+            why = self.spec.check_bounds(g.name, *g.bounds)
+            if why is not None:
+                raise EvomergeError(f"search_space.genes.{i}.bounds: {why}")
             for owner in owners:
                 slots.append(GeneSlot(g.name, owner, g.filter, tuple(g.bounds), pos, g.layer_groups))
                 pos += g.layer_groups

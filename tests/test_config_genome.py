@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from evomerge.config import SAFE_ON_RESUME, diff_configs, load_config, parse_config
+from evomerge.config import SAFE_ON_RESUME, GeneSpec, diff_configs, load_config, parse_config
 from evomerge.errors import EvomergeError
 from evomerge.genome import ParameterSpace
 from evomerge.search.optimizers import CMAESOptimizer, OptunaOptimizer, default_population
@@ -77,11 +77,15 @@ def test_parameter_space_decodes_bounds_layers_and_filters():
 
 
 def test_parameter_space_rejects_unknown_parameters():
-    cfg = parse_config({**MINIMAL, "search_space": {"genes": [{"name": "densty"}]}})
+    # config validation names the field ...
+    with pytest.raises(EvomergeError, match=r"search_space\.genes\.0\.name: 'densty'"):
+        parse_config({**MINIMAL, "search_space": {"genes": [{"name": "densty"}]}})
+    # ... and the space itself refuses it too
+    genes = [GeneSpec(name="densty")]
     with pytest.raises(EvomergeError, match="densty"):
-        ParameterSpace("task_arithmetic", "B", ["E"], cfg.search_space.genes)
+        ParameterSpace("task_arithmetic", "B", ["E"], genes)
     with pytest.raises(EvomergeError, match="fixed.bogus"):
-        ParameterSpace("task_arithmetic", "B", ["E"], cfg.search_space.genes, {"bogus": 1})
+        ParameterSpace("task_arithmetic", "B", ["E"], [GeneSpec(name="weight")], {"bogus": 1})
 
 
 def _sphere(x):

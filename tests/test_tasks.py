@@ -69,7 +69,10 @@ def test_jsonl_validation(tmp_path, line, msg):
 
 
 def test_task_dir_errors(tmp_path):
-    with pytest.raises(EvomergeError, match="task.json not found"):
+    with pytest.raises(EvomergeError, match="task folder not found"):
+        load_task_dir(tmp_path / "nope")
+    # task.json is optional: without it the items are what is missing
+    with pytest.raises(EvomergeError, match="search.jsonl: item file not found"):
         load_task_dir(tmp_path)
     (tmp_path / "task.json").write_text(json.dumps({"extract": "fuzzy"}))
     with pytest.raises(EvomergeError, match="'extract'"):

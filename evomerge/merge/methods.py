@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.registry import REQUIRED, MergeMethod, register
+from evomerge.merge.registry import DENSITY, FRACTION, REQUIRED, MergeMethod, register
 
 __all__ = [
     "task_vectors",
@@ -471,24 +471,24 @@ register(MergeMethod(
 register(MergeMethod(
     name="ties", fn=ties, needs_base=True, takes_deltas=True,
     model_params={"weight": REQUIRED, "density": 1.0},
-    global_params={"normalize": True, **_GTA_GLOBALS},
+    global_params={"normalize": True, **_GTA_GLOBALS}, ranges={"density": DENSITY},
     reference="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
 ))
 register(MergeMethod(
     name="dare_ties", fn=dare_ties, needs_base=True, takes_deltas=True, randomized=True,
     model_params={"weight": REQUIRED, "density": 1.0},
-    global_params={"normalize": False, "rescale": True, **_GTA_GLOBALS},
+    global_params={"normalize": False, "rescale": True, **_GTA_GLOBALS}, ranges={"density": DENSITY},
     reference="Yu et al. 2024, Language models are Super Mario (arXiv:2311.03099)",
 ))
 register(MergeMethod(
     name="dare_linear", fn=dare_linear, needs_base=True, takes_deltas=True, randomized=True,
     model_params={"weight": REQUIRED, "density": 1.0},
-    global_params={"normalize": False, "rescale": True, **_GTA_GLOBALS},
+    global_params={"normalize": False, "rescale": True, **_GTA_GLOBALS}, ranges={"density": DENSITY},
     reference="Yu et al. 2024, Language models are Super Mario (arXiv:2311.03099)",
 ))
 register(MergeMethod(
     name="slerp", fn=slerp_method, needs_base=True, min_models=1, max_models=1,
-    global_params={"t": REQUIRED},
+    global_params={"t": REQUIRED}, ranges={"t": FRACTION},
     reference="Shoemake 1985; mergekit slerp",
 ))
 register(MergeMethod(

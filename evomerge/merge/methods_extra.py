@@ -47,7 +47,7 @@ from torch import Tensor
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.methods import SORTED_ABS_ATTR, combine_deltas, elect_sign, sign_agreement_mask
-from evomerge.merge.registry import REQUIRED, MergeMethod, register
+from evomerge.merge.registry import FRACTION, POSITIVE, REQUIRED, MergeMethod, ParamRange, register
 
 __all__ = [
     "breadcrumbs_sparsify",
@@ -690,25 +690,25 @@ _GTA = {"lambda": 1.0, "int8_mask": False}
 register(MergeMethod(
     name="breadcrumbs", fn=breadcrumbs, needs_base=True, takes_deltas=True,
     model_params={"weight": REQUIRED, "density": 1.0, "gamma": 0.01},
-    global_params={"normalize": False, "rescale": False, **_GTA},
+    global_params={"normalize": False, "rescale": False, **_GTA}, ranges={"density": FRACTION, "gamma": FRACTION},
     reference="Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)",
 ))
 register(MergeMethod(
     name="breadcrumbs_ties", fn=breadcrumbs_ties, needs_base=True, takes_deltas=True,
     model_params={"weight": REQUIRED, "density": 1.0, "gamma": 0.01},
-    global_params={"normalize": False, "rescale": False, **_GTA},
+    global_params={"normalize": False, "rescale": False, **_GTA}, ranges={"density": FRACTION, "gamma": FRACTION},
     reference="Davari & Belilovsky 2024 (arXiv:2312.06795) + TIES sign election (arXiv:2306.01708)",
 ))
 register(MergeMethod(
     name="della", fn=della, needs_base=True, takes_deltas=True, randomized=True,
     model_params={"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
-    global_params={"normalize": True, "rescale": True, **_GTA},
+    global_params={"normalize": True, "rescale": True, **_GTA}, ranges={"density": FRACTION, "epsilon": FRACTION},
     reference="Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
 ))
 register(MergeMethod(
     name="della_linear", fn=della_linear, needs_base=True, takes_deltas=True, randomized=True,
     model_params={"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
-    global_params={"normalize": False, "rescale": True, **_GTA},
+    global_params={"normalize": False, "rescale": True, **_GTA}, ranges={"density": FRACTION, "epsilon": FRACTION},
     reference="Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
 ))
 register(MergeMethod(
@@ -725,29 +725,31 @@ register(MergeMethod(
 register(MergeMethod(
     name="multislerp", fn=multislerp, needs_base=False, base_optional=True, takes_deltas=True, min_models=1,
     model_params={"weight": REQUIRED},
-    global_params={"normalize_weights": True, "eps": 1e-8},
+    global_params={"normalize_weights": True, "eps": 1e-8}, ranges={"eps": POSITIVE},
     reference="Goddard 2025, Multi-SLERP (goddard.blog/posts/multislerp-wow-what-a-cool-idea)",
 ))
 register(MergeMethod(
     name="karcher", fn=karcher, needs_base=False, min_models=1,
     model_params={"weight": 1.0},
     global_params={"max_iter": 10, "tol": 1e-5},
+    ranges={"max_iter": ParamRange(1, None, integer=True), "tol": POSITIVE},
     reference="Karcher 1977 (Riemannian center of mass); mergekit karcher",
 ))
 register(MergeMethod(
     name="sce", fn=sce, needs_base=True, takes_deltas=True,
-    global_params={"select_topk": 1.0, "int8_mask": False},
+    global_params={"select_topk": 1.0, "int8_mask": False}, ranges={"select_topk": FRACTION},
     reference="Wan et al. 2024, FuseChat: SCE merging (arXiv:2408.07990)",
 ))
 register(MergeMethod(
     name="nearswap", fn=nearswap, needs_base=True, takes_deltas=True, min_models=1, max_models=1,
-    global_params={"t": REQUIRED},
+    global_params={"t": REQUIRED}, ranges={"t": POSITIVE},
     reference="alchemonaut, QuartetAnemoi-70B-t0.0001 (Hugging Face model card); mergekit nearswap",
 ))
 register(MergeMethod(
     name="tsv", fn=tsv, needs_base=True, takes_deltas=True,
     model_params={"weight": 1.0},
     global_params={"lambda": 1.0, "rank_fraction": None, "svd": True},
+    ranges={"rank_fraction": ParamRange(0.0, 1.0, lo_open=True)},
     reference="Gargiulo et al. 2025, Task Singular Vectors, CVPR (arXiv:2412.00081)",
 ))
 register(MergeMethod(
@@ -760,5 +762,6 @@ register(MergeMethod(
     name="iso_cts", fn=iso_cts, needs_base=True, takes_deltas=True,
     model_params={"weight": 1.0},
     global_params={"lambda": 1.0, "common_space_fraction": 0.8, "svd": True},
+    ranges={"common_space_fraction": FRACTION},
     reference="Marczak et al. 2025, No Task Left Behind: Iso-CTS, ICML (arXiv:2502.04959)",
 ))

@@ -220,8 +220,14 @@ class MergeRecipe(_Strict):
         spec = get_method(self.merge_method)
         known = set(spec.model_params) | set(spec.global_params)
 
-        def check_params(params: dict, where: str, per_model: bool) -> None:
+        def check_params(params: dict, where: str, per_model: bool, model: str | None = None) -> None:
             for k in params:
+                if k in known:
+                    for v in _scalars(params[k]):
+                        why = spec.check_value(k, v)
+                        if why is not None:
+                            who = f"model {model!r}: " if model is not None else ""
+                            raise EvomergeError(f"field '{where}.{k}': {who}{why}")
                 if k not in known:
                     hint = f"; {spec.name} accepts: {', '.join(sorted(known))}" if known else f"; {spec.name} takes no parameters"
                     raise EvomergeError(f"field '{where}.{k}': unknown parameter {k!r}{hint}")
@@ -242,7 +248,7 @@ class MergeRecipe(_Strict):
             raise EvomergeError(f"field 'base_model': merge_method {spec.name!r} needs a base_model")
         for where, entries, slice_params, slice_base in groups:
             for i, m in enumerate(entries):
-                check_params(m.parameters, f"{where}[{i}].parameters", per_model=True)
+                check_params(m.parameters, f"{where}[{i}].parameters", per_model=True, model=m.model)
             # a base-optional method (nuslerp, multislerp) uses the base when one is given: then, as
             # for needs_base methods, an entry naming the base is not one of the merged models
             with_base = spec.uses_base(slice_base or self.base_model)
@@ -323,10 +329,12 @@ class MergeRecipe(_Strict):
     def from_yaml(cls, text: str, source: str = "recipe") -> "MergeRecipe":
         import yaml
 
+        from evomerge.config import yaml_error_message
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise EvomergeError(f"{source}: not valid YAML ({exc})") from None
+            raise EvomergeError(yaml_error_message(source, exc)) from None
         return cls.from_dict(data, source)
 
     # ------------------------------------------------------------------ helpers
@@ -353,6 +361,15 @@ class MergeRecipe(_Strict):
             sl = None
         models = tuple(m.model for m in self.models) if self.models is not None else None
         return (self.merge_method, self.base_model, models, sl)
+
+
+def _scalars(setting: Any):
+    """The scalar values inside a parameter setting (scalar, gradient list or filter list)."""
+    if isinstance(setting, list):
+        for e in setting:
+            yield from _scalars(e["value"] if isinstance(e, dict) else e)
+    else:
+        yield setting
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -414,10 +431,12 @@ def load_recipe(path: str | os.PathLike) -> MergeRecipe:
 
     from evomerge.merge.mergekit_io import from_mergekit
 
+    from evomerge.config import yaml_error_message
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise EvomergeError(f"{p}: not valid YAML ({exc})") from None
+        raise EvomergeError(yaml_error_message(p, exc)) from None
     # through the mergekit importer: `tokenizer: {source}`, '*' filters and parameters that
     # have no effect in mergekit are translated; what cannot be expressed is named
     recipe = from_mergekit(data, source=str(p))

@@ -37,6 +37,7 @@ arithmetic, slerp) live in :mod:`evomerge.merge.methods`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,6 +45,44 @@ from evomerge.errors import EvomergeError
 
 REQUIRED = object()
 """Marker for a parameter without a default: the recipe must set it."""
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    """The values a numeric method parameter accepts (``None`` = unbounded on that side)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+
+    def contains(self, v: float) -> bool:
+        if self.integer and float(v) != int(v):
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        if self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)):
+            return False
+        return True
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.lo is not None and self.hi is not None:
+            return f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
+        return kind
+
+
+FRACTION = ParamRange(0.0, 1.0)
+"""[0, 1]."""
+DENSITY = ParamRange(0.0, 1.0, lo_open=True)
+"""(0, 1]: a kept fraction that must keep something."""
+POSITIVE = ParamRange(0.0, None, lo_open=True)
+ANY = ParamRange()
 
 
 @dataclass(frozen=True)
@@ -61,6 +100,8 @@ class MergeMethod:
     randomized: bool = False
     takes_deltas: bool = False
     base_optional: bool = False
+    ranges: dict[str, ParamRange] = field(default_factory=dict)
+    """Valid values of numeric parameters (unlisted numeric ones take any finite number)."""
 
     def __post_init__(self):
         if self.needs_base and self.base_optional:
@@ -72,6 +113,42 @@ class MergeMethod:
         """Whether a merge with (``has_base``) or without a base model gives this method a base
         tensor: always for ``needs_base``, when one is given for ``base_optional``."""
         return self.needs_base or (self.base_optional and bool(has_base))
+
+    def param_kind(self, name: str) -> str:
+        """'bool' for a true/false parameter (its default is a bool), else 'number'."""
+        default = self.model_params.get(name, self.global_params.get(name))
+        return "bool" if isinstance(default, bool) else "number"
+
+    def param_range(self, name: str) -> ParamRange:
+        return self.ranges.get(name, ANY)
+
+    def check_value(self, name: str, value: Any) -> str | None:
+        """Why ``value`` is not a valid setting of parameter ``name`` (one scalar), or None."""
+        if self.param_kind(name) == "bool":
+            if not isinstance(value, bool):
+                return f"{name!r} of {self.name} is true or false, got {value!r}"
+            return None
+        if value is None and self.model_params.get(name, self.global_params.get(name, REQUIRED)) is None:
+            return None  # an optional parameter left at its default (e.g. tsv's rank_fraction)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name!r} of {self.name}: expected a number, got {value!r}"
+        if not math.isfinite(float(value)):
+            return f"{name!r} of {self.name}: expected a finite number, got {value!r}"
+        rng = self.param_range(name)
+        if not rng.contains(float(value)):
+            return f"{name!r} of {self.name} must be {rng.describe()}, got {value!r}"
+        return None
+
+    def check_bounds(self, name: str, lo: float, hi: float) -> str | None:
+        """Why a gene searching ``name`` over [lo, hi] could leave the parameter's valid values, or None."""
+        if self.param_kind(name) == "bool":
+            return f"{name!r} of {self.name} is true or false and cannot be searched; set it under search_space.fixed"
+        rng = self.param_range(name)
+        if rng.integer:
+            return f"{name!r} of {self.name} is an integer and cannot be searched; set it under search_space.fixed"
+        if not (rng.contains(lo) and rng.contains(hi)):
+            return f"{name!r} of {self.name} must be {rng.describe()}; bounds {[lo, hi]} leave that range"
+        return None
 
     def __call__(self, tensors, base=None, *, generator=None, **params):
         return self.fn(tensors, base, generator=generator, **params)

@@ -17,7 +17,7 @@ def search(
                                           "(default: config's run_dir or populations/NAME-TIME)"),
     generations: Optional[int] = typer.Option(None, "--generations", min=1,
                                               help="override optimizer.generations"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="override the config's seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="override the config's seed (>= 0)"),
     backend: Optional[str] = typer.Option(None, "--backend", help="override evaluator.backend: hf "
                                           "(transformers) or vllm"),
     check: bool = typer.Option(False, "--check", help="check the config, models, vocabularies, tasks and "

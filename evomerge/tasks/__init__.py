@@ -9,7 +9,7 @@ Two kinds of task, told apart by their items (:attr:`Task.kind`):
   non-empty choices, ``answer`` the 0-based index of the right one.
 
 Both take an optional ``"subgroup"`` (str). A file holds one kind only. A task directory
-holds ``task.json`` and one JSONL file per split (``search.jsonl``, ``heldout.jsonl``).
+holds one JSONL file per split (``search.jsonl``, ``heldout.jsonl``) and an optional ``task.json``.
 ``task.json`` fields (all optional; others are rejected):
 
 - ``name`` (default: the folder name), ``description``;
@@ -354,15 +354,20 @@ def load_task_dir(path: str | Path, split: str = "search") -> Task:
     path = Path(path)
     if split not in SPLITS:
         raise EvomergeError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if not path.is_dir():
+        raise EvomergeError(f"{path}: task folder not found" + (" (it is a file)" if path.exists() else "")
+                            + "; a task folder holds search.jsonl / heldout.jsonl and an optional "
+                            "task.json")
     meta_path = path / "task.json"
-    if not meta_path.is_file():
-        raise EvomergeError(f"{meta_path}: task.json not found (a task directory holds "
-                            "task.json and search.jsonl / heldout.jsonl)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EvomergeError(f"{meta_path}: invalid JSON ({exc.msg} at line {exc.lineno})"
-                            ) from None
+    meta: object = {}
+    if meta_path.exists():  # optional: without it, name = the folder's name and the Task defaults
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise EvomergeError(f"{meta_path}: invalid JSON ({exc.msg} at line {exc.lineno}, "
+                                f"column {exc.colno})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EvomergeError(f"{meta_path}: cannot read ({exc})") from None
     if not isinstance(meta, dict):
         raise EvomergeError(f"{meta_path}: expected a JSON object")
     known = {"name", "max_new_tokens", "extract", "template", "description", "metric",
