@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import numpy as np
@@ -66,7 +67,10 @@ def reference_logits(path: DataflowPath, a, b) -> torch.Tensor:
 
     h = a.model.embed_tokens(IDS)
     pos = torch.arange(IDS.shape[1]).unsqueeze(0)
-    mask = create_causal_mask(config=a.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=pos)
+    # the cache argument is `cache` from transformers 5.20 on, `past_key_values` before
+    cache_kw = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    mask = create_causal_mask(config=a.config, inputs_embeds=h, attention_mask=None, position_ids=pos,
+                              **{cache_kw: None})
     pe = a.model.rotary_emb(h, position_ids=pos)
     for st in path:
         layer = (a if st.model == "A" else b).model.layers[st.layer]
