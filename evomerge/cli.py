@@ -36,34 +36,104 @@ from evomerge.search import cli as _search_cli  # noqa: E402
 _search_cli.register(app)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the CLI, turning user errors into one clear line."""
+def _version() -> str:
     try:
-        rv = app(args=argv, standalone_mode=False)
-        if isinstance(rv, int) and rv != 0:
-            sys.exit(rv)
-    except EvomergeError as exc:
+        from importlib.metadata import version
+
+        return version("evomerge")
+    except Exception:  # noqa: BLE001 - not installed (run from a source tree)
+        return "unknown"
+
+
+def _version_option(value: bool) -> None:
+    if value:
+        typer.echo(f"evomerge {_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="print the version and exit",
+                                 callback=_version_option, is_eager=True),
+) -> None:
+    """Evolutionary model merging with IRT-estimated fitness."""
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(ClickException classes, Abort classes) of the click typer uses: typer >= 0.29 vendors it as
+    ``typer._click``; older typer uses the real ``click``."""
+    shown: list[type] = []
+    abort: list[type] = []
+    for mod in ("typer._click.exceptions", "click.exceptions", "typer.exceptions"):
+        m = sys.modules.get(mod)
+        if m is None:
+            try:
+                import importlib
+
+                m = importlib.import_module(mod)
+            except ImportError:
+                continue
+        if hasattr(m, "ClickException"):
+            shown.append(m.ClickException)
+        if hasattr(m, "Abort"):
+            abort.append(m.Abort)
+    return tuple(shown), tuple(abort)
+
+
+def _report(exc: BaseException) -> int:
+    """Print one line (or click's usage + error) for ``exc``; returns the exit status."""
+    import os
+
+    if isinstance(exc, EvomergeError):
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        return 2
+    irt_errors = sys.modules.get("irt.errors")  # the standalone irt package's user errors
+    if irt_errors is not None and isinstance(exc, irt_errors.IRTError):
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    shown, abort = _click_exception_types()
+    if shown and isinstance(exc, shown):
+        exc.show()  # usage line + "Error: ..." for usage errors
+        code = getattr(exc, "exit_code", 2)
+        return code if isinstance(code, int) and code != 0 else 2
+    if abort and isinstance(exc, abort):
+        typer.echo("aborted", err=True)
+        return 1
+    if isinstance(exc, OSError) and exc.strerror:
+        # the environment (a file, a permission, a full disk), not a bug in evomerge
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        typer.echo(f"error: {where}{exc.strerror}", err=True)
+        return 2
+    debug = os.environ.get("EVOMERGE_DEBUG", "") not in ("", "0")
+    if debug:
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    typer.echo(f"internal error (a bug in evomerge {_version()}): {type(exc).__name__}"
+               + (f": {msg}" if msg else "")
+               + "; please report it with the command line you ran"
+               + ("" if debug else " (set EVOMERGE_DEBUG=1 to see the traceback)"), err=True)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the CLI, turning user errors into one clear line.
+
+    Exit status: 0 success; 2 an input or usage error (one line, no traceback); 1 an internal
+    error (a bug: one line asking to report it; the traceback only with EVOMERGE_DEBUG=1);
+    130 interrupted."""
+    try:
+        rv = app(args=argv, prog_name="evomerge", standalone_mode=False)
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("\ninterrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        irt_errors = sys.modules.get("irt.errors")  # the standalone irt package's user errors
-        if irt_errors is not None and isinstance(exc, irt_errors.IRTError):
-            typer.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except Exception as exc:  # noqa: BLE001 - every error ends here as one line
+        sys.exit(_report(exc))
+    if isinstance(rv, int) and rv != 0:
+        sys.exit(rv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from evomerge.errors import EvomergeError
+from evomerge.fsutil import atomic_output, check_output_target, refuse_input, write_text_atomic
 
 app = typer.Typer(help="Item banks, anchor items and few-item accuracy estimates (IRT).", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -30,6 +31,14 @@ def _user_errors():
         raise EvomergeError(str(exc)) from None
 
 
+def _check_out(out: Path, inputs: dict, example: str) -> None:
+    """Before any work: ``--out`` is not one of the inputs, not a folder, and can be written."""
+    refuse_input(out, inputs)
+    if out.is_dir():
+        raise EvomergeError(f"--out {out} is a folder; give a file path inside it (e.g. {out / example})")
+    check_output_target(out)
+
+
 def _csv_list(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
@@ -38,13 +47,14 @@ def _csv_list(s: str | None) -> list[str]:
 def fit_cmd(
     responses: Path = typer.Argument(..., help="subjects × items answers: .csv / .jsonl / .npz (see irt.io)"),
     out: Path = typer.Option(..., "--out", "-o", help="item bank to write (.safetensors)"),
-    dim: Optional[int] = typer.Option(None, "--dim", "-d", help="dimension d (default: chosen by validation)"),
+    dim: Optional[int] = typer.Option(None, "--dim", "-d", min=1, help="dimension d (default: chosen by validation)"),
     dims: str = typer.Option("1,2,3,5", "--dims", help="candidate dimensions when --dim is not given"),
     seed: int = typer.Option(0, "--seed"),
     task: Optional[str] = typer.Option(None, "--task", help="task name stored in the bank"),
     items: Optional[Path] = typer.Option(None, "--items", help="task items JSONL ({id, subgroup}) for subgroups"),
 ) -> None:
     """Calibrate an item bank on a response matrix."""
+    _check_out(out, {"RESPONSES": responses, "--items": items}, "bank.safetensors")
     with _user_errors():
         from irt import ItemBank
         from irt.errors import IRTError
@@ -69,8 +79,20 @@ def fit_cmd(
             dims_t = tuple(int(x) for x in _csv_list(dims))
         except ValueError:
             raise IRTError(f"--dims: expected comma-separated integers, got {dims!r}") from None
+        if not dims_t or min(dims_t) < 1:
+            raise IRTError(f"--dims: expected comma-separated integers >= 1, got {dims!r}")
+        from irt.bank import check_calibration_data, constant_items
+
+        check_calibration_data(Y, name=str(responses))
         bank = ItemBank.fit(Y, item_ids, names, dim=dim, seed=seed, dims=dims_t, subgroups=subgroups, task=task)
-        bank.save(out)
+
+        same = constant_items(Y)
+        if same:  # kept: a run's bank must hold every item; their parameters rest on the prior
+            typer.echo(f"warning: {len(same)} of {len(item_ids)} items (e.g. {item_ids[same[0]]}) get the same "
+                       "answer from every subject; kept, but they tell nothing about differences between "
+                       "subjects (their difficulty rests on the prior)", err=True)
+        with atomic_output(out) as tmp:
+            bank.save(tmp)
         q = bank.meta["quality"]
         typer.echo(f"wrote {out}: {len(names)} subjects × {len(item_ids)} items, d = {bank.dim}, "
                    f"train log-loss {q['train_logloss']:.4f}, fit {q['fit_seconds']:.1f} s")
@@ -79,22 +101,27 @@ def fit_cmd(
 @app.command("anchors")
 def anchors_cmd(
     bank_path: Path = typer.Argument(..., metavar="BANK", help="item bank (.safetensors)"),
-    n: int = typer.Option(20, "-n", "--n", help="number of anchor items"),
+    n: int = typer.Option(20, "-n", "--n", min=1, help="number of anchor items"),
     method: str = typer.Option("irt", "--method", "-m", help="random | correctness | irt | info"),
     seed: int = typer.Option(0, "--seed"),
     stratify: bool = typer.Option(False, "--stratify", help="split anchors over the items' subgroups"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write anchors JSON here (default: stdout)"),
 ) -> None:
     """Choose anchor items (and weights) from a bank."""
+    if out is not None:
+        _check_out(out, {"BANK": bank_path}, "anchors.json")
     with _user_errors():
         from irt import ItemBank, select_anchors
 
         bank = ItemBank.load(bank_path)
+        if n > bank.n_items:
+            typer.echo(f"warning: -n {n} but {bank_path} holds {bank.n_items} items; every item is an anchor "
+                       f"(capped at {bank.n_items})", err=True)
         anc = select_anchors(bank, n=n, method=method, seed=seed, stratify=stratify)
         if out is None:
             typer.echo(json.dumps(anc.to_dict(), indent=1))
         else:
-            anc.save(out)
+            write_text_atomic(out, json.dumps(anc.to_dict(), indent=1) + "\n")
             typer.echo(f"wrote {out}: {len(anc)} anchors ({method}), gp_lambda = {anc.gp_lambda}")
 
 
@@ -109,7 +136,8 @@ def estimate_cmd(
                                             help="comma-separated calibration subjects of the bank that are the endpoints"),
     endpoint_answers: Optional[Path] = typer.Option(None, "--endpoint-answers",
                                                     help="full answers of the endpoints (response file); abilities are fitted"),
-    gp_lambda: Optional[float] = typer.Option(None, "--gp-lambda", help="override the gp mixing weight"),
+    gp_lambda: Optional[float] = typer.Option(None, "--gp-lambda", min=0.0, max=1.0,
+                                              help="override the gp mixing weight (0..1)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per subject"),
 ) -> None:
     """Estimate full accuracy from anchor answers, one line per subject in ANSWERS."""
@@ -159,7 +187,7 @@ def next_cmd(
     bank_path: Path = typer.Argument(..., metavar="BANK", help="item bank (.safetensors)"),
     answers: Path = typer.Argument(..., help="answers so far, one subject per row (.csv / .jsonl / .npz); "
                                              "items a subject has not been asked are missing"),
-    k: int = typer.Option(5, "-k", "--k", help="how many items to ask next"),
+    k: int = typer.Option(5, "-k", "--k", min=1, help="how many items to ask next (>= 1)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per subject"),
 ) -> None:
     """Adaptive testing: the K items to ask each subject next, given its answers so far.
@@ -190,7 +218,7 @@ def next_cmd(
 @app.command("check")
 def check_cmd(
     responses: Path = typer.Argument(..., help="subjects × items answers: .csv / .jsonl / .npz (see irt.io)"),
-    n: int = typer.Option(20, "-n", "--n", help="items each subject answers"),
+    n: int = typer.Option(20, "-n", "--n", min=1, help="items each subject answers"),
     estimator: str = typer.Option("pirt", "--estimator", "-e", help="mean | pirt | gpirt | mpirt | gmpirt"),
     method: str = typer.Option("info", "--method", "-m", help="anchor selection: random | correctness | irt | info"),
     rounds: int = typer.Option(1, "--rounds", "-r", min=1, help="1 = fixed anchors; R > 1 = adaptive test in R "
@@ -209,6 +237,9 @@ def check_cmd(
         from irt.validate import cross_validate_estimates
 
         Y, item_ids, names = read_responses(responses)
+        if n > len(item_ids):
+            typer.echo(f"warning: -n {n} but {responses} holds {len(item_ids)} items; capped at "
+                       f"{len(item_ids)}", err=True)
         c = cross_validate_estimates(Y, item_ids, names, n=n, estimator=estimator, anchor_method=method,
                                      rounds=rounds, endpoints=_csv_list(endpoints), folds=folds, dim=dim, seed=seed)
         if as_json:

@@ -17,6 +17,8 @@ def merge_command(
     device: str = typer.Option("cpu", "--device", help="device for the tensor math (cpu, cuda, cuda:1, ...)"),
     shard_size: str = typer.Option("5GB", "--shard-size", help="maximum safetensors shard size (e.g. 5GB, 500MB)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out even if it holds files that are "
+                                   "not a model evomerge wrote (they are deleted)"),
 ) -> None:
     """Merge models as a recipe says and write an HF checkpoint (safetensors, config, tokenizer)."""
     import time
@@ -31,9 +33,17 @@ def merge_command(
     if max_shard <= 0:
         raise EvomergeError("--shard-size must be positive")
 
+    import os
+
     from evomerge.merge.engine import merge_to_disk
     from evomerge.merge.recipe import load_recipe
 
+    rp, op = os.path.realpath(recipe), os.path.realpath(out).rstrip(os.sep)
+    if rp == op or rp.startswith(op + os.sep):
+        raise EvomergeError(f"--out {out} is or holds the recipe {recipe}; write the merge to another folder")
+    from evomerge.checkpoint.io import check_output_folder
+
+    check_output_folder(out, overwrite=overwrite)  # before the recipe's models are read
     rec = load_recipe(recipe)
     if device != "cpu":
         import torch
@@ -45,14 +55,22 @@ def merge_command(
 
     t0 = time.time()
     last = [0.0]
+    open_line = [False]  # a progress line without its newline is on the terminal
 
     def progress(i: int, n: int, name: str) -> None:
         now = time.time()
         if not quiet and (now - last[0] > 1.0 or i == n):
             last[0] = now
             typer.echo(f"\r[{i}/{n}] {name[:60]:<60}", nl=(i == n), err=True)
+            open_line[0] = i != n
 
-    path = merge_to_disk(rec, out, allow_pickle=allow_pickle, device=device, max_shard_bytes=max_shard, progress=progress)
+    try:
+        path = merge_to_disk(rec, out, allow_pickle=allow_pickle, device=device, max_shard_bytes=max_shard,
+                             progress=progress, overwrite=overwrite)
+    except BaseException:
+        if open_line[0]:
+            typer.echo("", err=True)  # the error message starts on a fresh line
+        raise
     if not quiet:
         typer.echo(f"merged ({rec.merge_method}) into {path} in {time.time() - t0:.1f}s")
 

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import struct
-import tempfile
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -14,7 +14,7 @@ import torch
 
 from evomerge.checkpoint.names import layer_index
 from evomerge.errors import EvomergeError
-from evomerge.fsutil import fsync_dir
+from evomerge.fsutil import check_output_target, fsync_dir, make_dirs, mkdir_sibling, output_error, remove_dirs, unique_sibling
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -77,6 +77,22 @@ def _read_safetensors_header(path: Path) -> dict:
         raise EvomergeError(f"{path}: corrupt safetensors header") from None
     header.pop("__metadata__", None)
     return header
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """A one-line reason for a refused pickle file, without torch's advice to load it with
+    ``weights_only=False`` (which can run arbitrary code: evomerge never does that)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        m = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global| Please|\n|$)", text)
+        what = m.group(1).strip().rstrip(".") if m else "a Python object that is not a tensor"
+        return (f"it holds more than plain tensors: {what}; evomerge unpickles only plain tensors "
+                "and never runs code from a checkpoint — convert it to safetensors, and pass "
+                "--allow-pickle only for files you trust")
+    if "mmap can only be used" in text or "zip" in text.lower():
+        return "not a checkpoint written by torch.save (or an old non-zip one); convert it to safetensors"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:300]
 
 
 class CheckpointReader:
@@ -171,7 +187,7 @@ class CheckpointReader:
         except FileNotFoundError:
             raise EvomergeError(f"model {self.path}: shard {fn} is missing") from None
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
-            raise EvomergeError(f"model {self.path}: cannot read {fn} ({exc})") from None
+            raise EvomergeError(f"model {self.path}: cannot read {fn} ({_pickle_reason(exc)})") from None
         self._pickle_cache = (fn, sd)
         return sd
 
@@ -310,6 +326,48 @@ def _header_bytes(entries, metadata: dict | None = None) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+OUTPUT_FILES = frozenset((SAFE_SINGLE, SAFE_INDEX, "config.json") + TOKENIZER_FILES + EXTRA_FILES)
+"""The files :class:`CheckpointWriter` writes (plus ``model-NNNNN-of-NNNNN.safetensors`` shards)."""
+
+
+def foreign_entries(folder: str | os.PathLike) -> list[str]:
+    """Entries of an existing output ``folder`` that a previous evomerge output would not hold
+    (sorted names; folders end in ``/``). Empty list: the folder is empty or holds only a model
+    evomerge could have written (config, safetensors weights / shards / index, tokenizer and
+    generation files), and may be replaced without losing anything the user made."""
+    out = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise EvomergeError(f"output folder {folder}: cannot list it ({exc.strerror or exc})") from None
+    for e in entries:
+        if e.is_file(follow_symlinks=False) and (e.name in OUTPUT_FILES or _SHARD_RE.fullmatch(e.name)):
+            continue
+        out.append(e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
+    return out
+
+
+def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise :class:`EvomergeError` unless a model may be written to ``out_dir``: it can be
+    created (no parent is a regular file, the nearest existing parent is writable) and, if it
+    exists, it is a folder holding nothing but a model evomerge could have written
+    (:func:`foreign_entries`) — or ``overwrite`` is set."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EvomergeError(f"output {out} exists and is not a folder; choose another path")
+    check_output_target(out, "output folder")
+    if out.is_dir() and not overwrite:
+        foreign = foreign_entries(out)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise EvomergeError(
+                f"output folder {out} is not empty and does not look like a model folder written by "
+                f"evomerge (it holds {shown}); refusing to replace it — choose another folder, or pass "
+                "--overwrite to replace the folder and everything in it"
+            )
+
+
 class CheckpointWriter:
     """Stream tensors into an HF checkpoint folder, atomically.
 
@@ -317,7 +375,10 @@ class CheckpointWriter:
     the safetensors headers are computed from it up front so that each tensor's bytes go straight
     to disk (memory: one tensor). Files go to a temporary folder next to ``out_dir``; :meth:`commit`
     adds config.json, tokenizer files (from ``tokenizer_from``) and the shard index, then renames
-    the folder into place (an existing ``out_dir`` is replaced). :meth:`abort` (or an exception
+    the folder into place. An existing ``out_dir`` is replaced only if it holds nothing but a
+    model evomerge could have written (:func:`foreign_entries`), or with ``overwrite=True``.
+    OS errors (full disk, read-only file system, no permission) become an
+    :class:`EvomergeError` naming the folder, after the temporary folder is removed. :meth:`abort` (or an exception
     inside a ``with`` block) removes the temporary folder.
     """
 
@@ -328,16 +389,10 @@ class CheckpointWriter:
         config: dict | None,
         tokenizer_from: str | os.PathLike | None = None,
         max_shard_bytes: int = 5 * 1000**3,
+        overwrite: bool = False,
     ):
         self.out_dir = Path(out_dir).absolute()
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise EvomergeError(f"output {self.out_dir} exists and is not a folder")
-        if self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not (self.out_dir / "config.json").exists():
-            raise EvomergeError(
-                f"output folder {self.out_dir} is not empty and does not look like a model folder; "
-                "refusing to replace it (choose another --out)"
-            )
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        check_output_folder(self.out_dir, overwrite=overwrite)
         self.config = config
         self.tokenizer_from = Path(tokenizer_from) if tokenizer_from else None
         self.shards = _shard_plan([(n, tuple(s), d) for n, s, d in specs], int(max_shard_bytes))
@@ -348,8 +403,17 @@ class CheckpointWriter:
         self._order = [(si, e) for si, shard in enumerate(self.shards) for e in shard]
         self._pos = 0
         self._fh = None
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
         self._done = False
+        self._tmp = None
+        self._created: list[Path] = []
+        try:
+            self._created = make_dirs(self.out_dir.parent)
+            # a plain mkdir (mode 0777 less the umask), not mkdtemp's 0700: the renamed folder
+            # gets the permissions of any folder the user creates
+            self._tmp = mkdir_sibling(self.out_dir, "tmp")
+        except OSError as exc:
+            remove_dirs(self._created)
+            raise output_error(self.out_dir, exc, "output folder") from None
 
     def __enter__(self):
         return self
@@ -368,14 +432,18 @@ class CheckpointWriter:
             raise RuntimeError(
                 f"CheckpointWriter: expected {ename} {list(shape)} {dt}, got {name} {list(tensor.shape)} {tensor.dtype}"
             )
-        if self._fh is None or self._fh_shard != si:
-            self._close_fh()
-            self._fh = open(self._tmp / self.files[si], "wb")
-            self._fh_shard = si
-            self._fh.write(_header_bytes(self.shards[si]))
-        t = tensor.detach().to("cpu").contiguous()
-        if nb:
-            self._fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        try:
+            if self._fh is None or self._fh_shard != si:
+                self._close_fh()
+                self._fh = open(self._tmp / self.files[si], "wb")
+                self._fh_shard = si
+                self._fh.write(_header_bytes(self.shards[si]))
+            t = tensor.detach().to("cpu").contiguous()
+            if nb:
+                self._fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        except OSError as exc:
+            self.abort()
+            raise output_error(self.out_dir, exc, "output folder") from None
         self._pos += 1
 
     def _close_fh(self) -> None:
@@ -390,6 +458,34 @@ class CheckpointWriter:
         if self._pos != len(self._order):
             missing = self._order[self._pos][1][0]
             raise RuntimeError(f"CheckpointWriter: commit before all tensors were written (next: {missing})")
+        try:
+            self._finish_files()
+        except OSError as exc:
+            self.abort()
+            raise output_error(self.out_dir, exc, "output folder") from None
+        old = None
+        try:
+            if self.out_dir.exists():
+                old = unique_sibling(self.out_dir, "old")
+                os.rename(self.out_dir, old)
+            os.rename(self._tmp, self.out_dir)
+        except OSError as exc:
+            if old is not None and not self.out_dir.exists():
+                try:
+                    os.rename(old, self.out_dir)  # put the previous model back
+                    old = None
+                except OSError:
+                    pass
+            self.abort()
+            raise output_error(self.out_dir, exc, "output folder") from None
+        self._done = True
+        fsync_dir(self.out_dir.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._done = True
+        return self.out_dir
+
+    def _finish_files(self) -> None:
         self._close_fh()
         for si, fn in enumerate(self.files):  # shards without a tensor (impossible) / empty model
             if not (self._tmp / fn).exists():
@@ -404,25 +500,19 @@ class CheckpointWriter:
         if self.tokenizer_from is not None:
             copy_tokenizer_files(self.tokenizer_from, self._tmp)
         fsync_dir(self._tmp)
-        old = None
-        if self.out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
-            os.rmdir(old)
-            os.rename(self.out_dir, old)
-        os.rename(self._tmp, self.out_dir)
-        fsync_dir(self.out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        self._done = True
-        return self.out_dir
 
     def abort(self) -> None:
-        """Drop the temporary folder (``out_dir`` is left untouched)."""
+        """Drop the temporary folder and the parent folders made for it (``out_dir`` is left untouched)."""
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                pass
             self._fh = None
-        if not self._done:
+        if not self._done and self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+            remove_dirs(self._created)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -450,6 +540,7 @@ def write_checkpoint(
     config: dict | None,
     tokenizer_from: str | os.PathLike | None = None,
     max_shard_bytes: int = 5 * 1000**3,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``tensors`` as an HF checkpoint (atomic; see :class:`CheckpointWriter`).
 
@@ -458,7 +549,7 @@ def write_checkpoint(
     """
     items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
     specs = [(n, tuple(t.shape), t.dtype) for n, t in items]
-    with CheckpointWriter(out_dir, specs, config, tokenizer_from, max_shard_bytes) as w:
+    with CheckpointWriter(out_dir, specs, config, tokenizer_from, max_shard_bytes, overwrite=overwrite) as w:
         for n, t in items:
             w.write(n, t)
         return w.commit()

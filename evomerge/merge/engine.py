@@ -364,24 +364,37 @@ def merge_to_disk(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     copy_tokenizer: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Merge ``recipe`` into an HF checkpoint folder ``out_dir`` (atomic; replaces a previous model).
+    """Merge ``recipe`` into an HF checkpoint folder ``out_dir`` (atomic).
 
-    Streams tensor by tensor: memory holds one output tensor's inputs plus the output. Returns
-    the output folder.
+    An existing ``out_dir`` is replaced only if it holds nothing but a model evomerge could have
+    written, or with ``overwrite=True`` (see :class:`CheckpointWriter`); never when it is, or
+    holds, one of the inputs. Streams tensor by tensor: memory holds one output tensor's inputs
+    plus the output. Returns the output folder.
     """
+    from evomerge.checkpoint.io import check_output_folder
+
+    check_output_folder(out_dir, overwrite=overwrite)  # before any model is read
     if not isinstance(recipe, MergeRecipe):
         recipe = load_recipe(recipe)
     device = torch.device(device)
     plan = build_plan(recipe, allow_pickle=allow_pickle)
     spec = plan.spec
     target = os.path.realpath(out_dir)
-    for key, label in plan.labels.items():
-        if os.path.realpath(key) == target:
-            raise EvomergeError(f"--out {out_dir} is the input model {label!r}; write the merge to another folder")
+    inputs = [(key, f"model {label!r}") for key, label in plan.labels.items()]
+    if plan.tokenizer_from is not None:
+        inputs.append((str(plan.tokenizer_from), f"tokenizer source {str(plan.tokenizer_from)!r}"))
+    for key, label in inputs:
+        src = os.path.realpath(key)
+        if src == target:
+            raise EvomergeError(f"--out {out_dir} is the input {label}; write the merge to another folder")
+        if src.startswith(target.rstrip(os.sep) + os.sep):
+            raise EvomergeError(f"--out {out_dir} holds the input {label}; replacing it would delete that "
+                                "model — write the merge to another folder")
     specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
     tok = plan.tokenizer_from if copy_tokenizer else None
-    with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes) as writer:
+    with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes, overwrite=overwrite) as writer:
         for i, job in enumerate(plan.jobs):
             if job.copy_from is not None:
                 k, n = job.copy_from

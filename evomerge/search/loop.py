@@ -29,24 +29,51 @@ from evomerge.search.rundir import RunDir, append_jsonl, atomic_write_json, atom
 
 
 def target_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
-    """Where a new run goes; refuses a folder that already holds something."""
+    """Where a new run goes; refuses a folder that already holds something, or one that cannot
+    be created (a parent is a file, no write permission, read-only file system)."""
+    from evomerge.fsutil import check_output_target
+
+    given = run_dir is not None
     if run_dir is None:
         run_dir = cfg.run_dir or f"populations/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    what = "--run-dir" if given else ("run_dir" if cfg.run_dir else "run directory")
     rd = RunDir(run_dir)
-    if rd.root.exists() and any(rd.root.iterdir()):
+    if rd.root.exists() and not rd.root.is_dir():
+        raise EvomergeError(f"{what} {rd.root} is a file, not a folder; choose another run directory")
+    try:
+        busy = rd.root.is_dir() and any(rd.root.iterdir())
+    except OSError as exc:
+        raise EvomergeError(f"{what} {rd.root}: cannot read it ({exc.strerror or exc})") from None
+    if busy:
         raise EvomergeError(f"{rd.root}: run directory exists and is not empty; resume it with "
                             f"`evomerge search --resume {rd.root}` or choose another run_dir")
+    check_output_target(rd.root, what, folder=True)
     return rd
 
 
 def new_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
-    """Create the run directory and freeze the config in it."""
+    """Create the run directory and freeze the config in it (on an OS error, whatever it
+    created is removed again)."""
+    from evomerge.fsutil import make_dirs, output_error, remove_dirs
+
     rd = target_run_dir(cfg, run_dir)
-    rd.root.mkdir(parents=True, exist_ok=True)
-    frozen = cfg.to_dict()
-    frozen["run_dir"] = str(rd.root)
-    atomic_write_text(rd.config, yaml.safe_dump(frozen, sort_keys=False))
-    rd.set_state(stage="calibrating")
+    created: list[Path] = []
+    try:
+        created = make_dirs(rd.root)
+        frozen = cfg.to_dict()
+        frozen["run_dir"] = str(rd.root)
+        atomic_write_text(rd.config, yaml.safe_dump(frozen, sort_keys=False))
+        rd.set_state(stage="calibrating")
+    except (OSError, EvomergeError) as exc:
+        for f in (rd.state_file, rd.config):
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        remove_dirs(created)
+        if isinstance(exc, OSError):
+            raise output_error(rd.root, exc, "run directory") from None
+        raise
     return rd
 
 
@@ -286,6 +313,8 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
     base = resolve_model(cfg.models.base)
     endpoints = {ref: resolve_model(ref) for ref in cfg.models.endpoints}
     tasks = load_tasks(cfg)
+    for line in check_tasks_fit_fitness(cfg, tasks):
+        log(line)
     ss = cfg.search_space
     if ss.kind == "dataflow":
         ref = {"base": base, **endpoints}
@@ -744,8 +773,6 @@ def check_run(cfg: RunConfig, *, run_dir: str | None = None, log=print) -> list[
     """Everything a new run checks before it starts (config, models and their vocabularies,
     tasks, devices, the run directory), then the plan — what the run will answer — as lines
     (also logged). Writes nothing."""
-    from evomerge.search.optimizers import default_population
-
     target = target_run_dir(cfg, run_dir)
     _check_given_banks(cfg)
     ctx = build_context(cfg, None, log=lambda *_: None)
@@ -756,6 +783,8 @@ def check_run(cfg: RunConfig, *, run_dir: str | None = None, log=print) -> list[
 
 
 def _plan_lines(cfg: RunConfig, ctx: SearchContext, target: RunDir, log) -> list[str]:
+    from evomerge.search.optimizers import default_population
+
     fit, ss, ev = cfg.fitness, cfg.search_space, cfg.evaluator
     n_search = {t: len(p.search.items) for t, p in ctx.tasks.items()}
     n_held = {t: len(p.heldout.items) for t, p in ctx.tasks.items()}
@@ -782,6 +811,7 @@ def _plan_lines(cfg: RunConfig, ctx: SearchContext, target: RunDir, log) -> list
     ]
     if ss.kind == "ps+dfs":
         lines.append(f"then a data-flow stage: {ss.dataflow.generations} generations on top of the PS best")
+    lines += check_tasks_fit_fitness(cfg, ctx.tasks)
     n_models = 1 + K + cfg.final.top_k
     lines.append(f"held-out: ({1 + K} endpoints + top {cfg.final.top_k} candidates) × {sum(n_held.values())} items "
                  f"= {n_models * sum(n_held.values()):,} answers")
@@ -847,6 +877,47 @@ def _run_stages(ctx: SearchContext, cfg: RunConfig, rd: RunDir, log) -> RunDir:
         log(f"recipe: {srd.best / 'recipe.json'}  model: {srd.best / 'model'}")
     log(f"report: {rd.report}")
     return rd
+
+
+def check_tasks_fit_fitness(cfg: RunConfig, tasks: dict) -> list[str]:
+    """What needs the tasks' items, checked before a run directory exists: an adaptive test with
+    more rounds than a task has items is refused; banks from ``calibration.banks`` must load and
+    hold the task's items. Returns one warning line per task with fewer search items than
+    ``fitness.anchors`` (its anchors are capped: every item is asked)."""
+    fit = cfg.fitness
+    if fit.estimator == "full":
+        return []
+    notes = []
+    for name, pair in tasks.items():
+        n = len(pair.search.items)
+        if fit.rounds > min(fit.anchors, n):
+            raise EvomergeError(f"fitness.rounds: {fit.rounds} rounds, but task {name!r} has {n} search items; "
+                                f"each round asks at least one item: use at most {n} rounds, or more items")
+        if fit.anchors > n:
+            notes.append(f"warning: fitness.anchors: {fit.anchors}, but task {name!r} has {n} search items; "
+                         f"its anchors are capped at {n} (every item is asked)")
+    if cfg.calibration.banks is not None:
+        import irt
+
+        for name, pair in tasks.items():
+            given = Path(cfg.calibration.banks) / f"{name}.bank.safetensors"
+            try:
+                bank = irt.ItemBank.load(given)
+            except irt.IRTError as exc:
+                raise EvomergeError(f"calibration.banks: {exc}") from None
+            item_ids = [it.id for it in pair.search.items]
+            missing = set(item_ids) - set(bank.item_ids)
+            extra = set(bank.item_ids) - set(item_ids)
+            if missing or extra:
+                raise EvomergeError(
+                    f"calibration.banks: {given}: the bank's items differ from task {name!r}'s search items "
+                    f"({len(missing)} missing, e.g. {sorted(missing)[:3]}; {len(extra)} extra, e.g. "
+                    f"{sorted(extra)[:3]}); use banks fitted on the same items, or remove calibration.banks")
+            missing_endpoints = set(endpoint_refs(cfg)) - set(bank.subject_names)
+            if fit.estimator in ("mpirt", "gmpirt") and missing_endpoints:
+                raise EvomergeError(f"calibration.banks: {given}: mp-IRT needs the endpoints among the bank's "
+                                    f"subjects; missing {sorted(missing_endpoints)}")
+    return notes
 
 
 def _check_given_banks(cfg: RunConfig) -> None:

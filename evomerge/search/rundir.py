@@ -26,19 +26,28 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from evomerge.errors import EvomergeError
-from evomerge.fsutil import fsync_dir
+from evomerge.fsutil import fsync_dir, output_error
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file + fsync + rename."""
+    """Write ``text`` to ``path`` through a temporary file + fsync + rename. An OS error (full
+    disk, read-only file system) removes the temporary file and becomes an :class:`EvomergeError`
+    naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise output_error(path, exc, "run file") from None
     fsync_dir(path.parent)
 
 
@@ -47,12 +56,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line and make it durable before returning."""
+    """Append one JSON line and make it durable before returning (an OS error becomes an
+    :class:`EvomergeError`; a partial line is cut off on resume by :func:`repair_jsonl`)."""
     line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-    with open(path, "a") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise output_error(path, exc, "run file") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
