@@ -44,6 +44,33 @@ FORMAT_VERSION = "1"
 IRT_VERSION = "0.1.0"
 
 
+def check_calibration_data(Y: np.ndarray, name: str = "responses") -> None:
+    """Refuse a response matrix no bank can be calibrated on: fewer than 2 subjects (abilities and
+    difficulties are then not separable), or no variance at all (every observed answer the same:
+    nothing tells items or subjects apart). Items that every subject answers alike are allowed;
+    their parameters rest on the prior (see :func:`constant_items`)."""
+    M = Y.shape[0]
+    if M < 2:
+        raise IRTError(f"{name}: a bank needs at least 2 subjects (better 10 or more), got {M}; "
+                       "calibrate on more models")
+    obs = Y[~np.isnan(Y)]
+    if obs.size and (obs == obs[0]).all():
+        raise IRTError(f"{name}: every observed answer is {int(obs[0])}; with no variance a bank would "
+                       "be degenerate (nothing tells items or subjects apart); calibrate on subjects that "
+                       "answer some items right and some wrong")
+
+
+def constant_items(Y) -> list[int]:
+    """Positions of the items whose observed answers are all the same (0 for all or 1 for all)."""
+    Y = np.asarray(Y, dtype=np.float64)
+    out = []
+    for i in range(Y.shape[1]):
+        col = Y[:, i][~np.isnan(Y[:, i])]
+        if col.size and (col == col[0]).all():
+            out.append(i)
+    return out
+
+
 def _check_ids(ids, what: str, n: int) -> list[str]:
     ids = [str(x) for x in ids]
     if len(ids) != n:
@@ -176,6 +203,7 @@ class ItemBank:
         item_ids = _check_ids(item_ids if item_ids is not None else [f"item{i}" for i in range(I)], "item ids", I)
         subject_names = _check_ids(subject_names if subject_names is not None else [f"subject{m}" for m in range(M)],
                                    "subject names", M)
+        check_calibration_data(Y)
         dim_table = None
         chosen = dim is None
         if dim is None:

@@ -117,6 +117,9 @@ def cross_validate_estimates(
         raise IRTError(f"cross-validation: endpoints {missing} are not among the subjects")
     if estimator in ("mpirt", "gmpirt") and not endpoints:
         raise IRTError(f"cross-validation: estimator {estimator!r} needs endpoints")
+    if int(rounds) > min(int(n), N):
+        raise IRTError(f"rounds: {rounds} rounds for {min(int(n), N)} items (n = {n}, {N} items in the "
+                       "responses); each round asks at least one item, so use at most that many rounds")
     others = np.array([m for m in range(M) if names[m] not in endpoints])
     if len(others) < 2:
         raise IRTError(f"cross-validation needs at least 2 subjects besides the endpoints, got {len(others)}")
