@@ -12,7 +12,8 @@ import typer
 
 def merge_command(
     recipe: Path = typer.Argument(..., help="mergekit-style YAML recipe"),
-    out: Path = typer.Option(..., "--out", "-o", help="output model folder (written atomically)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output model folder (written atomically; an existing "
+                             "one is replaced only if it holds nothing but a model, see --overwrite)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow reading pickle (.bin) checkpoints"),
     device: str = typer.Option("cpu", "--device", help="device for the tensor math (cpu, cuda, cuda:1, ...)"),
     shard_size: str = typer.Option("5GB", "--shard-size", help="maximum safetensors shard size (e.g. 5GB, 500MB)"),
