@@ -42,9 +42,6 @@ def merge_command(
     rp, op = os.path.realpath(recipe), os.path.realpath(out).rstrip(os.sep)
     if rp == op or rp.startswith(op + os.sep):
         raise EvomergeError(f"--out {out} is or holds the recipe {recipe}; write the merge to another folder")
-    from evomerge.checkpoint.io import check_output_folder
-
-    check_output_folder(out, overwrite=overwrite)  # before the recipe's models are read
     rec = load_recipe(recipe)
     if device != "cpu":
         import torch

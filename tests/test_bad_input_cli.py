@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import filecmp
 import io
 import json
 import os
@@ -303,6 +304,19 @@ def previous_output(tmp: Path) -> None:
     (tmp / "out" / "config.json").write_text(json.dumps({"previous": True}))
 
 
+def someone_elses_model(tmp: Path) -> None:
+    """A Hugging Face model folder with only standard files, not written by evomerge (the zoo's base
+    is saved by transformers): replacing it would lose the user's model."""
+    recipe(tmp)
+    shutil.copytree(ZOO / "models" / "base", tmp / "out")
+
+
+def someone_elses_model_kept(tmp: Path) -> None:
+    assert filecmp.cmp(ZOO / "models" / "base" / "model.safetensors", tmp / "out" / "model.safetensors",
+                       shallow=False)
+    _no_leftovers(tmp)
+
+
 def previous_replaced(tmp: Path) -> None:
     assert "previous" not in json.loads((tmp / "out" / "config.json").read_text())
     model_written(tmp)
@@ -436,6 +450,8 @@ CASES = [
     Case("merge-out-notes-overwrite", MERGE + ["--overwrite"], setup=notes_folder, exit=0,
          after=lambda t: (model_written(t), not (t / "out" / "notes.txt").exists() or pytest.fail("notes kept"))),
     Case("merge-out-previous-output-replaced", MERGE, setup=previous_output, exit=0, after=previous_replaced),
+    Case("merge-out-holds-someone-elses-model", MERGE, setup=someone_elses_model,
+         words=["a model evomerge did not write", "--overwrite"], after=someone_elses_model_kept),
     Case("merge-out-empty-folder", MERGE, setup=lambda t: (recipe(t), (t / "out").mkdir()), exit=0,
          after=model_written),
     Case("merge-out-is-input-model", ["merge", "{tmp}/r.yaml", "--out", "{tmp}/m"],
@@ -443,7 +459,7 @@ CASES = [
          after=lambda t: (model_written(t, "m"), _no_leftovers(t))),
     Case("merge-out-holds-input-model", ["merge", "{tmp}/../r-parent.yaml", "--out", "{tmp}"],
          setup=lambda t: recipe(t.parent, name="r-parent.yaml", models=(str(copy_model(t)),)),
-         words=["m/", "--overwrite"], after=lambda t: model_written(t, "m")),
+         words=["holds the input model", "another folder"], after=lambda t: model_written(t, "m")),
     Case("merge-out-holds-input-model-overwrite", ["merge", "{tmp}/../r-parent.yaml", "--out", "{tmp}", "--overwrite"],
          setup=lambda t: recipe(t.parent, name="r-parent.yaml", models=(str(copy_model(t)),)),
          words=["holds the input", "model"], after=lambda t: model_written(t, "m")),

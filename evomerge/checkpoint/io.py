@@ -60,8 +60,9 @@ def _read_json(path: Path, what: str) -> dict:
         raise EvomergeError(f"{what}: {path} is not valid JSON ({exc})") from None
 
 
-def _read_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors header (names, dtypes, shapes) without touching tensor data."""
+def _read_safetensors_header(path: Path, keep_metadata: bool = False) -> dict:
+    """Parse a safetensors header (names, dtypes, shapes) without touching tensor data
+    (``__metadata__`` dropped unless ``keep_metadata``)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -75,7 +76,8 @@ def _read_safetensors_header(path: Path) -> dict:
         raise EvomergeError(f"{path}: shard file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise EvomergeError(f"{path}: corrupt safetensors header") from None
-    header.pop("__metadata__", None)
+    if not keep_metadata:
+        header.pop("__metadata__", None)
     return header
 
 
@@ -313,8 +315,13 @@ def _shard_plan(specs: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_s
     return shards
 
 
+# every safetensors file evomerge writes says so in its metadata: an existing output folder whose
+# weights lack it holds a model someone else made, which is never replaced without --overwrite
+WRITER_METADATA = {"format": "pt", "written_by": "evomerge"}
+
+
 def _header_bytes(entries, metadata: dict | None = None) -> bytes:
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    header: dict = {"__metadata__": dict(metadata or WRITER_METADATA)}
     off = 0
     for name, shape, dt, nb in entries:
         if dt not in _ST_NAMES:
@@ -342,17 +349,28 @@ def foreign_entries(folder: str | os.PathLike) -> list[str]:
     except OSError as exc:
         raise EvomergeError(f"output folder {folder}: cannot list it ({exc.strerror or exc})") from None
     for e in entries:
-        if e.is_file(follow_symlinks=False) and (e.name in OUTPUT_FILES or _SHARD_RE.fullmatch(e.name)):
+        weights = e.name == SAFE_SINGLE or _SHARD_RE.fullmatch(e.name)
+        if e.is_file(follow_symlinks=False) and (e.name in OUTPUT_FILES or weights):
+            if weights and not _written_by_evomerge(Path(e.path)):
+                out.append(f"{e.name} (a model evomerge did not write)")
             continue
         out.append(e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
     return out
 
 
+def _written_by_evomerge(path: Path) -> bool:
+    try:
+        meta = _read_safetensors_header(path, keep_metadata=True).get("__metadata__") or {}
+    except EvomergeError:
+        return False
+    return meta.get("written_by") == WRITER_METADATA["written_by"]
+
+
 def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Raise :class:`EvomergeError` unless a model may be written to ``out_dir``: it can be
     created (no parent is a regular file, the nearest existing parent is writable) and, if it
-    exists, it is a folder holding nothing but a model evomerge could have written
-    (:func:`foreign_entries`) — or ``overwrite`` is set."""
+    exists, it is a folder holding nothing but a model evomerge wrote (:func:`foreign_entries`;
+    its safetensors files carry evomerge's metadata) — or ``overwrite`` is set."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EvomergeError(f"output {out} exists and is not a folder; choose another path")

@@ -375,7 +375,6 @@ def merge_to_disk(
     """
     from evomerge.checkpoint.io import check_output_folder
 
-    check_output_folder(out_dir, overwrite=overwrite)  # before any model is read
     if not isinstance(recipe, MergeRecipe):
         recipe = load_recipe(recipe)
     device = torch.device(device)
@@ -392,6 +391,7 @@ def merge_to_disk(
         if src.startswith(target.rstrip(os.sep) + os.sep):
             raise EvomergeError(f"--out {out_dir} holds the input {label}; replacing it would delete that "
                                 "model — write the merge to another folder")
+    check_output_folder(out_dir, overwrite=overwrite)  # before any tensor is read (headers only so far)
     specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
     tok = plan.tokenizer_from if copy_tokenizer else None
     with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes, overwrite=overwrite) as writer:
