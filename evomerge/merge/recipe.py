@@ -425,6 +425,8 @@ def load_recipe(path: str | os.PathLike) -> MergeRecipe:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EvomergeError(f"recipe file {p} not found") from None
+    except IsADirectoryError:
+        raise EvomergeError(f"recipe file {p} is a folder; give the YAML recipe file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise EvomergeError(f"recipe file {p}: cannot read ({exc})") from None
     import yaml
@@ -456,6 +458,9 @@ def resolve_model_path(ref: str, recipe: MergeRecipe | None = None) -> Path:
     rdir = getattr(recipe, "_recipe_dir", None) if recipe is not None else None
     if rdir and not p.is_absolute() and (Path(rdir) / p).is_dir():
         return (Path(rdir) / p).absolute()
+    if p.exists():
+        raise EvomergeError(f"model {ref!r}: is a file, not a model folder (give the folder that holds "
+                            "config.json and the safetensors weights)")
     raise EvomergeError(
         f"model {ref!r}: folder not found (models must be local Hugging Face model folders; "
         "relative paths are resolved against the current directory and the recipe's folder)"

@@ -83,7 +83,15 @@ def open_run_dir(run_dir: str | Path, new_cfg: RunConfig | None = None) -> tuple
     if not rd.exists():
         raise EvomergeError(f"{rd.root}: not a run directory (no config.yaml); start a run with "
                             "`evomerge search CONFIG`")
-    frozen = yaml.safe_load(rd.config.read_text())
+    from evomerge.config import yaml_error_message
+
+    try:
+        frozen = yaml.safe_load(rd.config.read_text())
+    except yaml.YAMLError as exc:
+        raise EvomergeError(yaml_error_message(rd.config, exc) + " — the run's frozen config is damaged; "
+                            "restore it, or start a new run") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvomergeError(f"{rd.config}: cannot read the run's frozen config ({exc})") from None
     cfg = parse_config(frozen, str(rd.config))
     if new_cfg is not None:
         new = new_cfg.to_dict()
