@@ -34,6 +34,9 @@ _irt_cli.register(app)
 from evomerge.search import cli as _search_cli  # noqa: E402
 
 _search_cli.register(app)
+from evomerge import eval_cli as _eval_cli  # noqa: E402
+
+_eval_cli.register(app)
 
 
 def _version() -> str:
