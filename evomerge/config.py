@@ -296,7 +296,9 @@ class FitnessConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["cmaes", "optuna"] = "cmaes"
+    name: Literal["cmaes", "optuna", "random"] = Field(
+        "cmaes", description="cmaes | optuna (sampler below) | random (uniform genomes: the "
+        "baseline that shows what the search is worth; sampler, sigma0, separable unused)")
     sampler: Literal["cmaes", "tpe", "nsga2"] = "cmaes"
     population: Optional[Int] = Field(None, ge=4, description="candidates per generation "
                                       "(CMA-ES needs >= 4); default 4 + floor(3 ln d)")

@@ -8,6 +8,9 @@ the same calls and checks that the replayed asks equal the logged genomes.
 
 Fitness is always *maximised* (accuracy); the cmaes library minimises, so the sign flips here.
 Multi-objective search (one objective per task) is Optuna's NSGA-II only.
+
+``RandomSearch`` (``optimizer.name: random``) draws uniform genomes and learns nothing from
+fitness: the baseline that says what the other optimizers' search is worth.
 """
 
 from __future__ import annotations
@@ -57,6 +60,32 @@ class CMAESOptimizer:
 
     def tell_generation(self, genomes: list[np.ndarray], fitnesses: list) -> None:
         self._es.tell([(np.asarray(g, dtype=float), -float(f)) for g, f in zip(genomes, fitnesses)])
+
+
+class RandomSearch:
+    """Uniform random genomes in [0, 1]^d, ``population`` per generation; single objective.
+
+    The stream of genomes depends only on the seed (numpy ``default_rng([seed, 4242])``), not
+    on the fitness told, so a replay asks exactly the logged genomes.
+    """
+
+    n_objectives = 1
+
+    def __init__(self, dim: int, *, seed: int, population: int | None = None):
+        self.dim = dim
+        self.population = population or default_population(dim)
+        self._rng = np.random.default_rng([int(seed), 4242])
+        self.name = "random"
+        self.told = 0
+
+    def ask_generation(self) -> list[np.ndarray]:
+        return [self._rng.random(self.dim) for _ in range(self.population)]
+
+    def tell_generation(self, genomes: list[np.ndarray], fitnesses: list) -> None:
+        if len(genomes) != len(fitnesses):
+            raise EvomergeError(f"optimizer: told {len(genomes)} genomes and {len(fitnesses)} "
+                                "fitness values")
+        self.told += len(genomes)
 
 
 class OptunaOptimizer:
@@ -127,6 +156,11 @@ class OptunaOptimizer:
 
 def make_optimizer(cfg, dim: int, *, seed: int, x0=None, n_objectives: int = 1):
     """Build the optimizer named by an ``OptimizerConfig``."""
+    if cfg.name == "random":
+        if n_objectives > 1:
+            raise EvomergeError("optimizer.name: random is single-objective; use optimizer.name: "
+                                "optuna with sampler: nsga2 for fitness.aggregate: per_task")
+        return RandomSearch(dim, seed=seed, population=cfg.population)
     if cfg.name == "cmaes":
         if n_objectives > 1:
             raise EvomergeError("optimizer.name: cmaes is single-objective; use optimizer.name: "
