@@ -61,11 +61,44 @@ def test_merge_matters(zoo):
     def avg(label):
         return float(np.mean([acc[label][t] for t in tasks]))
 
-    endpoints = ["base"] + [f"{t}_expert" for t in zoo.experts]
+    endpoints = ["base"] + [f"{t}_expert" for t in zoo.experts] + list(zoo.extra_models)
     merges = [k for k in acc if k not in endpoints]
     best = max(merges, key=avg)
     assert avg(best) > max(avg(e) for e in endpoints) + 0.05, acc
     assert min(avg(m) for m in merges) < avg(best) - 0.2, acc  # a bad merge is clearly worse
+
+
+def test_strong_expert_is_base_plus_twice_the_task_vector(zoo):
+    """cipher_strong = base + 2 (cipher_expert - base): an extra endpoint, not a task."""
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.search.loop import resolve_model
+
+    assert set(zoo.extra_models) == {"cipher_strong"}
+    strong_dir = zoo.extra_models["cipher_strong"]
+    assert resolve_model("zoo:cipher_strong") == strong_dir
+    assert "cipher_strong" not in zoo.task_names and "cipher_strong" not in zoo.expert_tasks
+    assert "cipher_strong" not in list(zoo.experts)  # iterating experts: the task experts only
+    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (strong_dir / f).is_file()
+    base = load_file(zoo.base / "model.safetensors")
+    expert = load_file(zoo.experts["cipher"] / "model.safetensors")
+    strong = load_file(strong_dir / "model.safetensors")
+    assert set(strong) == set(base)
+    moved = 0.0
+    for k, b in base.items():
+        want = b + 2.0 * (expert[k] - b)
+        assert torch.allclose(strong[k], want, rtol=0, atol=1e-6), k
+        moved = max(moved, float((strong[k] - expert[k]).abs().max()))
+    assert moved > 1e-3  # not the expert itself
+    # it knows its task (an overshoot: less exact than the expert on the generation task, still
+    # far above the base, and it still ranks the right cipher answer first), and only its task
+    acc, strong_acc = _acc(zoo), _acc(zoo)["cipher_strong"]
+    assert strong_acc["cipher"] >= acc["base"]["cipher"] + 0.25, strong_acc
+    assert strong_acc["cipher_choice"] >= 0.9 > acc["base"]["cipher_choice"], strong_acc
+    assert max(strong_acc[t] for t in ("lang", "upper")) <= acc["base"]["cipher"] + 0.05, strong_acc
+    assert "cipher_strong" in zoo.report
 
 
 def test_report_accuracy_is_reproducible(zoo):

@@ -13,8 +13,14 @@ machine / torch build give bit-identical checkpoints):
    20% replay of the base mixture), side by side with a merge-aware term (see
    ``_finetune_experts``): the loss of ``base + sum(expert - base)`` on the expert tasks,
    weighted by ``TRAIN["merge_aware"]``.
-4. Held-out accuracy of the base, the experts and a few task-arithmetic merges is measured
-   and written to ``zoo_report.md`` and ``zoo.json``.
+4. Extra endpoints (``STRONG``), written after the experts and derived from them: an
+   "over-trained" expert ``base + f * (expert - base)``, i.e. a fine-tune trained f times as
+   hard in the linear regime (``cipher_strong``: the cipher expert, f = 2). They are not
+   training tasks and change no other checkpoint; they give the search something to find
+   (``configs/demo_strengths.yaml``: the right weight for it is 1/f, which no default merge
+   uses).
+5. Held-out accuracy of the base, the experts, the extra endpoints and a few task-arithmetic
+   merges (of the experts) is measured and written to ``zoo_report.md`` and ``zoo.json``.
 
 Only ``data.TASKS`` (the generation tasks) enter training. The multiple-choice tasks
 (``data.CHOICE_TASKS``) are built from their source task's items and only evaluated, so they
@@ -54,6 +60,9 @@ _ENV_TRAIN = os.environ.get("EVOMERGE_ZOO_TRAIN")
 if _ENV_TRAIN:
     TRAIN.update({k: v for k, v in json.loads(_ENV_TRAIN).items() if k in TRAIN})
     MODEL.update({k: v for k, v in json.loads(_ENV_TRAIN).items() if k in MODEL})
+
+# extra endpoints: name -> (expert task, factor f): base + f * (expert - base)
+STRONG = {"cipher_strong": ("cipher", 2.0)}
 
 # merges shown in the report: (label, kind, arg)
 REPORT_MERGES = [
@@ -245,6 +254,12 @@ def task_arithmetic(base_sd: dict, expert_sds: list[dict], lam: float) -> dict:
     return out
 
 
+def strengthen(base_sd: dict, expert_sd: dict, factor: float) -> dict:
+    """``base + factor * (expert - base)`` (float tensors; others are the base's)."""
+    return {k: (b + factor * (expert_sd[k] - b)) if b.is_floating_point() else b
+            for k, b in base_sd.items()}
+
+
 # --------------------------------------------------------------------------- build
 def build_into(tmp: Path, verbose: bool = True) -> dict:
     """Build a complete zoo into ``tmp`` (an empty folder). Returns the manifest."""
@@ -348,6 +363,14 @@ def build_into(tmp: Path, verbose: bool = True) -> dict:
         save(model, name)
         experts[t] = f"models/{name}"
         expert_sds[t] = sd
+    extra_models: dict[str, str] = {}
+    extra_sds: dict[str, dict] = {}
+    for name, (t, factor) in STRONG.items():
+        sd = strengthen(base_sd, expert_sds[t], factor)
+        model.load_state_dict(sd)
+        save(model, name)
+        extra_models[name] = f"models/{name}"
+        extra_sds[name] = sd
     model.load_state_dict(base_sd)
 
     # ---- report: held-out accuracy of base, experts, a few merges
@@ -374,6 +397,8 @@ def build_into(tmp: Path, verbose: bool = True) -> dict:
     evaluate("base", base_sd)
     for t, sd in expert_sds.items():
         evaluate(f"{t}_expert", sd)
+    for name, sd in extra_sds.items():
+        evaluate(name, sd)
     sds = list(expert_sds.values())
     for label, kind, arg in REPORT_MERGES:
         evaluate(label, task_arithmetic(base_sd, sds, arg))
@@ -383,7 +408,7 @@ def build_into(tmp: Path, verbose: bool = True) -> dict:
     report = format_report(rows, all_tasks, [t for t in task_names if t in experts])
     manifest = {
         "version": ZOO_FORMAT, "recipe": recipe(), "seed": SEED, "base": "models/base", "experts": experts,
-        "task_names": all_tasks, "params": n_params,
+        "extra_models": extra_models, "task_names": all_tasks, "params": n_params,
         "build_seconds": round(time.time() - t0, 1),
         "heldout_accuracy": {label: acc for label, acc in rows},
         "heldout_accuracy_by_level": levels,
@@ -394,14 +419,15 @@ def build_into(tmp: Path, verbose: bool = True) -> dict:
     return manifest
 
 
-ZOO_FORMAT = "5"  # 5: multiple-choice task (cipher_choice); same checkpoints as 4
+ZOO_FORMAT = "6"  # 6: extra endpoint cipher_strong; 5: multiple choice (cipher_choice)
 
 
 def recipe() -> dict:
     """What determines the zoo besides the code: compared with zoo.json to reuse a cache."""
     return {"seed": SEED, "n_search": N_SEARCH, "n_heldout": N_HELDOUT,
             "train": dict(TRAIN), "model": dict(MODEL), "tasks": list(data.TASKS),
-            "choice_tasks": {t: dict(s) for t, s in data.CHOICE_TASKS.items()}}
+            "choice_tasks": {t: dict(s) for t, s in data.CHOICE_TASKS.items()},
+            "strong": {n: list(v) for n, v in STRONG.items()}}
 
 
 def format_report(rows, task_names, expert_tasks) -> str:
@@ -411,6 +437,10 @@ def format_report(rows, task_names, expert_tasks) -> str:
     lines = ["# evomerge zoo: held-out accuracy", "",
              "TA = task arithmetic: base + l * sum(expert - base); linear avg(experts) is "
              "TA at l=1/3."]
+    strong = [n for n, _ in rows if n in STRONG]
+    if strong:
+        lines += ["", "; ".join(f"{n} = base + {STRONG[n][1]:g} * ({STRONG[n][0]}_expert - base) "
+                                f"(over-trained; not in the TA merges)" for n in strong) + "."]
     mc = [t for t in task_names if t in data.CHOICE_TASKS]
     if mc:
         lines += ["", ", ".join(mc) + ": multiple choice scored by log-likelihood (chance "
