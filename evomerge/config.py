@@ -310,6 +310,10 @@ class OptimizerConfig(_Strict):
 class FinalConfig(_Strict):
     top_k: Int = Field(3, ge=1, description="best candidates re-evaluated on held-out items")
     write_model: StrictBool = True
+    baselines: StrictBool = Field(True, description="also evaluate the default merges a user would try "
+                                  "(task arithmetic at weights 1 and 1/K, TIES and DARE-TIES at density 0.5, "
+                                  "linear average) on the held-out items, and report the best candidate's gain "
+                                  "over them (parameter-space runs)")
 
 
 class RunConfig(_Strict):

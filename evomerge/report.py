@@ -130,6 +130,13 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
             md.append(f"| {h['name']} | " + " | ".join(f"{h['accuracy'][t]:.3f}" for t in tasks)
                       + f" | {h['average']:.3f} | {est_s} |")
         md.append("")
+        from evomerge.search.baselines import describe_gain, gain_over_baselines
+
+        gain = gain_over_baselines(held)
+        if gain is not None:
+            md += [describe_gain(gain)[0].upper() + describe_gain(gain)[1:] + ". The default merges (`baseline:`) "
+                   "are task arithmetic at weights 1 and 1/K, TIES and DARE-TIES at density 0.5 and weight 1, "
+                   "and the linear average of the endpoints.", ""]
         cands = [h for h in held if h.get("estimated")]
         if cands:
             fig, ax = plt.subplots(figsize=(4.5, 4))

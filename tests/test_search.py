@@ -87,6 +87,32 @@ def test_search_writes_a_complete_run(reference_run):
     assert any(line.startswith("gen   3/3") for line in lines)
 
 
+def test_default_merges_are_measured_next_to_the_candidates(zoo, reference_run):
+    """The held-out stage also evaluates the default merges; each equals that merge done by hand."""
+    from evomerge.backends.hf import HFEvaluator
+    from evomerge.search.baselines import gain_over_baselines
+
+    rd, lines = reference_run
+    held = read_jsonl(rd.heldout)
+    base_rows = {h["name"]: h for h in held if h["name"].startswith("baseline:")}
+    assert sorted(base_rows) == ["baseline:dare_ties", "baseline:linear", "baseline:ta-1", "baseline:ta-1/3",
+                                 "baseline:ties"]
+    ev = HFEvaluator(zoo.base, num_threads=1, batch_size=128)
+    want = {"merge_method": "task_arithmetic", "base_model": str(zoo.base), "dtype": "float32",
+            "models": [{"model": str(zoo.experts[t]), "parameters": {"weight": 1.0}} for t in ("lang", "cipher", "upper")]}
+    assert base_rows["baseline:ta-1"]["recipe"] == want
+    from evomerge.merge.engine import InMemoryMerger
+    from evomerge.merge.recipe import MergeRecipe
+
+    InMemoryMerger([zoo.base, *zoo.experts.values()]).apply(MergeRecipe.from_dict(want), ev.model)
+    task = zoo.load_task("upper", "heldout")
+    assert base_rows["baseline:ta-1"]["accuracy"]["upper"] == float(ev.answer(task).mean())
+    gain = gain_over_baselines(held)
+    assert gain["baseline"] == max(base_rows.values(), key=lambda h: h["average"])["name"]
+    assert any("\ngain of candidate-" in line for line in lines)
+    assert "over the best default merge" in rd.report.read_text()
+
+
 def test_report_command_redraws(reference_run):
     rd, _ = reference_run
     rd.report.unlink()
@@ -233,7 +259,7 @@ def test_check_prints_the_plan_and_writes_nothing(zoo, reference_run, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "calibration: 8 models × 600 items = 4,800 answers" in out.stdout
     assert "population 4 × 3 generations = 12 candidates × 30 items = 360 answers" in out.stdout
-    assert "held-out: (4 endpoints + top 2 candidates)" in out.stdout
+    assert "held-out: (4 endpoints + 5 default merges + top 2 candidates) × 900 items = 9,900 answers" in out.stdout
     assert not (tmp_path / "run").exists()
     rd, _ = reference_run
     out = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", "--resume", str(rd.root), "--check"],

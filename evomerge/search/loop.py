@@ -668,23 +668,32 @@ def run_heldout(ctx: SearchContext, records: list[dict], reference: list[dict] |
 
     ``reference``: rows already measured (the PS stage's, for the dataflow stage); the
     endpoints are then not evaluated again."""
-    rd = ctx.rd
+    from evomerge.search.baselines import baseline_recipes
+
+    rd, cfg = ctx.rd, ctx.cfg
     done = {r["name"]: r for r in read_jsonl(rd.heldout)}
-    jobs: list[tuple[str, dict | None]] = []
+    jobs: list[tuple[str, str, object]] = []  # (name, kind, what)
     if reference is None:
-        jobs += [(ref, None) for ref in endpoint_refs(ctx.cfg)]
-    jobs += [(f"candidate-{r['index']}", r) for r in top_candidates(records, ctx.cfg.final.top_k)]
+        jobs += [(ref, "endpoint", ref) for ref in endpoint_refs(cfg)]
+        if cfg.final.baselines and getattr(ctx.space, "kind", "parameter") != "dataflow":
+            jobs += [(name, "baseline", recipe) for name, recipe in baseline_recipes(
+                ctx.base_path, list(ctx.endpoint_paths.values()), cfg.evaluator.dtype, cfg.models.tokenizer_source)]
+    jobs += [(f"candidate-{r['index']}", "candidate", r) for r in top_candidates(records, cfg.final.top_k)]
     out = [dict(r, index=None, estimated=None) for r in (reference or [])]
-    for name, rec in jobs:
+    for name, kind, what in jobs:
         if name not in done:
-            if rec is None:
-                ctx.apply_endpoint(name)
+            if kind == "endpoint":
+                ctx.apply_endpoint(what)
+            elif kind == "baseline":
+                ctx.evaluator.apply_recipe(what)
             else:
-                ctx.apply_genome(np.asarray(rec["genome"]))
+                ctx.apply_genome(np.asarray(what["genome"]))
             acc = {t: float(ctx.answer(t, "heldout").mean()) for t in ctx.tasks}
-            line = {"name": name, "index": None if rec is None else rec["index"],
+            line = {"name": name, "index": what["index"] if kind == "candidate" else None,
                     "accuracy": acc, "average": float(np.mean(list(acc.values()))),
-                    "estimated": None if rec is None else rec["estimates"]}
+                    "estimated": what["estimates"] if kind == "candidate" else None}
+            if kind == "baseline":
+                line["recipe"] = what
             append_jsonl(rd.heldout, line)
             done[name] = line
         out.append(done[name])
@@ -765,12 +774,20 @@ def _write_best_dataflow(ctx: SearchContext, rec: dict, summary: dict) -> dict:
 
 
 def summary_table(ctx: SearchContext, heldout: list[dict]) -> str:
+    """The held-out table (endpoints, default merges, best candidates) and the best candidate's
+    gain over the best default merge."""
+    from evomerge.search.baselines import describe_gain, gain_over_baselines
+
     tasks = list(ctx.tasks)
-    head = f"{'model':<16}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'average':>10}"
+    w = max([16] + [len(h["name"]) + 1 for h in heldout])
+    head = f"{'model':<{w}}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'average':>10}"
     lines = ["held-out accuracy (true, all held-out items)", head, "-" * len(head)]
     for h in heldout:
-        lines.append(f"{h['name'][:16]:<16}" + "".join(f"{h['accuracy'][t]:>11.3f}" for t in tasks)
+        lines.append(f"{h['name']:<{w}}" + "".join(f"{h['accuracy'][t]:>11.3f}" for t in tasks)
                      + f"{h['average']:>10.3f}")
+    gain = gain_over_baselines(heldout)
+    if gain is not None:
+        lines += ["", describe_gain(gain)]
     return "\n".join(lines)
 
 
@@ -820,9 +837,10 @@ def _plan_lines(cfg: RunConfig, ctx: SearchContext, target: RunDir, log) -> list
     if ss.kind == "ps+dfs":
         lines.append(f"then a data-flow stage: {ss.dataflow.generations} generations on top of the PS best")
     lines += check_tasks_fit_fitness(cfg, ctx.tasks)
-    n_models = 1 + K + cfg.final.top_k
-    lines.append(f"held-out: ({1 + K} endpoints + top {cfg.final.top_k} candidates) × {sum(n_held.values())} items "
-                 f"= {n_models * sum(n_held.values()):,} answers")
+    n_base = 5 if cfg.final.baselines and ss.kind != "dataflow" else 0  # evomerge.search.baselines
+    n_models = 1 + K + n_base + cfg.final.top_k
+    lines.append(f"held-out: ({1 + K} endpoints + {n_base} default merges + top {cfg.final.top_k} candidates) × "
+                 f"{sum(n_held.values())} items = {n_models * sum(n_held.values()):,} answers")
     for line in lines:
         log(line)
     return lines
