@@ -40,11 +40,7 @@ def _resolve_checkpoint(ref: str) -> Path:
     from evomerge.search.loop import resolve_model
 
     if ref.startswith("zoo:"):
-        zoo = _zoo_quiet()
-        name = ref[4:]
-        if name != "base" and name not in zoo.experts:
-            raise EvomergeError(f"MODEL {ref!r} is not in the zoo; it has zoo:base and "
-                                + ", ".join(f"zoo:{n}" for n in zoo.experts))
+        _zoo_quiet()  # built (if need be) with its progress on stderr
     try:
         with contextlib.redirect_stdout(sys.stderr):
             path = resolve_model(ref)

@@ -221,14 +221,7 @@ def _zoo():
 def resolve_model(ref: str) -> Path:
     """A model reference -> a local checkpoint folder (zoo:NAME, a folder, or a hub id)."""
     if ref.startswith("zoo:"):
-        zoo = _zoo()
-        name = ref[4:]
-        if name == "base":
-            return Path(zoo.base)
-        if name not in zoo.experts:
-            raise EvomergeError(f"models: {ref!r} is not in the zoo; it has zoo:base and "
-                                + ", ".join(f"zoo:{n}" for n in zoo.experts))
-        return Path(zoo.experts[name])
+        return Path(_zoo().model(ref[4:]))
     p = Path(ref).expanduser()
     if p.is_dir():
         return p

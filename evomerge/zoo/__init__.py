@@ -19,7 +19,7 @@ log-likelihood, chance 0.25), evaluation only. ``Zoo.task_names`` lists all task
 Extra endpoint: ``models/cipher_strong`` = base + 2 * (cipher_expert - base), an
 "over-trained" cipher expert (a fine-tune trained twice as hard, in the linear regime). It is
 not a training task and changes no other checkpoint; ``zoo:cipher_strong`` resolves to it
-(``Zoo.extra_models``). The overshoot shows: alone it answers 0.39 of the held-out cipher
+(``Zoo.extra_models``, ``Zoo.model(name)``). The overshoot shows: alone it answers 0.39 of the held-out cipher
 items (expert 0.997, base 0.06) and still ranks the right answer first on 0.94 of
 ``cipher_choice``. With it as an endpoint (``configs/demo_strengths.yaml``) the right recipe is
 weights ~ (1, 0.5, 1), which no default merge gives (the best of them, TIES, reaches a
@@ -58,27 +58,6 @@ def default_root() -> Path:
     return Path.home() / ".cache" / "evomerge" / "zoo" / _version()
 
 
-class ZooExperts(dict):
-    """task -> expert checkpoint. Iteration, ``len``, ``keys`` and ``items`` give the task
-    experts only; ``name in`` and ``[name]`` also find the extra endpoints (``cipher_strong``),
-    so that ``zoo:NAME`` resolves them wherever experts are looked up by name."""
-
-    def __init__(self, experts: dict, extra: dict | None = None):
-        super().__init__(experts)
-        self.extra = dict(extra or {})
-
-    def __contains__(self, name) -> bool:
-        return super().__contains__(name) or name in self.extra
-
-    def __getitem__(self, name):
-        if not super().__contains__(name) and name in self.extra:
-            return self.extra[name]
-        return super().__getitem__(name)
-
-    def get(self, name, default=None):
-        return self[name] if name in self else default
-
-
 @dataclass
 class Zoo:
     """A built zoo on disk."""
@@ -89,6 +68,16 @@ class Zoo:
     task_names: list[str]
     manifest: dict = field(default_factory=dict, repr=False)
     extra_models: dict[str, Path] = field(default_factory=dict)
+
+    def model(self, name: str) -> Path:
+        """The checkpoint folder of ``zoo:NAME``: ``base``, a task's expert or an extra model."""
+        if name == "base":
+            return self.base
+        found = self.experts.get(name) or self.extra_models.get(name)
+        if found is None:
+            raise EvomergeError(f"models: 'zoo:{name}' is not in the zoo; it has "
+                                + ", ".join(f"zoo:{n}" for n in ["base", *self.experts, *self.extra_models]))
+        return found
 
     def task_dir(self, name: str) -> Path:
         if name not in self.task_names:
@@ -120,7 +109,7 @@ class Zoo:
         m = json.loads(mf.read_text())
         extra = {n: root / p for n, p in m.get("extra_models", {}).items()}
         return cls(root=root, base=root / m["base"],
-                   experts=ZooExperts({t: root / p for t, p in m["experts"].items()}, extra),
+                   experts={t: root / p for t, p in m["experts"].items()},
                    task_names=list(m["task_names"]), manifest=m, extra_models=extra)
 
 
