@@ -166,7 +166,23 @@ def test_vllm_search_killed_and_resumed_logs_what_hf_logs(zoo, tmp_path):
     path.write_text(yaml.safe_dump(vcfg))
     run = tmp_path / "vllm"
     p = _launch(["search", str(path)], REPO)
-    _kill_when(p, lambda: _lines(run / "evaluations.jsonl") >= 5, timeout=400)
+    engine = []  # vLLM's processes under the search, seen just before the kill
+
+    def kill_point() -> bool:
+        if _lines(run / "evaluations.jsonl") < 5:
+            return False
+        import psutil
+
+        engine.extend(psutil.Process(p.pid).children(recursive=True))
+        return True
+
+    _kill_when(p, kill_point, timeout=400)
+    # the engine does not outlive the search (the worker watches the search's process)
+    assert engine
+    import psutil
+
+    gone, alive = psutil.wait_procs(engine, timeout=15)
+    assert not alive, [pr.name() for pr in alive]
     p = _launch(["search", "--resume", str(run)], REPO)
     out, _ = p.communicate(timeout=400)
     assert p.returncode == 0, out

@@ -103,6 +103,7 @@ class VLLMEvaluator:
             self._llm = self._LLM(**kw)
         except Exception as exc:  # noqa: BLE001 - vLLM's own message, without its stack
             raise EvomergeError(f"{model_path}: vLLM could not start ({type(exc).__name__}: {exc})") from None
+        self._rpc("evomerge_watch", os.getpid())  # the engine stops if this process is killed
         self.model_path = model_path
         reader = CheckpointReader(model_path)
         self._shapes = {n: tuple(reader.shape(n)) for n in reader.tensor_names()}

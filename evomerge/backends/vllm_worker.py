@@ -13,11 +13,53 @@ Nothing here imports vLLM: the methods only use what the worker gives them.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
+
+
+def _alive(pid: int) -> bool:
+    """Is process ``pid`` running (a zombie counts as gone)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:  # no such process, or no /proc (then ask the kernel)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 class MergeWorker:
     """vLLM worker extension: a resident merge engine that reloads merged weights in place."""
+
+    def evomerge_watch(self, driver_pid: int) -> None:
+        """Stop this engine when the search's process is gone: vLLM's engine and worker processes
+        outlive a driver killed with SIGKILL (found in the kill -9 test: each orphan kept ~1 GB and
+        a core busy; on a GPU it would keep the GPU's memory). A daemon thread checks every second
+        and then kills the engine-core process (this worker's parent) and this process."""
+        me = os.getpid()
+        if driver_pid == me:
+            return  # vLLM runs in the driver's process: nothing can outlive it
+        engine = me if os.getppid() == driver_pid else os.getppid()
+
+        def watch() -> None:
+            while True:
+                time.sleep(1.0)
+                if _alive(driver_pid):
+                    continue
+                if engine != me:
+                    try:
+                        os.kill(engine, signal.SIGKILL)
+                    except OSError:
+                        pass
+                os._exit(0)
+
+        threading.Thread(target=watch, name="evomerge-driver-watch", daemon=True).start()
 
     def evomerge_init(self, sources: dict) -> dict:
         """Set up the merge engine over ``sources`` (:class:`MergeSources` fields); returns the
