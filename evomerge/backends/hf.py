@@ -60,7 +60,7 @@ class HFEvaluator:
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype="float32",
                  batch_size: int = 64, tokenizer_path: str | Path | None = None,
                  num_threads: int | str | None = None, sources=None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         model_path = Path(model_path)
         if not (model_path / "config.json").is_file():

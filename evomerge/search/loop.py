@@ -415,23 +415,8 @@ def fit_banks(ctx: SearchContext) -> None:
             if not path.exists():
                 given = (Path(cfg.calibration.banks) / f"{task}.bank.safetensors"
                          if cfg.calibration.banks else None)
-                if given is not None and not given.exists():
-                    raise EvomergeError(f"calibration.banks: {given} not found; the folder must "
-                                        f"hold one bank per task (<task>.bank.safetensors)")
                 if given is not None:
-                    bank = irt.ItemBank.load(given)
-                    missing = set(item_ids) - set(bank.item_ids)
-                    extra = set(bank.item_ids) - set(item_ids)
-                    if missing or extra:
-                        raise EvomergeError(
-                            f"{given}: the bank's items differ from task {task!r}'s search items "
-                            f"({len(missing)} missing, e.g. {sorted(missing)[:3]}; {len(extra)} "
-                            f"extra, e.g. {sorted(extra)[:3]}); use banks fitted on the same "
-                            "items, or remove calibration.banks to recalibrate")
-                    missing_endpoints = set(endpoint_refs(cfg)) - set(bank.subject_names)
-                    if cfg.fitness.estimator in ("mpirt", "gmpirt") and missing_endpoints:
-                        raise EvomergeError(f"{given}: mp-IRT needs the endpoints among the bank's "
-                                            f"subjects; missing {sorted(missing_endpoints)}")
+                    bank = load_given_bank(cfg, task, item_ids)
                 else:
                     Y = np.stack([_unbits(r["answers"][task]) for r in records]).astype(float)
                     t0 = time.perf_counter()
@@ -916,27 +901,36 @@ def check_tasks_fit_fitness(cfg: RunConfig, tasks: dict) -> list[str]:
             notes.append(f"warning: fitness.anchors: {fit.anchors}, but task {name!r} has {n} search items; "
                          f"its anchors are capped at {n} (every item is asked)")
     if cfg.calibration.banks is not None:
-        import irt
-
         for name, pair in tasks.items():
-            given = Path(cfg.calibration.banks) / f"{name}.bank.safetensors"
-            try:
-                bank = irt.ItemBank.load(given)
-            except irt.IRTError as exc:
-                raise EvomergeError(f"calibration.banks: {exc}") from None
-            item_ids = [it.id for it in pair.search.items]
-            missing = set(item_ids) - set(bank.item_ids)
-            extra = set(bank.item_ids) - set(item_ids)
-            if missing or extra:
-                raise EvomergeError(
-                    f"calibration.banks: {given}: the bank's items differ from task {name!r}'s search items "
-                    f"({len(missing)} missing, e.g. {sorted(missing)[:3]}; {len(extra)} extra, e.g. "
-                    f"{sorted(extra)[:3]}); use banks fitted on the same items, or remove calibration.banks")
-            missing_endpoints = set(endpoint_refs(cfg)) - set(bank.subject_names)
-            if fit.estimator in ("mpirt", "gmpirt") and missing_endpoints:
-                raise EvomergeError(f"calibration.banks: {given}: mp-IRT needs the endpoints among the bank's "
-                                    f"subjects; missing {sorted(missing_endpoints)}")
+            load_given_bank(cfg, name, [it.id for it in pair.search.items])
     return notes
+
+
+def load_given_bank(cfg: RunConfig, task: str, item_ids: list[str]):
+    """The bank ``calibration.banks`` gives for ``task``, checked against the task's search items
+    and (for mp-IRT) the endpoints; errors name the field and the file."""
+    import irt
+
+    given = Path(cfg.calibration.banks) / f"{task}.bank.safetensors"
+    if not given.exists():
+        raise EvomergeError(f"calibration.banks: {given} not found; the folder must hold one bank per task "
+                            "(<task>.bank.safetensors)")
+    try:
+        bank = irt.ItemBank.load(given)
+    except irt.IRTError as exc:
+        raise EvomergeError(f"calibration.banks: {exc}") from None
+    missing = set(item_ids) - set(bank.item_ids)
+    extra = set(bank.item_ids) - set(item_ids)
+    if missing or extra:
+        raise EvomergeError(
+            f"calibration.banks: {given}: the bank's items differ from task {task!r}'s search items "
+            f"({len(missing)} missing, e.g. {sorted(missing)[:3]}; {len(extra)} extra, e.g. "
+            f"{sorted(extra)[:3]}); use banks fitted on the same items, or remove calibration.banks")
+    missing_endpoints = set(endpoint_refs(cfg)) - set(bank.subject_names)
+    if cfg.fitness.estimator in ("mpirt", "gmpirt") and missing_endpoints:
+        raise EvomergeError(f"calibration.banks: {given}: mp-IRT needs the endpoints among the bank's "
+                            f"subjects; missing {sorted(missing_endpoints)}")
+    return bank
 
 
 def _check_given_banks(cfg: RunConfig) -> None:
