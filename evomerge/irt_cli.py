@@ -228,6 +228,11 @@ def check_cmd(
     folds: int = typer.Option(4, "--folds", "-k", min=2, help="cross-fitting folds"),
     dim: Optional[int] = typer.Option(None, "--dim", "-d", help="bank dimension (default: chosen per fold)"),
     seed: int = typer.Option(0, "--seed"),
+    auto: bool = typer.Option(False, "--auto", help="try every candidate procedure (irt.choose_procedure: "
+                                                    "estimators × anchor designs × rounds × dimension) and "
+                                                    "report the one with the smallest cross-fitted error; "
+                                                    "--estimator/--method/--rounds/--dim then name the "
+                                                    "default it must beat"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """How accurate would N-item estimates be on this data? Cross-fits the whole procedure
@@ -240,6 +245,23 @@ def check_cmd(
         if n > len(item_ids):
             typer.echo(f"warning: -n {n} but {responses} holds {len(item_ids)} items; capped at "
                        f"{len(item_ids)}", err=True)
+        if auto:
+            from irt.choose import Procedure, choose_procedure
+
+            eps = _csv_list(endpoints)
+            ch = choose_procedure(Y, item_ids, names, n=n, endpoints=eps, folds=folds, seed=seed,
+                                  default=Procedure(estimator, method, rounds, dim))
+            if as_json:
+                typer.echo(json.dumps(ch.to_dict()))
+                return
+            typer.echo(f"{ch.folds}-fold cross-fit on {ch.n_subjects} subjects, {ch.n} items each; "
+                       f"plain mean of {ch.n} random items: {ch.plain_mean_mae:.4f}")
+            typer.echo(f"{'procedure':<34} {'error':>7} {'bias':>8}")
+            for r in ch.table:
+                mark = " <- chosen" if r["name"] == ch.name else (" (default)" if r["name"] == ch.default else "")
+                typer.echo(f"{r['name']:<34} {r['mae']:7.4f} {r['bias']:+8.4f}{mark}")
+            typer.echo(f"chosen: {ch.name} (error {ch.mae:.4f}; default {ch.default}: {ch.default_mae:.4f})")
+            return
         c = cross_validate_estimates(Y, item_ids, names, n=n, estimator=estimator, anchor_method=method,
                                      rounds=rounds, endpoints=_csv_list(endpoints), folds=folds, dim=dim, seed=seed)
         if as_json:

@@ -20,15 +20,21 @@ cross-fitted on the calibration subjects)::
     from irt import cross_validate_estimates
     check = cross_validate_estimates(Y, item_ids, subject_names, n=20, estimator="pirt", rounds=4)
 
+or let the same cross-fitting choose the procedure (estimator × anchors × rounds × dimension)::
+
+    from irt import choose_procedure
+    ch = choose_procedure(Y, item_ids, subject_names, n=20)   # ch.estimator, ch.anchor_method, ch.rounds, ch.dim
+
 Modules: :mod:`irt.model` (MIRT2PL, fit_ability, select_dim), :mod:`irt.bank` (ItemBank and
 its file format), :mod:`irt.anchors`, :mod:`irt.adaptive` (adaptive tests), :mod:`irt.estimators`, :mod:`irt.validate`
-(expected error by cross-fitting), :mod:`irt.io` (response files),
+(expected error by cross-fitting), :mod:`irt.choose` (the procedure chosen by cross-fitting), :mod:`irt.io` (response files),
 :mod:`irt.bayes` (optional pymc fitter, ``pip install evomerge[pymc]``).
 """
 
 from irt.adaptive import AdaptiveResult, next_items, run_adaptive
 from irt.anchors import Anchors, select_anchors
 from irt.bank import ItemBank
+from irt.choose import Procedure, ProcedureChoice, choose_procedure, crossfit_procedures
 from irt.errors import IRTError
 from irt.estimators import ESTIMATORS, estimate_accuracy, estimate_accuracy_batch, gp_lambda
 from irt.model import MIRT2PL, fit_ability, procrustes_align, select_dim
@@ -42,7 +48,11 @@ __all__ = [
     "IRTError",
     "ItemBank",
     "MIRT2PL",
+    "Procedure",
+    "ProcedureChoice",
+    "choose_procedure",
     "cross_validate_estimates",
+    "crossfit_procedures",
     "estimate_accuracy",
     "estimate_accuracy_batch",
     "fit_ability",
