@@ -27,6 +27,8 @@ Data (none of it is shipped: the sources carry no licence that allows redistribu
   * the zoo (``--zoo``): base, 3 experts and 150 random merges answering each task's search items,
     from ``benchmarks/irt_error.py --zoo``'s cache (.cache/irt_bench); the training part there is the
     endpoints + 40 merges (the search's calibration population) and the other merges are held out.
+Sets with more than ``--max-items`` (default 1000) items use a seeded random subset of that
+many items (for time; the accuracy to estimate is then the one on that subset).
 Sets whose data is absent are skipped with a note (never an error).
 
 Usage:  python benchmarks/irt_real.py [--n 10,20,40] [--sets ARC-C,MMLU] [--zoo] [--matrix NAME=PATH]
@@ -185,6 +187,9 @@ def main(argv=None):
     ap.add_argument("--zoo-cache", default=str(ROOT / ".cache" / "irt_bench"))
     ap.add_argument("--zoo-calib", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-items", type=int, default=1000,
+                    help="larger sets: a seeded random subset of this many items (the target is then the "
+                         "accuracy on that subset; 0 = all items)")
     args = ap.parse_args(argv)
     n_list = [int(x) for x in args.n.split(",")]
     sets = {}
@@ -216,6 +221,9 @@ def main(argv=None):
     t0 = time.time()
     for name, (Y, names, endpoints) in sets.items():
         Y = _drop_constant(Y)
+        if args.max_items and Y.shape[1] > args.max_items:
+            cols = np.sort(np.random.default_rng(args.seed).choice(Y.shape[1], args.max_items, replace=False))
+            Y = Y[:, cols]
         t = time.time()
         r = evaluate(Y, names, endpoints, n_list, seed=args.seed)
         rows.append((name, Y.shape, r))
