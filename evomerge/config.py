@@ -272,6 +272,23 @@ class CalibrationConfig(_Strict):
     banks: Optional[str] = Field(None, description="folder with <task>.bank.safetensors files to reuse (e.g. an earlier run's banks/); calibration is then skipped")
 
 
+class RacingConfig(_Strict):
+    stages: Optional[Int] = Field(None, ge=0, le=6, description="sharpening stages: after each generation, "
+                                  "candidates within `margin` of the best so far are asked more items, each stage "
+                                  "doubling their items per task (20 -> 40 -> 80); 0 = off; default 2 with "
+                                  "estimator pirt/mpirt (the others cannot use adaptively chosen items), else 0")
+    margin: Union[Literal["auto"], Num] = Field("auto", description="a candidate is a contender while its "
+                                                "estimate is within this of the best (shrinking as items are "
+                                                "added); auto = twice the expected error from the banks' check")
+
+    @field_validator("margin")
+    @classmethod
+    def _margin(cls, v):
+        if v != "auto" and not (0 <= v <= 1):
+            raise ValueError(f"margin must be auto or between 0 and 1, got {v}")
+        return v
+
+
 class FitnessConfig(_Strict):
     estimator: Literal["mean", "pirt", "gpirt", "mpirt", "gmpirt", "full"] = "mpirt"
     anchors: Int = Field(20, ge=1, description="anchor items per task (ignored by 'full')")
@@ -281,9 +298,14 @@ class FitnessConfig(_Strict):
                         "anchor_method, later rounds picked per candidate from its answers so far "
                         "(irt.adaptive; needs estimator pirt or mpirt)")
     aggregate: Literal["mean", "per_task"] = "mean"
+    racing: RacingConfig = Field(default_factory=RacingConfig)
 
     @model_validator(mode="after")
     def _check_rounds(self):
+        if self.racing.stages and self.estimator not in ("pirt", "mpirt"):
+            raise _field_error("racing.stages", f"{self.racing.stages} sharpening stages need estimator pirt or mpirt, "
+                               f"not {self.estimator!r}: a contender's extra items are chosen from its answers, "
+                               "which biases a plain mean; set racing.stages: 0 or change the estimator")
         if self.rounds > 1 and self.estimator not in ("pirt", "mpirt"):
             raise _field_error("rounds", f"{self.rounds} rounds (adaptive anchors) need estimator pirt "
                              f"or mpirt, not {self.estimator!r}: adaptively chosen items are not a "
@@ -305,11 +327,24 @@ class OptimizerConfig(_Strict):
     generations: Int = Field(10, ge=1)
     sigma0: Num = Field(1 / 6, gt=0, le=1)
     separable: Union[StrictBool, Literal["auto"]] = "auto"
+    on_converge: Literal["restart", "stop", "continue"] = Field(
+        "restart", description="when the search has converged (CMA-ES's own stop tests, or no better "
+        "best for `patience` generations): restart CMA-ES from a new random point with twice the "
+        "population, at most 4x the first (IPOP; cmaes only: the other optimizers continue), stop the "
+        "generations early, or continue")
+    patience: Int = Field(15, ge=1, description="generations without a better best (by more than 0.001) "
+                          "that count as converged")
 
 
 class FinalConfig(_Strict):
     top_k: Int = Field(3, ge=1, description="best candidates re-evaluated on held-out items")
     write_model: StrictBool = True
+    sharpen: StrictBool = Field(True, description="before the held-out stage, re-score the 3 x top_k best "
+                                "candidates on one more stage of items than any race (80 -> 160 per task at "
+                                "the defaults) and pick the top_k by those sharper estimates")
+    min_distance: Num = Field(0.05, ge=0, le=1, description="the top_k re-evaluated candidates differ by at "
+                              "least this RMS genome distance (genes in [0, 1]) where the run has such "
+                              "candidates: top_k distinct recipes, not k near-copies; 0 = off")
     baselines: StrictBool = Field(True, description="also evaluate the default merges a user would try "
                                   "(task arithmetic at weights 1 and 1/K, TIES and DARE-TIES at density 0.5, "
                                   "linear average) on the held-out items, and report the best candidate's gain "
@@ -368,7 +403,7 @@ class RunConfig(_Strict):
 # Fields that may change between a run and its resume: they do not change any result that
 # has already been computed (more generations extends the run; the rest is presentation,
 # speed or placement).
-SAFE_ON_RESUME = ("optimizer.generations", "search_space.dataflow.generations", "final.top_k", "final.write_model",
+SAFE_ON_RESUME = ("optimizer.generations", "final.sharpen", "final.min_distance", "search_space.dataflow.generations", "final.top_k", "final.write_model",
                   "evaluator.batch_size", "evaluator.device", "evaluator.threads",
                   "evaluator.merge_device", "evaluator.merge_compute", "evaluator.resident", "evaluator.kv_cache_gib",
                   "evaluator.gpu_memory_utilization", "run_dir", "name")

@@ -68,7 +68,10 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
     import json
 
     md: list[str] = []
-    evals = read_jsonl(st.evaluations)
+    from evomerge.search.racing import merged_records
+
+    racing = read_jsonl(st.racing) if st.racing.exists() else []
+    evals = merged_records(read_jsonl(st.evaluations), racing, phases=("race",))
     held = read_jsonl(st.heldout)
     best = json.loads((st.best / "recipe.json").read_text()) if (st.best / "recipe.json").exists() else None
     if evals:
@@ -96,6 +99,7 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
         t_merge = np.mean([r["timings"]["merge_s"] for r in evals])
         t_eval = np.mean([r["timings"]["eval_s"] for r in evals])
         md += [f"Mean time per candidate: merge {t_merge:.3f} s, evaluation {t_eval:.3f} s.", ""]
+        md += _contest_lines(evals, racing, st.state())
 
         if isinstance(evals[0]["fitness"], list):
             from evomerge.search.loop import pareto_front
@@ -127,6 +131,8 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
         for h in held:
             est = h.get("estimated")
             est_s = f"{np.mean(list(est.values())):.3f}" if est else "—"
+            if est and h.get("estimate_error") is not None:
+                est_s += f" ± {h['estimate_error']:.3f} ({h['items']} items)"
             md.append(f"| {h['name']} | " + " | ".join(f"{h['accuracy'][t]:.3f}" for t in tasks)
                       + f" | {h['average']:.3f} | {est_s} |")
         md.append("")
@@ -188,6 +194,28 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
         plt.close(fig)
         md += [f"![genes of the best recipe]({prefix}best_genes.png)", ""]
     return md
+
+
+def _contest_lines(evals: list[dict], racing: list[dict], state: dict) -> list[str]:
+    """Racing (candidates asked more items, per stage), the finalists' sharpening and what
+    happened when the search converged."""
+    md = []
+    per_stage: dict[int, int] = {}
+    for r in evals:
+        for s_ in r.get("stages", [])[1:]:
+            per_stage[s_["stage"]] = per_stage.get(s_["stage"], 0) + 1
+    if per_stage:
+        md.append("Racing: contenders asked more items — "
+                  + ", ".join(f"stage {k}: {v} candidates" for k, v in sorted(per_stage.items()))
+                  + f" of {len(evals)}; {sum(r['items'] for r in evals):,} items answered in the generations.")
+    final = [x for x in racing if x.get("phase") == "final"]
+    if final:
+        md.append(f"Finalists: {len(final)} candidates re-scored on {final[0]['items']:,} items before the "
+                  "held-out stage; the top-k re-evaluated were picked by those estimates, distinct recipes where the "
+                  "run had them (final.min_distance).")
+    for ev in state.get("convergence", []):
+        md.append(f"Converged after generation {ev['generation']} ({ev['reason']}): {ev['action']}.")
+    return md + [""] if md else []
 
 
 def _banks_section(rd: RunDir) -> list[str]:

@@ -22,6 +22,8 @@ import yaml
 
 from evomerge.config import SAFE_ON_RESUME, RunConfig, diff_configs, parse_config
 from evomerge.errors import EvomergeError
+from evomerge.search.fitness import (bits, endpoint_refs, evaluate_candidate, first_round_size, scalar_fitness,
+                                     unbits)
 from evomerge.search.rundir import RunDir, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 
@@ -353,14 +355,6 @@ def dataflow_space(cfg: RunConfig, model_a: Path, model_b: Path):
 # ----------------------------------------------------------------------------- calibration
 
 
-def _bits(a) -> str:
-    return "".join("1" if v else "0" for v in np.asarray(a).ravel())
-
-
-def _unbits(s: str) -> np.ndarray:
-    return np.frombuffer(s.encode(), dtype=np.uint8).astype(np.int8) - ord("0")
-
-
 def calibration_population(ctx: SearchContext) -> list[tuple[str, list | None]]:
     """The base, the endpoints, then ``calibration.samples`` genomes drawn uniformly from the
     search space (seeded by the run seed): the subjects the item banks are fitted on."""
@@ -388,10 +382,10 @@ def run_calibration(ctx: SearchContext) -> None:
             ctx.apply_endpoint(name)
         else:
             ctx.apply_genome(np.asarray(genome))
-        answers = {t: _bits(ctx.answer(t, "search")) for t in ctx.tasks}
+        answers = {t: bits(ctx.answer(t, "search")) for t in ctx.tasks}
         append_jsonl(rd.calibration, {"name": name, "genome": genome, "answers": answers,
                                       "seconds": round(time.perf_counter() - t0, 3)})
-        acc = {t: round(float(_unbits(a).mean()), 3) for t, a in answers.items()}
+        acc = {t: round(float(unbits(a).mean()), 3) for t, a in answers.items()}
         ctx.log(f"  calibrated {name}: {acc}")
 
 
@@ -418,7 +412,7 @@ def fit_banks(ctx: SearchContext) -> None:
                 if given is not None:
                     bank = load_given_bank(cfg, task, item_ids)
                 else:
-                    Y = np.stack([_unbits(r["answers"][task]) for r in records]).astype(float)
+                    Y = np.stack([unbits(r["answers"][task]) for r in records]).astype(float)
                     t0 = time.perf_counter()
                     bank = irt.ItemBank.fit(Y, item_ids=item_ids, subject_names=names,
                                             dim=cfg.calibration.dim, seed=cfg.seed, task=task)
@@ -472,95 +466,17 @@ def describe_check(c) -> str:
             f"{c.plain_mean_mae:.3f})")
 
 
-# ----------------------------------------------------------------------------- fitness
-
-
-def first_round_size(cfg: RunConfig, n_items: int) -> int:
-    """Items in the fixed anchor set: all anchors, or round 1 of an adaptive test."""
-    from irt.adaptive import round_sizes
-
-    n = min(cfg.fitness.anchors, n_items)
-    return round_sizes(n, cfg.fitness.rounds)[0]
-
-
-def endpoint_refs(cfg: RunConfig) -> list[str]:
-    return ["base", *cfg.models.endpoints]
-
-
-def estimate_task(ctx: SearchContext, task: str, answers: np.ndarray) -> float:
-    """Estimated full accuracy of ``task`` from the anchor answers (or exact, for 'full')."""
-    est = ctx.cfg.fitness.estimator
-    if est == "full":
-        return float(answers.mean())
-    import irt
-
-    bank = ctx.banks[task]
-    theta = bank.subject_theta(endpoint_refs(ctx.cfg)) if est in ("mpirt", "gmpirt") else None
-    return float(irt.estimate_accuracy(est, bank, ctx.anchors[task], anchor_answers=answers,
-                                       endpoint_theta=theta))
-
-
-def adaptive_task(ctx: SearchContext, task: str) -> tuple[list[int], np.ndarray, float]:
-    """An adaptive test on ``task`` (``fitness.rounds`` > 1): round 1 = the run's anchors, later
-    rounds chosen from the candidate's answers so far (:func:`irt.adaptive.run_adaptive`).
-    Returns (asked positions in the task's search items, answers in that order, estimate)."""
-    import irt
-    from irt.adaptive import run_adaptive
-
-    cfg = ctx.cfg
-    bank = ctx.banks[task]
-    items = ctx.tasks[task].search.items
-    to_task = ctx.bank_to_task(task)  # bank position -> position in the task's items
-    theta = bank.subject_theta(endpoint_refs(cfg)) if cfg.fitness.estimator == "mpirt" else None
-    try:
-        res = run_adaptive(bank, lambda pos: ctx.answer(task, "search", to_task[pos]),
-                           n=min(cfg.fitness.anchors, len(items)), rounds=cfg.fitness.rounds,
-                           first=ctx.anchors[task].idx, estimator=cfg.fitness.estimator,
-                           endpoint_theta=theta, candidates=np.flatnonzero(to_task >= 0))
-    except irt.IRTError as exc:
-        raise EvomergeError(f"task {task!r}: {exc}") from None
-    return [int(p) for p in to_task[res.asked]], res.answers.astype(np.int8), float(res.estimate)
-
-
-def evaluate_candidate(ctx: SearchContext, genome: np.ndarray, generation: int, member: int,
-                       index: int) -> dict:
-    """Merge in memory, answer the anchors, estimate, return the log record."""
-    t0 = time.perf_counter()
-    recipe = ctx.apply_genome(genome)
-    t1 = time.perf_counter()
-    answers, estimates, asked = {}, {}, {}
-    for task in ctx.tasks:
-        if ctx.cfg.fitness.rounds > 1:
-            asked[task], a, estimates[task] = adaptive_task(ctx, task)
-        else:
-            idx = None if ctx.cfg.fitness.estimator == "full" else ctx.anchor_positions[task]
-            a = ctx.answer(task, "search", idx)
-            estimates[task] = estimate_task(ctx, task, a)
-        answers[task] = _bits(a)
-    t2 = time.perf_counter()
-    if ctx.cfg.fitness.aggregate == "per_task":
-        fitness = [estimates[t] for t in ctx.tasks]
-    else:
-        fitness = float(np.mean([estimates[t] for t in ctx.tasks]))
-    return {"index": index, "generation": generation, "member": member,
-            "genome": [float(v) for v in genome], "recipe": recipe, "answers": answers,
-            **({"asked": asked} if asked else {}), "estimates": estimates, "fitness": fitness,
-            "items": int(sum(len(a) for a in answers.values())),
-            "timings": {"merge_s": round(t1 - t0, 4), "eval_s": round(t2 - t1, 4)}}
-
-
-def scalar_fitness(rec: dict) -> float:
-    f = rec["fitness"]
-    return float(np.mean(f)) if isinstance(f, list) else float(f)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
 def run_generations(ctx: SearchContext, generations: int | None = None,
                     population: int | None = None) -> list[dict]:
-    """Ask/evaluate/tell for ``optimizer.generations``, replaying logged evaluations first."""
+    """Ask/evaluate/race/tell for ``optimizer.generations`` (fewer where the search converged
+    and ``on_converge: stop``), replaying logged evaluations and racing stages first. Returns
+    every candidate's record with its racing stages applied."""
+    from evomerge.search.convergence import ConvergenceMonitor
     from evomerge.search.optimizers import make_optimizer
+    from evomerge.search.racing import RACE, line_key, plan_racing, race_generation, start
 
     cfg, rd = ctx.cfg, ctx.rd
     n_obj = len(ctx.tasks) if cfg.fitness.aggregate == "per_task" else 1
@@ -570,17 +486,20 @@ def run_generations(ctx: SearchContext, generations: int | None = None,
     opt = make_optimizer(opt_cfg, ctx.space.dim, seed=cfg.seed,
                          x0=ctx.space.initial_genome(), n_objectives=n_obj)
     logged = {r["index"]: r for r in read_jsonl(rd.evaluations)}
+    raced = {line_key(x): x for x in read_jsonl(rd.racing) if x.get("phase", RACE) == RACE}
+    plan = plan_racing(ctx) if cfg.fitness.estimator != "full" else None
+    monitor = ConvergenceMonitor(cfg.optimizer.patience)
+    events: list[dict] = []
     records: list[dict] = []
-    index = 0
-    t_start = time.perf_counter()
-    evaluated_now = 0
+    index, evaluated_now, t_start = 0, 0, time.perf_counter()
     n_gen = opt_cfg.generations
-    total = n_gen * opt.population
     ctx.log(f"search: {opt.name}, {ctx.space.dim} genes, population {opt.population}, "
-            f"{n_gen} generations ({len(logged)} evaluations in the log)")
+            f"{n_gen} generations ({len(logged)} evaluations in the log)"
+            + (f"; contenders within {plan.margin:.3f} of the best asked up to "
+               f"{2 ** plan.stages}x the items" if plan and plan.stages else ""))
     for gen in range(n_gen):
         genomes = opt.ask_generation()
-        fits = []
+        gen_recs = []
         for member, g in enumerate(genomes):
             rec = logged.get(index)
             if rec is not None:
@@ -593,19 +512,52 @@ def run_generations(ctx: SearchContext, generations: int | None = None,
                 rec = evaluate_candidate(ctx, g, gen, member, index)
                 append_jsonl(rd.evaluations, rec)
                 evaluated_now += 1
-            fits.append(rec["fitness"])
-            records.append(rec)
+            gen_recs.append(start(rec))
             index += 1
-        opt.tell_generation(genomes, fits)
-        gen_fit = [scalar_fitness(r) for r in records[-len(genomes):]]
+        if plan and plan.stages:
+            incumbent = max((scalar_fitness(r) for r in records), default=None)
+            gen_recs = race_generation(ctx, plan, gen_recs, incumbent, raced,
+                                       lambda line: append_jsonl(rd.racing, line))
+        opt.tell_generation(genomes, [r["fitness"] for r in gen_recs])
+        records += gen_recs
+        gen_fit = [scalar_fitness(r) for r in gen_recs]
         best = max(scalar_fitness(r) for r in records)
         elapsed = time.perf_counter() - t_start
         rate = evaluated_now / elapsed * 60 if evaluated_now else 0.0
-        left = (total - index) / (rate / 60) if rate else 0.0
-        ctx.log(f"gen {gen + 1:3d}/{n_gen}  best {best:.4f}  mean "
-                f"{np.mean(gen_fit):.4f}  {rate:6.1f} cand/min  left {_fmt_time(left)}")
+        left = (n_gen - gen - 1) * opt.population / (rate / 60) if rate else 0.0
+        raced_now = sum(1 for r in gen_recs if r["stage"] > 0)
+        ctx.log(f"gen {gen + 1:3d}/{n_gen}  best {best:.4f}  mean {np.mean(gen_fit):.4f}"
+                + (f"  raced {raced_now}" if plan and plan.stages else "")
+                + f"  {rate:6.1f} cand/min  left {_fmt_time(left)}")
         rd.set_state(stage="searching", generation=gen + 1)
+        reason = monitor.update(max(gen_fit), opt)
+        if reason and gen + 1 < n_gen and _on_converge(ctx, opt, monitor, gen, reason, events):
+            break
     return records
+
+
+def _on_converge(ctx: SearchContext, opt, monitor, gen: int, reason: str, events: list[dict]) -> bool:
+    """Act on convergence after generation ``gen`` as ``optimizer.on_converge`` says (recorded in
+    ``events`` and state.json); True: stop the generations here."""
+    action = ctx.cfg.optimizer.on_converge
+    if action == "restart" and not hasattr(opt, "restart"):
+        action = "continue"  # random search and Optuna's samplers have no restart
+    if action == "continue" and getattr(monitor, "announced", False):
+        return False  # said once
+    event = {"generation": gen + 1, "reason": reason, "action": action}
+    if action == "restart":
+        event["action"] = opt.restart()
+        monitor.reset()
+    elif action == "continue":
+        monitor.announced = True
+        event["action"] = f"continuing ({ctx.cfg.optimizer.on_converge} not possible for {opt.name})" \
+            if ctx.cfg.optimizer.on_converge == "restart" else "continuing (on_converge: continue)"
+    else:
+        event["action"] = "stopping the generations here (on_converge: stop)"
+    ctx.log(f"  converged after generation {gen + 1} ({reason}); {event['action']}")
+    events.append(event)
+    ctx.rd.set_state(convergence=events)
+    return action == "stop"
 
 
 def _fmt_time(s: float) -> str:
@@ -614,20 +566,6 @@ def _fmt_time(s: float) -> str:
 
 
 # ----------------------------------------------------------------------------- end of run
-
-
-def top_candidates(records: list[dict], k: int) -> list[dict]:
-    """The k best evaluated candidates by fitness, distinct genomes, earliest first on ties."""
-    seen, out = set(), []
-    for r in sorted(records, key=lambda r: (-scalar_fitness(r), r["index"])):
-        key = tuple(r["genome"])
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(r)
-        if len(out) == k:
-            break
-    return out
 
 
 def pareto_front(records: list[dict]) -> list[dict]:
@@ -656,7 +594,9 @@ def run_heldout(ctx: SearchContext, records: list[dict], reference: list[dict] |
         if cfg.final.baselines and getattr(ctx.space, "kind", "parameter") != "dataflow":
             jobs += [(name, "baseline", recipe) for name, recipe in baseline_recipes(
                 ctx.base_path, list(ctx.endpoint_paths.values()), cfg.evaluator.dtype, cfg.models.tokenizer_source)]
-    jobs += [(f"candidate-{r['index']}", "candidate", r) for r in top_candidates(records, cfg.final.top_k)]
+    from evomerge.search.selection import choose_finalists
+
+    jobs += [(f"candidate-{r['index']}", "candidate", r) for r in choose_finalists(ctx, records)]
     out = [dict(r, index=None, estimated=None) for r in (reference or [])]
     for name, kind, what in jobs:
         if name not in done:
@@ -670,6 +610,8 @@ def run_heldout(ctx: SearchContext, records: list[dict], reference: list[dict] |
             line = {"name": name, "index": what["index"] if kind == "candidate" else None,
                     "accuracy": acc, "average": float(np.mean(list(acc.values()))),
                     "estimated": what["estimates"] if kind == "candidate" else None}
+            if kind == "candidate":
+                line.update(fitness=what["fitness"], estimate_error=what["estimate_error"], items=what["items"])
             if kind == "baseline":
                 line["recipe"] = what
             append_jsonl(rd.heldout, line)
@@ -688,7 +630,9 @@ def write_best(ctx: SearchContext, records: list[dict], heldout: list[dict]) -> 
     best_h = max(cands, key=lambda h: (h["average"], -h["index"]))
     rec = next(r for r in records if r["index"] == best_h["index"])
     summary = {"index": rec["index"], "generation": rec["generation"], "genome": rec["genome"],
-               "fitness": rec["fitness"], "estimates": rec["estimates"],
+               "fitness": best_h.get("fitness", rec["fitness"]),
+               "estimates": best_h.get("estimated") or rec["estimates"],
+               "estimate_error": best_h.get("estimate_error"), "items": best_h.get("items", rec["items"]),
                "heldout": best_h["accuracy"], "heldout_average": best_h["average"],
                "recipe": rec["recipe"]}
     if getattr(ctx.space, "kind", "parameter") == "dataflow":
@@ -758,15 +702,27 @@ def summary_table(ctx: SearchContext, heldout: list[dict]) -> str:
 
     tasks = list(ctx.tasks)
     w = max([16] + [len(h["name"]) + 1 for h in heldout])
-    head = f"{'model':<{w}}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'average':>10}"
-    lines = ["held-out accuracy (true, all held-out items)", head, "-" * len(head)]
+    head = (f"{'model':<{w}}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'average':>10}"
+            + f"{'estimated (items)':>26}")
+    lines = ["held-out accuracy (true, all held-out items); estimated: the search's fitness ± its "
+             "expected error", head, "-" * len(head)]
     for h in heldout:
         lines.append(f"{h['name']:<{w}}" + "".join(f"{h['accuracy'][t]:>11.3f}" for t in tasks)
-                     + f"{h['average']:>10.3f}")
+                     + f"{h['average']:>10.3f}" + f"{_estimate_text(h):>26}")
     gain = gain_over_baselines(heldout)
     if gain is not None:
         lines += ["", describe_gain(gain)]
     return "\n".join(lines)
+
+
+def _estimate_text(h: dict) -> str:
+    """'0.912 ± 0.011 (240)' for a re-evaluated candidate; '' for the others."""
+    if h.get("fitness") is None:
+        return ""
+    f = h["fitness"]
+    f = float(np.mean(f)) if isinstance(f, list) else float(f)
+    err = h.get("estimate_error")
+    return f"{f:.3f}" + (f" ± {err:.3f}" if err is not None else "") + f" ({h.get('items', '?')})"
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -812,6 +768,7 @@ def _plan_lines(cfg: RunConfig, ctx: SearchContext, target: RunDir, log) -> list
         f"{per_cand} items = {cands * per_cand:,} answers"
         + (f" (asked in {fit.rounds} rounds)" if fit.rounds > 1 and fit.estimator != "full" else ""),
     ]
+    lines.append(_contest_plan(cfg))
     if ss.kind == "ps+dfs":
         lines.append(f"then a data-flow stage: {ss.dataflow.generations} generations on top of the PS best")
     lines += check_tasks_fit_fitness(cfg, ctx.tasks)
@@ -822,6 +779,20 @@ def _plan_lines(cfg: RunConfig, ctx: SearchContext, target: RunDir, log) -> list
     for line in lines:
         log(line)
     return lines
+
+
+def _contest_plan(cfg: RunConfig) -> str:
+    """One plan line: racing, the finalists' sharpening and the action on convergence."""
+    from evomerge.search.racing import racing_stages
+    from evomerge.search.selection import final_stage
+
+    stages = racing_stages(cfg)
+    margin = cfg.fitness.racing.margin
+    race = (f"racing: contenders (within {'an automatic margin' if margin == 'auto' else margin} of the best) asked "
+            f"up to {2 ** stages}x the items in {stages} stages" if stages else "racing: off")
+    fin = final_stage(cfg)
+    race += f"; the {3 * cfg.final.top_k} best re-scored on {2 ** fin}x the items" if fin else ""
+    return (race + f"; on convergence (patience {cfg.optimizer.patience}): {cfg.optimizer.on_converge}")
 
 
 def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None,

@@ -38,22 +38,53 @@ class CMAESOptimizer:
 
     n_objectives = 1
 
+    #: a step size below this (in gene units, genes in [0, 1]) proposes effectively one recipe
+    MIN_STEP = 1e-3
+    #: IPOP restarts double the population up to this many times the first one
+    MAX_GROWTH = 4
+
     def __init__(self, dim: int, *, seed: int, population: int | None = None,
                  sigma0: float = 1 / 6, x0: Sequence[float] | None = None,
                  separable: bool | str = "auto"):
-        import cmaes
-
         self.dim = dim
         mean = np.full(dim, 0.5) if x0 is None else np.asarray(x0, dtype=float)
         if mean.shape != (dim,):
             raise EvomergeError(f"optimizer: x0 has {mean.size} values, the genome has {dim}")
-        bounds = np.array([[0.0, 1.0]] * dim)
-        sep = (dim > 40) if separable == "auto" else bool(separable)
-        cls = cmaes.SepCMA if sep else cmaes.CMA
+        self._sep = (dim > 40) if separable == "auto" else bool(separable)
+        self._seed, self._sigma0 = int(seed), float(sigma0)
         self.population = population or default_population(dim)
-        self._es = cls(mean=mean, sigma=sigma0, bounds=bounds, seed=seed,
-                       population_size=self.population)
-        self.name = "sep-cmaes" if sep else "cmaes"
+        self._first_population = self.population
+        self.restarts = 0
+        self._es = self._new_es(mean, seed)
+        self.name = "sep-cmaes" if self._sep else "cmaes"
+
+    def _new_es(self, mean: np.ndarray, seed: int):
+        import cmaes
+
+        cls = cmaes.SepCMA if self._sep else cmaes.CMA
+        return cls(mean=mean, sigma=self._sigma0, bounds=np.array([[0.0, 1.0]] * self.dim), seed=seed,
+                   population_size=self.population)
+
+    def converged(self) -> str | None:
+        """Why CMA-ES has converged (its own stop tests, or a step size below
+        :attr:`MIN_STEP` on every gene), or None."""
+        es = self._es
+        spread = es._sigma * np.sqrt(np.diag(es._C) if np.ndim(es._C) == 2 else es._C)
+        if np.all(spread < self.MIN_STEP):
+            return f"step size collapsed (largest {float(spread.max()):.1e} < {self.MIN_STEP:g} per gene)"
+        if es.should_stop():
+            return "CMA-ES stop test (fitness range or step size collapsed)"
+        return None
+
+    def restart(self) -> str:
+        """IPOP restart: a new CMA-ES from a seeded random point of the box, the initial step
+        size and twice the population (at most :attr:`MAX_GROWTH` times the first one).
+        Deterministic, so a replay restarts identically. Returns a description."""
+        self.restarts += 1
+        rng = np.random.default_rng([self._seed, 31337, self.restarts])
+        self.population = min(self.population * 2, self._first_population * self.MAX_GROWTH)
+        self._es = self._new_es(rng.uniform(0.0, 1.0, self.dim), self._seed + self.restarts)
+        return f"restart {self.restarts}: CMA-ES from a new random point, population {self.population}"
 
     def ask_generation(self) -> list[np.ndarray]:
         return [np.asarray(self._es.ask(), dtype=float) for _ in range(self.population)]

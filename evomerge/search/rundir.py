@@ -8,6 +8,7 @@ Layout of ``populations/NAME/``::
     banks/<task>.bank.safetensors  fitted item banks (irt format)
     banks/<task>.anchors.json       the anchors chosen from each bank
     evaluations.jsonl       one line per evaluated candidate (append-only)
+    racing.jsonl            one line per sharpening stage of a contender (more items; search.racing)
     heldout.jsonl           one line per candidate re-evaluated on the held-out items
     best/                   best recipe (native JSON, mergekit YAML) and the merged model
     report.md, *.png        the report
@@ -115,6 +116,7 @@ class RunDir:
     banks = property(lambda self: self.root / "banks")
     evaluations = property(lambda self: self.root / "evaluations.jsonl")
     heldout = property(lambda self: self.root / "heldout.jsonl")
+    racing = property(lambda self: self.root / "racing.jsonl")
     best = property(lambda self: self.root / "best")
     report = property(lambda self: self.root / "report.md")
 
@@ -135,7 +137,7 @@ class RunDir:
         atomic_write_json(self.state_file, st)
 
     def iter_logs(self) -> Iterator[Path]:
-        yield from (self.calibration, self.evaluations, self.heldout)
+        yield from (self.calibration, self.evaluations, self.racing, self.heldout)
 
     def repair(self) -> None:
         """Drop partial last lines and stray temp files left by a kill."""
