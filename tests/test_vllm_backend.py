@@ -56,7 +56,8 @@ def engines(zoo):
 @needs_vllm
 def test_vllm_answers_every_search_item_as_hf_does(zoo, engines):
     """Base, the three experts (linear weight 1 = the model itself) and five merges, float32 greedy:
-    the same answer on every search item of every task."""
+    the same answer on every search item of every task (all 600 per task for the base and a
+    weighted merge, the first 150 for the others)."""
     v, h = engines
     assert isinstance(v, Evaluator) and isinstance(h, Evaluator)
     assert v.weight_shapes() == h.weight_shapes() and v.num_parameters == h.num_parameters
@@ -66,12 +67,16 @@ def test_vllm_answers_every_search_item_as_hf_does(zoo, engines):
     recipes += [_recipe(zoo, w) for w in ([1, 1, 1], [0.5, 0.7, 0.9], [1.2, 0.3, 0.8])]
     recipes += [_recipe(zoo, [1, 1, 1], "ties", density=0.5), _recipe(zoo, [0.8, 1.0, 0.6], "dare_ties", density=0.7)]
     tasks = [zoo.load_task(t, "search") for t in TASKS]
-    for r in recipes:
+    for k, r in enumerate(recipes):
         v.apply_recipe(r)
         h.apply_recipe(r)
         for t in tasks:
-            a, b = v.answer(t), h.answer(t)
-            assert a.shape == (len(t.items),)
+            # every item for the base and one merge; the first 150 (two batches) for the others
+            if k in (0, 5):
+                a, b, n = v.answer(t), h.answer(t), len(t.items)
+            else:
+                a, b, n = v.answer(t, t.items[:150]), h.answer(t, t.items[:150]), 150
+            assert a.shape == (n,)
             assert np.array_equal(a, b), (r["merge_method"], t.name, float((a == b).mean()))
 
 
