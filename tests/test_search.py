@@ -28,6 +28,7 @@ def small_config(run_dir, **over) -> dict:
     cfg["optimizer"]["generations"] = 3
     cfg["optimizer"]["population"] = 4
     cfg["final"]["top_k"] = 2
+    cfg["final"]["baselines"] = False     # the default merges on held-out: reference_run covers them
     for task in cfg["tasks"]:
         task["search_limit"] = 200        # a smaller calibration: the test is about the loop
     for key, value in over.items():
@@ -50,7 +51,7 @@ def write_config(tmp_path, name="cfg.yaml", **over) -> Path:
 def reference_run(zoo, tmp_path_factory):
     """One uninterrupted small run, in process."""
     tmp = tmp_path_factory.mktemp("ref")
-    cfg = parse_config(small_config(tmp / "run"))
+    cfg = parse_config(small_config(tmp / "run", **{"final.baselines": True}))
     lines = []
     rd = run_search(cfg, log=lines.append)
     return rd, lines
@@ -170,7 +171,8 @@ def test_resume_after_sigkill_reaches_the_same_best(reference_run, tmp_path):
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     assert [h["name"] for h in read_jsonl(run / "heldout.jsonl")] == \
-        [h["name"] for h in read_jsonl(ref_rd.heldout)]              # none re-evaluated
+        [h["name"] for h in read_jsonl(ref_rd.heldout)
+         if not h["name"].startswith("baseline:")]                  # none re-evaluated
     evals = read_jsonl(run / "evaluations.jsonl")
     assert [e["index"] for e in evals] == list(range(12))             # nothing lost or re-run
     assert evals[:n_before] == kept
@@ -185,7 +187,7 @@ def test_resume_after_sigkill_reaches_the_same_best(reference_run, tmp_path):
 def test_resume_refuses_a_changed_config(reference_run, tmp_path):
     rd, _ = reference_run
     changed = tmp_path / "changed.yaml"
-    cfg = small_config(rd.root)
+    cfg = small_config(rd.root, **{"final.baselines": True})
     cfg["fitness"]["anchors"] = 15
     changed.write_text(yaml.safe_dump(cfg))
     out = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(changed),
@@ -196,7 +198,7 @@ def test_resume_refuses_a_changed_config(reference_run, tmp_path):
 
 def test_new_run_refuses_an_existing_run_dir(reference_run):
     rd, _ = reference_run
-    cfg = parse_config(small_config(rd.root))
+    cfg = parse_config(small_config(rd.root, **{"final.baselines": True}))
     with pytest.raises(EvomergeError, match="--resume"):
         run_search(cfg)
 
@@ -252,19 +254,32 @@ def test_an_endpoint_with_an_added_token(zoo, reference_run, tmp_path):
         parse_config({**cfg, "models": {**cfg["models"], "tokenizer_source": "union"}})
 
 
-def test_check_prints_the_plan_and_writes_nothing(zoo, reference_run, tmp_path):
-    cfg_path = write_config(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(cfg_path), "--check"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    assert "calibration: 8 models × 600 items = 4,800 answers" in out.stdout
-    assert "population 4 × 3 generations = 12 candidates × 30 items = 360 answers" in out.stdout
-    assert "held-out: (4 endpoints + 5 default merges + top 2 candidates) × 900 items = 9,900 answers" in out.stdout
+def _cli(args, capsys) -> tuple[int, str, str]:
+    """``evomerge ARGS`` run in this process (the CLI's own entry point, without a fresh interpreter's
+    imports): exit status, stdout, stderr."""
+    from evomerge.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_check_prints_the_plan_and_writes_nothing(zoo, reference_run, tmp_path, capsys):
+    cfg_path = write_config(tmp_path, **{"final.baselines": True})
+    code, out, err = _cli(["search", str(cfg_path), "--check"], capsys)
+    assert code == 0, err
+    assert "calibration: 8 models × 600 items = 4,800 answers" in out
+    assert "population 4 × 3 generations = 12 candidates × 30 items = 360 answers" in out
+    assert "held-out: (4 endpoints + 5 default merges + top 2 candidates) × 900 items = 9,900 answers" in out
     assert not (tmp_path / "run").exists()
     rd, _ = reference_run
-    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", "--resume", str(rd.root), "--check"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert out.returncode != 0 and "--check is for a new run" in out.stderr
+    code, out, err = _cli(["search", "--resume", str(rd.root), "--check"], capsys)
+    assert code != 0 and "--check is for a new run" in err
 
 
 def test_more_generations_is_a_safe_resume_change(reference_run, tmp_path):
@@ -273,7 +288,7 @@ def test_more_generations_is_a_safe_resume_change(reference_run, tmp_path):
     rd, _ = reference_run
     copy = tmp_path / "more"
     shutil.copytree(rd.root, copy)
-    cfg = parse_config(small_config(copy, **{"optimizer.generations": 4}))
+    cfg = parse_config(small_config(copy, **{"optimizer.generations": 4, "final.baselines": True}))
     rd2 = run_search(cfg, resume=copy, log=lambda m: None)
     evals = read_jsonl(rd2.evaluations)
     assert len(evals) == 16
@@ -290,10 +305,17 @@ def ps_dfs_config(tmp_path, generations: int, **dataflow):
     return parse_config(small_config(tmp_path / "run", **over))
 
 
-def test_ps_plus_dfs_two_stage_run(zoo, tmp_path):
+@pytest.fixture(scope="module")
+def ps_dfs_run(zoo, tmp_path_factory):
+    """One small PS+DFS run (2 generations per stage), shared by the tests that read it."""
+    tmp = tmp_path_factory.mktemp("psdfs")
+    cfg = ps_dfs_config(tmp, generations=2, repeats=2, scale_mode="layer")
+    return cfg, run_search(cfg, log=lambda m: None)
+
+
+def test_ps_plus_dfs_two_stage_run(ps_dfs_run):
     """PS stage, then a data-flow stage whose model A is the PS best; plain checkpoints out."""
-    cfg = ps_dfs_config(tmp_path, generations=2, repeats=2, scale_mode="layer")
-    rd = run_search(cfg, log=lambda m: None)
+    _, rd = ps_dfs_run
     dfs = rd.root / "dfs"
     evals = read_jsonl(dfs / "evaluations.jsonl")
     assert len(evals) == 8 and all("steps" in e["recipe"] for e in evals)
@@ -393,12 +415,16 @@ def test_dataflow_space_with_exact_fitness(zoo, tmp_path):
     AutoModelForCausalLM.from_pretrained(rd.best / "model")
 
 
-def test_ps_dfs_refuses_a_dfs_log_made_on_another_model_a(zoo, tmp_path):
+def test_ps_dfs_refuses_a_dfs_log_made_on_another_model_a(ps_dfs_run, tmp_path):
+    import shutil
+
     from evomerge.search.rundir import RunDir
 
-    cfg = ps_dfs_config(tmp_path, generations=1, repeats=1, scale_mode="none")
-    rd = run_search(cfg, log=lambda m: None)
-    dfs = RunDir(rd.root / "dfs")
+    cfg, rd = ps_dfs_run
+    root = tmp_path / "run"                       # a copy of the finished PS+DFS run, at its configured place
+    shutil.copytree(rd.root, root)
+    cfg = cfg.model_copy(update={"run_dir": str(root)})
+    dfs = RunDir(root / "dfs")
     dfs.set_state(model_a_index=10_000)           # as if the PS best had changed since
     with pytest.raises(EvomergeError, match="model A"):
-        run_search(cfg, resume=rd.root, log=lambda m: None)
+        run_search(cfg, resume=root, log=lambda m: None)
