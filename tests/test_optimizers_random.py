@@ -69,13 +69,14 @@ def test_config_refuses_per_task_with_random(tmp_path):
 
 @pytest.mark.usefixtures("one_thread")
 def test_random_search_on_the_zoo(zoo, tmp_path):
-    from test_search import small_config
+    from test_search import short_heldout_tasks, small_config
 
     from evomerge.search.loop import run_search
     from evomerge.search.rundir import read_jsonl
 
+    tasks = short_heldout_tasks(tmp_path / "tasks")
     cfg = parse_config(small_config(tmp_path / "run", **{"optimizer.name": "random",
-                                                         "optimizer.generations": 2}))
+                                                         "optimizer.generations": 2, "tasks": tasks}))
     lines = []
     rd = run_search(cfg, log=lines.append)
     evals = read_jsonl(rd.evaluations)
@@ -88,7 +89,7 @@ def test_random_search_on_the_zoo(zoo, tmp_path):
     assert rd.state().get("stage") == "done"
     # resume with one generation more: the loop replays the log (and checks the asks)
     cfg3 = parse_config(small_config(rd.root, **{"optimizer.name": "random",
-                                                 "optimizer.generations": 3}))
+                                                 "optimizer.generations": 3, "tasks": tasks}))
     rd3 = run_search(cfg3, resume=rd.root, log=lambda m: None)
     evals3 = read_jsonl(rd3.evaluations)
     assert len(evals3) == 3 * 4 and [r["genome"] for r in evals3[:8]] == expected

@@ -40,6 +40,24 @@ def small_config(run_dir, **over) -> dict:
     return cfg
 
 
+def short_heldout_tasks(folder, names=("lang", "cipher", "upper"), heldout=100) -> list[dict]:
+    """The zoo's tasks as task folders with only the first ``heldout`` held-out items (the held-out
+    stage is most of a small run's work) and the same 200 search items, for tests whose point is
+    not the held-out numbers."""
+    import os
+    import shutil
+
+    tasks = []
+    for name in names:
+        dst = Path(folder) / name
+        if not dst.exists():
+            shutil.copytree(Path(os.environ["EVOMERGE_ZOO"]) / "tasks" / name, dst)  # set by conftest
+            held = (dst / "heldout.jsonl").read_text().splitlines(keepends=True)
+            (dst / "heldout.jsonl").write_text("".join(held[:heldout]))
+        tasks.append({"path": str(dst), "name": name, "search_limit": 200})
+    return tasks
+
+
 def write_config(tmp_path, name="cfg.yaml", **over) -> Path:
     run_dir = tmp_path / "run"
     p = tmp_path / name
@@ -356,7 +374,8 @@ def test_adaptive_anchors_search(zoo, tmp_path):
 
     over = {"fitness": {"estimator": "pirt", "anchors": 9, "rounds": 3, "anchor_method": "info",
                         "aggregate": "mean"},
-            "optimizer": {"name": "cmaes", "population": 4, "generations": 2, "sigma0": 0.1667}}
+            "optimizer": {"name": "cmaes", "population": 4, "generations": 2, "sigma0": 0.1667},
+            "tasks": short_heldout_tasks(tmp_path / "tasks")}
     rd = run_search(parse_config(small_config(tmp_path / "run", **over)), log=lambda m: None)
     evals = read_jsonl(rd.evaluations)
     # stopped after one generation and resumed: the same items asked, the same answers and estimates
@@ -386,7 +405,8 @@ def test_one_objective_per_task_gives_a_pareto_front(zoo, tmp_path):
     over = {"fitness": {"estimator": "pirt", "anchors": 10, "anchor_method": "irt",
                         "aggregate": "per_task"},
             "optimizer": {"name": "optuna", "sampler": "nsga2", "population": 4, "generations": 2},
-            "evaluator": {"batch_size": 128, "resident": "native", "merge_device": "cpu"}}
+            "evaluator": {"batch_size": 128, "resident": "native", "merge_device": "cpu"},
+            "tasks": short_heldout_tasks(tmp_path / "tasks")}
     rd = run_search(parse_config(small_config(tmp_path / "run", **over)), log=lambda m: None)
     evals = read_jsonl(rd.evaluations)
     assert all(isinstance(e["fitness"], list) and len(e["fitness"]) == 3 for e in evals)
