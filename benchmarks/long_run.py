@@ -18,6 +18,9 @@ lower the result by more than 0.005, and the best at the last point is at least 
 
     .venv/bin/python benchmarks/long_run.py [--config configs/demo.yaml] [--seeds 0,1,2]
         [--points 10,30,100] [--out populations/long_run] [--jobs 2]
+
+Rerunning with the same ``--out`` resumes every run where it stopped (a killed benchmark loses
+nothing; a finished point is replayed from the log and finishes again, cheaply).
 """
 
 from __future__ import annotations
@@ -41,16 +44,19 @@ BEFORE = {"fitness": {"racing": {"stages": 0}}, "optimizer": {"on_converge": "co
 MODES = {"before": BEFORE, "now": {}}
 
 
-def answered(run: Path) -> int:
-    """Items answered by candidates (stage 0 + every racing increment), calibration excluded."""
+def answered(run: Path, generations: int) -> int:
+    """Items answered by the candidates of the first ``generations`` generations (stage 0 + every
+    racing and final increment), calibration excluded."""
     from evomerge.search.rundir import read_jsonl
 
-    total = sum(r["items"] for r in read_jsonl(run / "evaluations.jsonl"))
-    prev = {r["index"]: r["items"] for r in read_jsonl(run / "evaluations.jsonl")}
+    evals = [r for r in read_jsonl(run / "evaluations.jsonl") if r["generation"] < generations]
+    prev = {r["index"]: r["items"] for r in evals}
+    total = sum(prev.values())
     lines = read_jsonl(run / "racing.jsonl") if (run / "racing.jsonl").exists() else []
     for x in sorted(lines, key=lambda x: (x["index"], x["stage"])):
-        total += x["items"] - prev[x["index"]]
-        prev[x["index"]] = x["items"]
+        if x["index"] in prev:
+            total += x["items"] - prev[x["index"]]
+            prev[x["index"]] = x["items"]
     return total
 
 
@@ -71,11 +77,13 @@ def chain(base_cfg: dict, seed: int, mode: str, points: list[int], out: Path, ba
     if banks is not None:
         cfg["calibration"]["banks"] = str(banks)
     rows = []
-    for i, gens in enumerate(points):
+    for gens in points:
         cfg["optimizer"]["generations"] = gens
         path = out / f"seed{seed}-{mode}-{gens}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        args = ["search", str(path)] + ([] if i == 0 else ["--resume", str(run)])
+        # an existing run is resumed: to a later point it searches on; to an earlier one it replays
+        # that many generations from its log and finishes there (held-out results are cached)
+        args = ["search", str(path)] + (["--resume", str(run)] if (run / "config.yaml").exists() else [])
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "evomerge.cli", *args], cwd=REPO, capture_output=True, text=True)
         if p.returncode != 0:
@@ -84,7 +92,7 @@ def chain(base_cfg: dict, seed: int, mode: str, points: list[int], out: Path, ba
         log = p.stdout
         rows.append({"seed": seed, "mode": mode, "generations": gens, "heldout": best["heldout_average"],
                      "estimate": best["fitness"], "best_generation": best["generation"] + 1,
-                     "items": answered(run), "restarts": log.count("; restart "),
+                     "items": answered(run, gens), "restarts": log.count("; restart "),
                      "stopped": "stopping the generations" in log, "wall_s": time.perf_counter() - t0})
         print(f"  seed {seed} {mode:>6} {gens:4d} gens: held-out {best['heldout_average']:.3f} "
               f"(estimate {float(best['fitness']):.3f}, from generation {best['generation'] + 1}), "
@@ -98,7 +106,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--points", default="10,30,100")
     ap.add_argument("--out", default=str(REPO / "populations" / "long_run"))
-    ap.add_argument("--jobs", type=int, default=2, help="chains run side by side (processes)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (processes); a 'now' run waits "
+                    "for its seed's 'before' calibration")
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     points = [int(p) for p in a.points.split(",")]
@@ -106,13 +115,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base_cfg = yaml.safe_load(Path(a.config).read_text())
 
-    def one_seed(seed: int) -> list[dict]:
-        rows = chain(base_cfg, seed, "before", points, out, None)
-        return rows + chain(base_cfg, seed, "now", points, out, out / f"seed{seed}-before" / "banks")
+    tasks = [t["zoo"] if "zoo" in t else t["name"] for t in base_cfg["tasks"]]
+
+    def one_chain(job: tuple[int, str]) -> list[dict]:
+        seed, mode = job
+        if mode == "before":
+            return chain(base_cfg, seed, mode, points, out, None)
+        banks = out / f"seed{seed}-before" / "banks"
+        while not all((banks / f"{t}.bank.safetensors").exists() for t in tasks):
+            time.sleep(5)  # the before run's calibration first: both modes share it
+        return chain(base_cfg, seed, mode, points, out, banks)
 
     t0 = time.perf_counter()
+    jobs = sorted(((s, m) for s in seeds for m in MODES), key=lambda j: (j[0] // max(1, a.jobs // 2), j[1] != "before"))
     with ThreadPoolExecutor(a.jobs) as pool:
-        rows = [r for rs in pool.map(one_seed, seeds) for r in rs]
+        rows = [r for rs in pool.map(one_chain, jobs) for r in rs]
     (out / "results.json").write_text(json.dumps(rows, indent=1))
 
     print(f"\nheld-out average of the final best ({a.config}, {len(seeds)} seeds, "
