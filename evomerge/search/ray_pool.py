@@ -147,7 +147,12 @@ class RayExecutor:
     def sync(self, ctx) -> None:
         self.state = {"banks": ctx.banks, "anchors": ctx.anchors, "anchor_positions": ctx.anchor_positions}
         ref = self.ray.put(self.state)
-        self.ray.get([a.sync.remote(ref) for a in self.actors.values()])
+        pending = {wid: a.sync.remote(ref) for wid, a in self.actors.items()}
+        for wid, r in pending.items():
+            try:
+                self.ray.get(r)
+            except self.ray.exceptions.RayActorError as exc:  # its replacement gets the state at start
+                self._lose(wid, f"its process died: {type(exc).__name__}")
 
     def map(self, ctx, jobs, on_result=None) -> list[dict]:
         ray = self.ray
