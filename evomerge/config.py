@@ -351,6 +351,24 @@ class FinalConfig(_Strict):
                                   "over them (parameter-space runs)")
 
 
+class ExecutorConfig(_Strict):
+    kind: Literal["local", "ray"] = Field("local", description="where candidates, contenders, calibration and "
+                                          "held-out models are evaluated: local (this process, one at a time) or "
+                                          "ray (a pool of workers, each with its own resident evaluator; "
+                                          "pip install evomerge[ray])")
+    workers: Int = Field(2, ge=1, description="ray: workers (actors), each holding one evaluator")
+    cpus_per_worker: Num = Field(1, gt=0, description="ray: CPUs reserved per worker")
+    gpus_per_worker: Num = Field(0, ge=0, description="ray: GPUs per worker (1: one GPU each; 0.5: two "
+                                 "workers share a GPU); Ray sets each worker's CUDA_VISIBLE_DEVICES")
+    address: Optional[str] = Field(None, description="ray: join this cluster (auto, or HOST:PORT of "
+                                   "`ray start --head`); default: start a local Ray on this machine")
+    timeout_s: Optional[Num] = Field(None, gt=0, description="ray: a job running longer than this is "
+                                     "taken for a hung worker: the worker is killed and its job re-dispatched")
+    max_restarts: Int = Field(4, ge=0, description="ray: replacement workers started over the run for "
+                              "workers that died or hung; with none left and every worker gone, the run stops "
+                              "(resume it later)")
+
+
 class RunConfig(_Strict):
     name: str = "run"
     run_dir: Optional[str] = Field(None, description="default populations/<name>-<time>")
@@ -363,6 +381,7 @@ class RunConfig(_Strict):
     fitness: FitnessConfig = Field(default_factory=FitnessConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     final: FinalConfig = Field(default_factory=FinalConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @field_validator("tasks")
     @classmethod
@@ -406,7 +425,7 @@ class RunConfig(_Strict):
 SAFE_ON_RESUME = ("optimizer.generations", "final.sharpen", "final.min_distance", "search_space.dataflow.generations", "final.top_k", "final.write_model",
                   "evaluator.batch_size", "evaluator.device", "evaluator.threads",
                   "evaluator.merge_device", "evaluator.merge_compute", "evaluator.resident", "evaluator.kv_cache_gib",
-                  "evaluator.gpu_memory_utilization", "run_dir", "name")
+                  "evaluator.gpu_memory_utilization", "run_dir", "name", "executor")
 
 
 def _pop_dotted(d: dict, dotted: str) -> None:

@@ -25,7 +25,7 @@ def _zoo_quiet():
     import contextlib
     import sys
 
-    from evomerge.search.loop import _zoo
+    from evomerge.search.inputs import _zoo
 
     with contextlib.redirect_stdout(sys.stderr):
         return _zoo()
@@ -37,7 +37,7 @@ def _resolve_checkpoint(ref: str) -> Path:
     import sys
 
     from evomerge.errors import EvomergeError
-    from evomerge.search.loop import resolve_model
+    from evomerge.search.inputs import resolve_model
 
     if ref.startswith("zoo:"):
         _zoo_quiet()  # built (if need be) with its progress on stderr

@@ -102,7 +102,7 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
         md += _contest_lines(evals, racing, st.state())
 
         if isinstance(evals[0]["fitness"], list):
-            from evomerge.search.loop import pareto_front
+            from evomerge.search.selection import pareto_front
 
             tasks = list(evals[0]["estimates"])
             front = pareto_front(evals)

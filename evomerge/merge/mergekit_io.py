@@ -16,7 +16,7 @@ with ``evomerge merge``. This module handles the rest:
   differences); :func:`to_mergekit_yaml` writes the YAML with those caveats as comments, and
   raises for recipes mergekit cannot express at all (``tsv``, ``iso_c``, ``iso_cts``, weighted
   ``karcher``). Layer-dataflow recipes with input scales are not recipes of this kind; the
-  search writes a note instead of a YAML for them (``evomerge.search.loop``).
+  search writes a note instead of a YAML for them (``evomerge.search.finish``).
 """
 
 from __future__ import annotations

@@ -44,14 +44,14 @@ def search(
         if updates:
             cfg = cfg.model_copy(update=updates)
     elif generations is not None:
-        from evomerge.search.loop import open_run_dir
+        from evomerge.search.rundir import open_run_dir
 
         _, frozen = open_run_dir(resume)
         cfg = frozen.model_copy(update={"optimizer": frozen.optimizer.model_copy(
             update={"generations": generations})})
     if check:
         from evomerge.errors import EvomergeError
-        from evomerge.search.loop import check_run
+        from evomerge.search.plan import check_run
 
         if resume is not None:
             raise EvomergeError("--check is for a new run; a run directory is resumed with --resume alone")

@@ -18,7 +18,7 @@ from evomerge.errors import EvomergeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from evomerge.config import RunConfig
-    from evomerge.search.loop import SearchContext
+    from evomerge.search.context import SearchContext
 
 #: estimators whose estimate stays unbiased when the items asked were chosen from the answers
 ADAPTIVE_ESTIMATORS = ("pirt", "mpirt")

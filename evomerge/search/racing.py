@@ -116,7 +116,7 @@ def race_generation(ctx, plan: RacingPlan, generation: list[dict], incumbent: fl
     applied) stage by stage; returns the records as they end. ``incumbent``: the best fitness
     of earlier generations. ``logged``: racing lines already in the log, by :func:`line_key`
     (replayed instead of asked); ``append`` makes a new line durable."""
-    from evomerge.search.fitness import sharpen
+    from evomerge.search.executor import sharpen_job
 
     recs = [start(r) for r in generation]
     for stage in range(1, plan.stages + 1):
@@ -125,13 +125,14 @@ def race_generation(ctx, plan: RacingPlan, generation: list[dict], incumbent: fl
         within = [i for i, r in enumerate(recs) if r.get("stage", 0) == stage - 1 and scalar_fitness(r) >= cut]
         # successive halving: at most 1/2^stage of the generation goes on (best first, earliest on ties)
         within = sorted(within, key=lambda i: (-scalar_fitness(recs[i]), recs[i]["index"]))
-        for i in sorted(within[: max(1, math.ceil(len(recs) / 2 ** stage))]):
-            r = recs[i]
-            line = logged.get((int(r["index"]), stage, RACE))
-            if line is None:
-                line = sharpen(ctx, r, stage, RACE)
-                append(line)
-            recs[i] = advance(r, line)
+        go_on = sorted(within[: max(1, math.ceil(len(recs) / 2 ** stage))])
+        lines = {i: logged.get((int(recs[i]["index"]), stage, RACE)) for i in go_on}
+        # the stage's missing lines are independent jobs: answered on the executor, each written as it arrives
+        todo = [i for i in go_on if lines[i] is None]
+        got = ctx.run_jobs([sharpen_job(recs[i], stage, RACE) for i in todo], lambda _job, line: append(line))
+        lines.update(zip(todo, got))
+        for i in go_on:
+            recs[i] = advance(recs[i], lines[i])
     return recs
 
 

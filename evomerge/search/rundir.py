@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
+from evomerge.config import SAFE_ON_RESUME, RunConfig, diff_configs, parse_config
 from evomerge.errors import EvomergeError
 from evomerge.fsutil import fsync_dir, output_error
 
@@ -146,3 +150,89 @@ class RunDir:
         for tmp in self.root.rglob(".*.tmp-*"):
             if tmp.is_file():
                 tmp.unlink()
+
+
+# ----------------------------------------------------------------------------- a run's folder
+
+
+def target_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
+    """Where a new run goes; refuses a folder that already holds something, or one that cannot
+    be created (a parent is a file, no write permission, read-only file system)."""
+    from evomerge.fsutil import check_output_target
+
+    given = run_dir is not None
+    if run_dir is None:
+        run_dir = cfg.run_dir or f"populations/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    what = "--run-dir" if given else ("run_dir" if cfg.run_dir else "run directory")
+    rd = RunDir(run_dir)
+    if rd.root.exists() and not rd.root.is_dir():
+        raise EvomergeError(f"{what} {rd.root} is a file, not a folder; choose another run directory")
+    try:
+        busy = rd.root.is_dir() and any(rd.root.iterdir())
+    except OSError as exc:
+        raise EvomergeError(f"{what} {rd.root}: cannot read it ({exc.strerror or exc})") from None
+    if busy:
+        raise EvomergeError(f"{rd.root}: run directory exists and is not empty; resume it with "
+                            f"`evomerge search --resume {rd.root}` or choose another run_dir")
+    check_output_target(rd.root, what, folder=True)
+    return rd
+
+
+def new_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
+    """Create the run directory and freeze the config in it (on an OS error, whatever it
+    created is removed again)."""
+    from evomerge.fsutil import make_dirs, output_error, remove_dirs
+
+    rd = target_run_dir(cfg, run_dir)
+    created: list[Path] = []
+    try:
+        created = make_dirs(rd.root)
+        frozen = cfg.to_dict()
+        frozen["run_dir"] = str(rd.root)
+        atomic_write_text(rd.config, yaml.safe_dump(frozen, sort_keys=False))
+        rd.set_state(stage="calibrating")
+    except (OSError, EvomergeError) as exc:
+        for f in (rd.state_file, rd.config):
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        remove_dirs(created)
+        if isinstance(exc, OSError):
+            raise output_error(rd.root, exc, "run directory") from None
+        raise
+    return rd
+
+
+def open_run_dir(run_dir: str | Path, new_cfg: RunConfig | None = None) -> tuple[RunDir, RunConfig]:
+    """Open a run for resume; refuse a changed config unless only safe fields changed."""
+    rd = RunDir(run_dir)
+    if not rd.exists():
+        raise EvomergeError(f"{rd.root}: not a run directory (no config.yaml); start a run with "
+                            "`evomerge search CONFIG`")
+    from evomerge.config import yaml_error_message
+
+    try:
+        frozen = yaml.safe_load(rd.config.read_text())
+    except yaml.YAMLError as exc:
+        raise EvomergeError(yaml_error_message(rd.config, exc) + " — the run's frozen config is damaged; "
+                            "restore it, or start a new run") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvomergeError(f"{rd.config}: cannot read the run's frozen config ({exc})") from None
+    cfg = parse_config(frozen, str(rd.config))
+    if new_cfg is not None:
+        new = new_cfg.to_dict()
+        new["run_dir"] = frozen.get("run_dir")
+        changed = diff_configs(cfg.to_dict(), new)
+        unsafe = [c for c in changed if not any(c == s or c.startswith(s + ".") for s in SAFE_ON_RESUME)]
+        if unsafe:
+            raise EvomergeError(
+                f"{rd.root}: the config differs from the run's frozen config in "
+                f"{', '.join(unsafe)}; resuming would mix two different searches. Resume "
+                f"without a config, or start a new run (safe to change: "
+                f"{', '.join(SAFE_ON_RESUME)})")
+        if changed:
+            cfg = new_cfg.model_copy(update={"run_dir": frozen.get("run_dir")})
+            atomic_write_text(rd.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    rd.repair()
+    return rd, cfg

@@ -73,7 +73,8 @@ def final_stage(cfg) -> int | None:
 def choose_finalists(ctx, records: list[dict]) -> list[dict]:
     """The ``final.top_k`` candidates to re-evaluate on the held-out items (see the module
     docstring), best first, each with ``estimate_error``."""
-    from evomerge.search.fitness import expected_error, record_items, sharpen
+    from evomerge.search.executor import sharpen_job
+    from evomerge.search.fitness import expected_error, record_items
     from evomerge.search.racing import FINAL, advance, line_key
     from evomerge.search.rundir import append_jsonl, read_jsonl
 
@@ -83,15 +84,22 @@ def choose_finalists(ctx, records: list[dict]) -> list[dict]:
     pool = top_candidates(records, 3 * k if (target or cfg.final.min_distance > 0) else k)
     if target is not None:
         logged = {line_key(x): x for x in read_jsonl(rd.racing) if x.get("phase") == FINAL}
-        sharpened = []
-        for r in pool:
-            if r.get("stage", 0) < target:
-                line = logged.get((int(r["index"]), target, FINAL))
-                if line is None:
-                    line = sharpen(ctx, r, target, FINAL)
-                    append_jsonl(rd.racing, line)
-                r = advance(r, line)
-            sharpened.append(r)
-        pool = sharpened
+        lines = {i: logged.get((int(r["index"]), target, FINAL)) for i, r in enumerate(pool)
+                 if r.get("stage", 0) < target}
+        todo = [i for i, line in lines.items() if line is None]
+        got = ctx.run_jobs([sharpen_job(pool[i], target, FINAL) for i in todo],
+                           lambda _job, line: append_jsonl(rd.racing, line))
+        lines.update(zip(todo, got))
+        pool = [advance(r, lines[i]) if i in lines else r for i, r in enumerate(pool)]
     chosen = diverse_top(pool, k, cfg.final.min_distance)
     return [dict(r, estimate_error=expected_error(ctx, record_items(ctx, r))) for r in chosen]
+
+
+def pareto_front(records: list[dict]) -> list[dict]:
+    """Non-dominated candidates (multi-objective runs)."""
+    pts = [(r, np.asarray(r["fitness"], dtype=float)) for r in records]
+    front = []
+    for r, f in pts:
+        if not any(np.all(g >= f) and np.any(g > f) for _, g in pts):
+            front.append(r)
+    return front
