@@ -28,8 +28,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
 from evomerge.search.fitness import scalar_fitness
 
 RACE, FINAL = "race", "final"
@@ -134,12 +132,3 @@ def race_generation(ctx, plan: RacingPlan, generation: list[dict], incumbent: fl
         for i in go_on:
             recs[i] = advance(recs[i], lines[i])
     return recs
-
-
-def contest_summary(records: list[dict]) -> dict:
-    """Counts for the progress line: candidates sharpened per stage and items answered."""
-    per_stage: dict[int, int] = {}
-    for r in records:
-        for s in r.get("stages", [])[1:]:
-            per_stage[s["stage"]] = per_stage.get(s["stage"], 0) + 1
-    return {"sharpened": per_stage, "items": int(np.sum([r["items"] for r in records]))}
