@@ -146,7 +146,7 @@ def crossfit_procedures(Y, item_ids=None, subject_names=None, *, options=DEFAULT
     absolute errors per tested subject, tested subject positions). One bank per (fold, dim)."""
     from irt.bank import ItemBank
     from irt.model import check_responses
-    from irt.validate import PLAIN_DRAWS, heldout_estimates
+    from irt.validate import PLAIN_DRAWS, heldout_estimates, subject_folds
 
     Y = check_responses(Y, item_ids=item_ids, subject_names=subject_names)
     M, N = Y.shape
@@ -161,14 +161,9 @@ def crossfit_procedures(Y, item_ids=None, subject_names=None, *, options=DEFAULT
     n = min(int(n), N)
     for p in options:
         _validate(p, n, N, endpoints)
-    others = np.array([m for m in range(M) if names[m] not in endpoints])
-    if len(others) < 2:
-        raise IRTError(f"choose_procedure needs at least 2 subjects besides the endpoints, got {len(others)}")
-    if int(folds) < 2:
-        raise IRTError(f"choose_procedure: folds must be >= 2, got {folds!r}")
-    folds = min(int(folds), len(others))
     rng = np.random.default_rng(seed)
-    groups = np.array_split(rng.permutation(others), folds)
+    groups = subject_folds(names, endpoints, folds, rng, "choose_procedure")
+    others = np.sort(np.concatenate(groups))  # every subject that is not an endpoint
     err = np.full((len(options), M), np.nan)
     plain = np.full(M, np.nan)
     for g in groups:

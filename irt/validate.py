@@ -52,6 +52,18 @@ class EstimateCheck:
         return asdict(self)
 
 
+def subject_folds(names, endpoints, folds: int, rng: np.random.Generator, what: str) -> list[np.ndarray]:
+    """The subjects that are not ``endpoints``, split at random (``rng``) into at most ``folds``
+    held-out groups (positions in ``names``); endpoints always stay in training. ``what`` names
+    the caller in errors."""
+    others = np.array([m for m in range(len(names)) if names[m] not in endpoints])
+    if len(others) < 2:
+        raise IRTError(f"{what} needs at least 2 subjects besides the endpoints, got {len(others)}")
+    if int(folds) < 2:
+        raise IRTError(f"{what}: folds must be >= 2, got {folds!r}")
+    return np.array_split(rng.permutation(others), min(int(folds), len(others)))
+
+
 def heldout_estimates(bank, Y, n: int = 20, *, estimator: str = "pirt", anchor_method: str = "info",
                       rounds: int = 1, endpoint_theta=None, seed: int = 0) -> np.ndarray:
     """Estimated full accuracy of each row of ``Y`` (subjects × the bank's items, full answers,
@@ -120,14 +132,10 @@ def cross_validate_estimates(
     if int(rounds) > min(int(n), N):
         raise IRTError(f"rounds: {rounds} rounds for {min(int(n), N)} items (n = {n}, {N} items in the "
                        "responses); each round asks at least one item, so use at most that many rounds")
-    others = np.array([m for m in range(M) if names[m] not in endpoints])
-    if len(others) < 2:
-        raise IRTError(f"cross-validation needs at least 2 subjects besides the endpoints, got {len(others)}")
-    if int(folds) < 2:
-        raise IRTError(f"cross-validation: folds must be >= 2, got {folds!r}")
-    folds = min(int(folds), len(others))
     rng = np.random.default_rng(seed)
-    groups = np.array_split(rng.permutation(others), folds)
+    groups = subject_folds(names, endpoints, folds, rng, "cross-validation")
+    others = np.sort(np.concatenate(groups))  # every subject that is not an endpoint
+    folds = len(groups)
     err = np.full(M, np.nan)
     plain = np.full(M, np.nan)
     for g in groups:
