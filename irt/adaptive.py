@@ -32,7 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from irt.anchors import select_anchors
 from irt.errors import IRTError
+from irt.estimators import ability_prior, estimate_accuracy
 from irt.model import _sigmoid, map_logistic
 
 __all__ = ["AdaptiveResult", "round_sizes", "next_items", "run_adaptive", "ADAPTIVE_ESTIMATORS"]
@@ -66,8 +68,6 @@ def next_items(bank, asked, answers, k: int = 1, *, prior=None, candidates=None)
     criterion). ``prior``: (mean, precision) of the ability prior (default: the calibration
     population's, :func:`irt.estimators.ability_prior`). ``candidates``: positions allowed (default:
     every item not yet asked). Deterministic: ties go to the lowest position."""
-    from irt.estimators import ability_prior
-
     asked = np.asarray(asked, dtype=np.int64).reshape(-1)
     answers = np.asarray(answers, dtype=np.float64).reshape(-1)
     if asked.shape != answers.shape:
@@ -136,9 +136,6 @@ def run_adaptive(bank, answer, n: int = 20, rounds: int = 4, *, first=None, esti
     size; pass it to reuse one design across subjects). ``estimator``: ``pirt`` or ``mpirt``
     (with ``endpoint_theta``, K × d). ``candidates``: positions the test may ask (default all).
     """
-    from irt.anchors import select_anchors
-    from irt.estimators import estimate_accuracy
-
     if estimator not in ADAPTIVE_ESTIMATORS:
         raise IRTError(f"adaptive: estimator must be one of {', '.join(ADAPTIVE_ESTIMATORS)} (the mean of "
                        f"adaptively chosen items is biased, so {estimator!r} is not offered)")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from irt.errors import IRTError
+from irt.estimators import gp_lambda
 
 __all__ = ["Anchors", "select_anchors", "METHODS"]
 
@@ -274,7 +275,5 @@ def select_anchors(
     anchors = Anchors(idx=np.asarray(idx, dtype=np.int64), weights=np.asarray(w, dtype=np.float64),
                       item_ids=[bank.item_ids[i] for i in idx], method=method, seed=seed)
     if compute_gp_lambda:
-        from irt.estimators import gp_lambda
-
         anchors.gp_lambda = gp_lambda(bank, anchors.idx, anchors.weights, random=anchors.random)
     return anchors

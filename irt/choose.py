@@ -26,7 +26,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from irt.adaptive import ADAPTIVE_ESTIMATORS
+from irt.anchors import METHODS
+from irt.bank import ItemBank
 from irt.errors import IRTError
+from irt.estimators import ESTIMATORS
+from irt.model import check_responses
+from irt.validate import PLAIN_DRAWS, heldout_estimates, subject_folds
 
 __all__ = ["DEFAULT_OPTIONS", "Procedure", "ProcedureChoice", "choose_procedure", "crossfit_procedures"]
 
@@ -121,10 +127,6 @@ def _as_procedure(o) -> Procedure:
 
 
 def _validate(p: Procedure, n: int, N: int, endpoints) -> None:
-    from irt.adaptive import ADAPTIVE_ESTIMATORS
-    from irt.anchors import METHODS
-    from irt.estimators import ESTIMATORS
-
     if p.estimator not in ESTIMATORS:
         raise IRTError(f"unknown estimator {p.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if p.anchor_method not in METHODS:
@@ -144,9 +146,6 @@ def crossfit_procedures(Y, item_ids=None, subject_names=None, *, options=DEFAULT
     """Signed cross-fitted errors of each procedure in ``options`` on the subjects of ``Y`` that
     are not ``endpoints``: returns (options, errors (len(options) × tested subjects), plain-mean
     absolute errors per tested subject, tested subject positions). One bank per (fold, dim)."""
-    from irt.bank import ItemBank
-    from irt.model import check_responses
-    from irt.validate import PLAIN_DRAWS, heldout_estimates, subject_folds
 
     Y = check_responses(Y, item_ids=item_ids, subject_names=subject_names)
     M, N = Y.shape

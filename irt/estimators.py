@@ -43,6 +43,8 @@ Missing anchor answers (NaN) are skipped by the fits and replaced by P_i(θ̂) i
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import numpy as np
 
 from irt.errors import IRTError
@@ -51,6 +53,20 @@ from irt.model import _sigmoid, map_logistic
 __all__ = ["ESTIMATORS", "estimate_accuracy", "estimate_accuracy_batch", "gp_lambda"]
 
 ESTIMATORS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")
+
+
+@runtime_checkable
+class AnchorDesign(Protocol):
+    """What the estimators read from a set of anchors (:class:`irt.anchors.Anchors` is one):
+    positions in the bank, their weights, the gp-IRT mixing weight (None = compute it) and
+    whether the anchors were drawn at random."""
+
+    idx: np.ndarray
+    weights: np.ndarray
+    gp_lambda: float | None
+
+    @property
+    def random(self) -> bool: ...
 
 
 def _prior_prec(bank) -> float:
@@ -269,9 +285,7 @@ def estimate_accuracy(
     gp mixing weight (default: :func:`gp_lambda` for these anchors, cached on the bank).
     ``lambda_prior_sd``: τ of the mp-IRT prior on λ.
     """
-    from irt.anchors import Anchors
-
-    if isinstance(anchor_idx, Anchors):
+    if isinstance(anchor_idx, AnchorDesign):
         anc = anchor_idx
         anchor_idx = anc.idx
         if anchor_weights is None:

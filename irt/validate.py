@@ -19,7 +19,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from irt.adaptive import ADAPTIVE_ESTIMATORS, round_sizes, run_adaptive
+from irt.anchors import METHODS, select_anchors
+from irt.bank import ItemBank
 from irt.errors import IRTError
+from irt.estimators import ESTIMATORS, estimate_accuracy_batch
+from irt.model import check_responses
 
 __all__ = ["EstimateCheck", "heldout_estimates", "cross_validate_estimates"]
 
@@ -69,9 +74,6 @@ def heldout_estimates(bank, Y, n: int = 20, *, estimator: str = "pirt", anchor_m
     """Estimated full accuracy of each row of ``Y`` (subjects × the bank's items, full answers,
     NaN = missing) from ``n`` of its answers: the ``anchor_method`` anchors (``rounds`` = 1) or an
     adaptive test of ``n`` items in ``rounds`` rounds whose first round is that design."""
-    from irt.adaptive import round_sizes, run_adaptive
-    from irt.anchors import select_anchors
-    from irt.estimators import estimate_accuracy_batch
 
     Y = np.asarray(Y, dtype=np.float64)
     if Y.ndim != 2 or Y.shape[1] != bank.n_items:
@@ -106,11 +108,6 @@ def cross_validate_estimates(
     of ``Y`` that are not ``endpoints`` (see the module docstring). ``endpoints``: names of the
     subjects mp-IRT combines (always in the training part; needed for ``mpirt`` / ``gmpirt``).
     ``dim``: the banks' dimension (None = chosen by validation in every fold)."""
-    from irt.adaptive import ADAPTIVE_ESTIMATORS, round_sizes
-    from irt.anchors import METHODS
-    from irt.bank import ItemBank
-    from irt.estimators import ESTIMATORS
-    from irt.model import check_responses
 
     if estimator not in ESTIMATORS:
         raise IRTError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
