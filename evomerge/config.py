@@ -20,7 +20,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
                       field_validator, model_validator)
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, yaml_error_message
 
 # Numbers are strict: a YAML bool (yes / true) or a quoted string is refused, not read as 1 / 1.0.
 Num = StrictFloat
@@ -484,15 +484,6 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             where = ".".join(loc[:-1])  # the union's branch names add nothing for the user
         lines.append(f"{source}: {where}: {msg}")
     return "\n".join(dict.fromkeys(lines))
-
-
-def yaml_error_message(path: str | Path, exc: Exception) -> str:
-    """A YAML syntax error as one line naming the file, line and column (not '<unicode string>')."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    context = getattr(exc, "context", None)
-    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def parse_config(data: Any, source: str = "<config>") -> RunConfig:

@@ -25,10 +25,10 @@ def _zoo_quiet():
     import contextlib
     import sys
 
-    from evomerge.search.inputs import _zoo
+    from evomerge.models import demo_zoo
 
     with contextlib.redirect_stdout(sys.stderr):
-        return _zoo()
+        return demo_zoo()
 
 
 def _resolve_checkpoint(ref: str) -> Path:
@@ -37,17 +37,10 @@ def _resolve_checkpoint(ref: str) -> Path:
     import sys
 
     from evomerge.errors import EvomergeError
-    from evomerge.search.inputs import resolve_model
+    from evomerge.models import resolve_model
 
-    if ref.startswith("zoo:"):
-        _zoo_quiet()  # built (if need be) with its progress on stderr
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            path = resolve_model(ref)
-    except EvomergeError as exc:
-        msg = str(exc)
-        raise EvomergeError("MODEL" + msg[len("models:"):] if msg.startswith("models:")
-                            else f"MODEL {ref!r}: {msg}") from None
+    with contextlib.redirect_stdout(sys.stderr):  # a zoo built on first use: progress on stderr
+        path = resolve_model(ref, what="MODEL")
     if not (Path(path) / "config.json").is_file():
         raise EvomergeError(f"MODEL {ref!r}: not a Hugging Face model folder (config.json missing); "
                             "give a model folder, zoo:NAME or a recipe file (.yaml / .json)")
@@ -60,8 +53,8 @@ def _load_recipe_file(path: Path):
     import json
 
     from evomerge.errors import EvomergeError
-    from evomerge.merge.mergekit_io import from_mergekit
-    from evomerge.merge.recipe import MergeRecipe, load_recipe
+    from evomerge.merge.mergekit_io import from_mergekit, load_recipe
+    from evomerge.merge.recipe import MergeRecipe
 
     if path.suffix.lower() != ".json":
         return load_recipe(path)
@@ -91,10 +84,10 @@ def _load_recipe_file(path: Path):
 
 def _absolute_recipe(recipe) -> dict:
     """``recipe`` as a dict whose model references are absolute folders (checked to exist)."""
-    from evomerge.merge.recipe import resolve_model_path
+    from evomerge.models import resolve_model
 
     def fix(ref):
-        return str(resolve_model_path(ref, recipe)) if ref is not None else None
+        return str(resolve_model(ref, base_dir=recipe.source_dir)) if ref is not None else None
 
     d = recipe.to_dict()
     if d.get("base_model") is not None:

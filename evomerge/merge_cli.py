@@ -37,7 +37,7 @@ def merge_command(
     import os
 
     from evomerge.merge.engine import merge_to_disk
-    from evomerge.merge.recipe import load_recipe
+    from evomerge.merge.mergekit_io import load_recipe
 
     rp, op = os.path.realpath(recipe), os.path.realpath(out).rstrip(os.sep)
     if rp == op or rp.startswith(op + os.sep):

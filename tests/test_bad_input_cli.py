@@ -251,7 +251,7 @@ def restore_permission(sub: str = "ro", also=None):
 
 def internal_bug(tmp: Path) -> None:
     recipe(tmp)
-    import evomerge.merge.recipe as mr
+    import evomerge.merge.mergekit_io as mr
 
     def boom(*a, **k):
         raise RuntimeError("boom in load_recipe")

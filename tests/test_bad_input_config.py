@@ -280,6 +280,15 @@ CASES = [
     Case("cfg-yaml-syntax", **_check(_cfg(raw="name: x\nmodels: {base: zoo:base\n"), ["cfg.yaml", "line", "column"])),
     Case("cfg-two-errors-two-lines", **_check(_cfg(lambda d, t: (d.update(seed=-1), d["fitness"].update(anchors=0))),
                                               ["cfg.yaml: seed", "cfg.yaml: fitness.anchors"])),
+    # ---- models: one resolver (evomerge.models) for search, merge and eval; errors name the field
+    Case("cfg-base-folder-missing", **_check(_cfg(lambda d, t: d["models"].update(base=str(t / "nowhere"))),
+                                             ["models.base", "nowhere", "folder not found"])),
+    Case("cfg-endpoint-is-a-file", **_check(_cfg(lambda d, t: (_write(t / "afile", "x"), d["models"].update(
+        endpoints=[str(t / "afile")]))), ["models.endpoints[0]", "afile", "is a file, not a model folder"])),
+    Case("cfg-endpoint-unknown-zoo-model", **_check(_cfg(_set("models.endpoints", ["zoo:lang", "zoo:nope"])),
+                                                    ["models.endpoints[1]", "zoo:nope", "not in the zoo", "zoo:lang"])),
+    Case("run-base-folder-missing", **_run(_cfg(lambda d, t: d["models"].update(base="./gone")),
+                                           ["models.base", "./gone", "folder not found"])),
     # ---- class 7: task folders
     Case("task-folder-missing", **_check(_cfg(lambda d, t: d.update(tasks=[{"path": str(t / "nowhere"), "name": "x"}])),
                                          ["task folder not found", "nowhere"])),

@@ -96,7 +96,7 @@ def test_recipe_in_memory_equals_merge_on_disk(zoo, one_thread, tmp_path, capsys
     assert mem["accuracy"] == disk["accuracy"] and mem["average"] == disk["average"]
     assert mem["accuracy"]["lang"] > 0.8 and mem["accuracy"]["cipher"] > 0.8
 
-    from evomerge.merge.recipe import load_recipe
+    from evomerge.merge.mergekit_io import load_recipe
 
     best = tmp_path / "run" / "best"
     best.mkdir(parents=True)

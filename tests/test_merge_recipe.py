@@ -3,7 +3,8 @@
 import pytest
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.recipe import MergeRecipe, evaluate_setting, load_recipe
+from evomerge.merge.mergekit_io import load_recipe
+from evomerge.merge.recipe import MergeRecipe, evaluate_setting
 
 TIES = """
 models:

@@ -1,5 +1,6 @@
-"""The Ray executor: a pool of workers logs what one local evaluator logs (order aside), and a
-worker killed with SIGKILL mid-generation loses nothing and logs nothing twice.
+"""The Ray executor: a pool of workers logs what one local evaluator logs (order aside); a worker
+killed with SIGKILL mid-generation, a hung worker, or a driver killed with SIGKILL loses nothing
+and logs nothing twice.
 
 Ray is an extra; without it these tests are skipped, unless EVOMERGE_REQUIRE_RAY=1 (`make test`
 installs it and sets that, so a broken Ray fails instead of skipping)."""
@@ -156,3 +157,35 @@ def test_all_workers_gone_stops_with_a_clear_message_and_resumes(ray_session, lo
     monkeypatch.delenv("EVOMERGE_FAULT_HANG")
     resumed = run_search(parse_config(pool_config(run, "local")), resume=run, log=lambda *_: None)
     assert_same_logs(local_run, resumed)
+
+
+def test_a_killed_driver_resumes_with_nothing_lost(ray_session, local_run, tmp_path):
+    """kill -9 of the driver (`evomerge search`, executor: ray) mid-generation: its local Ray and
+    workers go with it; `--resume` re-dispatches only the candidates not in the log and ends with
+    the local run's logs."""
+    import subprocess
+    import sys
+
+    from evomerge.search.loop import run_search
+
+    run = tmp_path / "run"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(pool_config(run, "ray", workers=2)))
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(cfg_file)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    evals = run / "evaluations.jsonl"
+    t0 = time.time()
+    while not (evals.exists() and len(evals.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, "the driver ended before the kill point:\n" + proc.stdout.read()
+        assert time.time() - t0 < 600, "kill point never reached"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = read_jsonl(evals)
+    assert 3 <= len(kept) < 12
+    lines: list[str] = []
+    rd = run_search(None, resume=run, log=lines.append)  # on this test's Ray, 2 fresh workers
+    assert any(line.startswith("executor: ray, 2 workers") for line in lines)
+    done = read_jsonl(rd.evaluations)
+    assert sorted(e["index"] for e in done) == list(range(12)) and done[:len(kept)] == kept
+    assert_same_logs(local_run, rd)

@@ -13,6 +13,7 @@ import yaml
 
 from evomerge.config import parse_config
 from evomerge.errors import EvomergeError
+from evomerge.report import write_report
 from evomerge.search.loop import run_search
 from evomerge.search.rundir import read_jsonl
 
@@ -72,6 +73,7 @@ def reference_run(zoo, tmp_path_factory):
     cfg = parse_config(small_config(tmp / "run", **{"final.baselines": True}))
     lines = []
     rd = run_search(cfg, log=lines.append)
+    write_report(rd)  # as `evomerge search` does after the run
     return rd, lines
 
 
@@ -328,7 +330,9 @@ def ps_dfs_run(zoo, tmp_path_factory):
     """One small PS+DFS run (2 generations per stage), shared by the tests that read it."""
     tmp = tmp_path_factory.mktemp("psdfs")
     cfg = ps_dfs_config(tmp, generations=2, repeats=2, scale_mode="layer")
-    return cfg, run_search(cfg, log=lambda m: None)
+    rd = run_search(cfg, log=lambda m: None)
+    write_report(rd)
+    return cfg, rd
 
 
 def test_ps_plus_dfs_two_stage_run(ps_dfs_run):
@@ -377,6 +381,7 @@ def test_adaptive_anchors_search(zoo, tmp_path):
             "optimizer": {"name": "cmaes", "population": 4, "generations": 2, "sigma0": 0.1667},
             "tasks": short_heldout_tasks(tmp_path / "tasks")}
     rd = run_search(parse_config(small_config(tmp_path / "run", **over)), log=lambda m: None)
+    write_report(rd)
     evals = read_jsonl(rd.evaluations)
     # stopped after one generation and resumed: the same items asked, the same answers and estimates
     over["optimizer"]["generations"] = 1
@@ -408,6 +413,7 @@ def test_one_objective_per_task_gives_a_pareto_front(zoo, tmp_path):
             "evaluator": {"batch_size": 128, "resident": "native", "merge_device": "cpu"},
             "tasks": short_heldout_tasks(tmp_path / "tasks")}
     rd = run_search(parse_config(small_config(tmp_path / "run", **over)), log=lambda m: None)
+    write_report(rd)
     evals = read_jsonl(rd.evaluations)
     assert all(isinstance(e["fitness"], list) and len(e["fitness"]) == 3 for e in evals)
     assert (rd.root / "pareto.png").exists() and "Pareto front" in rd.report.read_text()

@@ -73,7 +73,7 @@ def test_strong_expert_is_base_plus_twice_the_task_vector(zoo):
     import torch
     from safetensors.torch import load_file
 
-    from evomerge.search.loop import resolve_model
+    from evomerge.models import resolve_model
 
     assert set(zoo.extra_models) == {"cipher_strong"}
     strong_dir = zoo.extra_models["cipher_strong"]
@@ -127,3 +127,32 @@ def test_cli_zoo_build_cached(zoo, capsys):
     main(["zoo", "build", "--root", str(zoo.root)])
     out = capsys.readouterr().out
     assert "held-out accuracy" in out and f"zoo ready at {zoo.root}" in out
+
+
+def test_one_model_resolver_for_merge_eval_and_search(zoo, tmp_path):
+    """`zoo:NAME` and recipe-relative folders mean the same model in a recipe (merge, eval) as in
+    a search config: one resolver, evomerge.models.resolve_model."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from evomerge.errors import EvomergeError
+    from evomerge.models import resolve_model
+
+    shutil.copytree(zoo.experts["lang"], tmp_path / "recipes" / "lang_copy")
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text("merge_method: task_arithmetic\nbase_model: zoo:base\nmodels:\n"
+                      "  - model: lang_copy\n    parameters: {weight: 1.0}\n"
+                      "  - model: zoo:upper\n    parameters: {weight: 0.0}\n")
+    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(recipe), "--out", str(tmp_path / "m")],
+                         capture_output=True, text=True, cwd=tmp_path)  # cwd: not the recipe's folder
+    assert out.returncode == 0, out.stderr
+    merged, lang = load_file(tmp_path / "m" / "model.safetensors"), load_file(zoo.experts["lang"] / "model.safetensors")
+    assert all((merged[k].float() - lang[k].float()).abs().max() < 1e-5 for k in lang)
+    assert resolve_model("lang_copy", base_dir=recipe.parent) == (tmp_path / "recipes" / "lang_copy").absolute()
+    with pytest.raises(EvomergeError, match=r"tokenizer_source 'nowhere': folder not found .*recipe's folder"):
+        resolve_model("nowhere", base_dir=recipe.parent, what="tokenizer_source")
+    with pytest.raises(EvomergeError, match=r"MODEL 'zoo:nope': 'zoo:nope' is not in the zoo"):
+        resolve_model("zoo:nope", what="MODEL")

@@ -1,7 +1,7 @@
 """Merge methods (pure tensor functions), recipes, and the engine that applies them.
 
 Public entry points (imported lazily so that ``import evomerge.merge`` stays torch-free):
-``MergeRecipe``, ``load_recipe`` (recipe.py), ``merge_to_disk``, ``InMemoryMerger`` (engine.py),
+``MergeRecipe`` (recipe.py), ``load_recipe`` (mergekit_io.py), ``merge_to_disk``, ``InMemoryMerger`` (engine.py),
 ``get_method``, ``method_names``, ``register``, ``MergeMethod`` (registry.py).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 _LAZY = {
     "MergeRecipe": "evomerge.merge.recipe",
-    "load_recipe": "evomerge.merge.recipe",
+    "load_recipe": "evomerge.merge.mergekit_io",
     "merge_to_disk": "evomerge.merge.engine",
     "InMemoryMerger": "evomerge.merge.engine",
     "get_method": "evomerge.merge.registry",

@@ -32,7 +32,9 @@ import torch
 from evomerge.checkpoint import DEFAULT_MAX_SHARD_BYTES, layer_index, set_layer_index
 from evomerge.checkpoint.io import CheckpointReader, CheckpointWriter, check_compatible
 from evomerge.errors import EvomergeError
-from evomerge.merge.recipe import MergeRecipe, ModelEntry, evaluate_setting, load_recipe, resolve_model_path
+from evomerge.merge.mergekit_io import load_recipe
+from evomerge.merge.recipe import MergeRecipe, ModelEntry, evaluate_setting
+from evomerge.models import resolve_model
 from evomerge.merge.methods import SORTED_ABS_ATTR
 from evomerge.merge.methods_extra import SVD_CACHE_ATTR
 from evomerge.merge.registry import REQUIRED, MergeMethod, get_method
@@ -116,7 +118,7 @@ def build_plan(
     labels: dict[str, str] = {}
 
     def key_of(ref: str) -> str:
-        path = resolve_model_path(ref, recipe)
+        path = resolve_model(ref, base_dir=recipe.source_dir)
         key = str(path)
         if key not in readers:
             readers[key] = CheckpointReader(path, allow_pickle=allow_pickle)
@@ -224,7 +226,7 @@ def build_plan(
     elif tok in (None, "base"):
         tok_dir = readers[ref_key].path
     else:
-        tok_dir = resolve_model_path(tok, recipe)
+        tok_dir = resolve_model(tok, base_dir=recipe.source_dir, what="tokenizer_source")
     return MergePlan(recipe.structure_key(), spec, readers, groups, jobs, config, ref_key, num_layers, tok_dir, labels)
 
 
@@ -508,7 +510,7 @@ class InMemoryMerger:
             self.prepare(recipe_or_paths)
         else:
             for p in recipe_or_paths:
-                path = resolve_model_path(str(p))
+                path = resolve_model(str(p))
                 if str(path) not in self.readers:
                     self.readers[str(path)] = CheckpointReader(path, allow_pickle=allow_pickle)
 

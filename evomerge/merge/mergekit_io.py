@@ -22,12 +22,14 @@ with ``evomerge merge``. This module handles the rest:
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, yaml_error_message
+from evomerge.merge.recipe import MergeRecipe
 
-__all__ = ["MERGEKIT_METHODS", "MERGEKIT_PARAMS", "from_mergekit", "load_mergekit", "mergekit_issues", "to_mergekit_yaml"]
+__all__ = ["MERGEKIT_METHODS", "MERGEKIT_PARAMS", "from_mergekit", "load_recipe", "mergekit_issues", "to_mergekit_yaml"]
 
 MERGEKIT_METHODS = frozenset({
     "linear", "slerp", "nuslerp", "passthrough", "model_stock", "karcher", "task_arithmetic", "ties",
@@ -82,8 +84,6 @@ def _fix_params(params: Any) -> Any:
 
 def from_mergekit(data: dict, source: str = "mergekit recipe"):
     """A :class:`~evomerge.merge.recipe.MergeRecipe` from a parsed mergekit YAML (see module doc)."""
-    from evomerge.merge.recipe import MergeRecipe
-
     if not isinstance(data, dict):
         raise EvomergeError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     d = copy.deepcopy(data)
@@ -133,18 +133,27 @@ def from_mergekit(data: dict, source: str = "mergekit recipe"):
     return MergeRecipe.from_dict(d, source)
 
 
-def load_mergekit(path: str | Path):
-    """:func:`from_mergekit` of a YAML file (relative model paths resolve against its folder)."""
-    import yaml
-
+def load_recipe(path: str | os.PathLike) -> MergeRecipe:
+    """Read a recipe file (mergekit YAML, translated by :func:`from_mergekit`); model references stay
+    as written and resolve against the file's folder (``recipe.source_dir``)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EvomergeError(f"recipe file {p} not found") from None
+    except IsADirectoryError:
+        raise EvomergeError(f"recipe file {p} is a folder; give the YAML recipe file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise EvomergeError(f"recipe file {p}: cannot read ({exc})") from None
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise EvomergeError(f"recipe file {p}: not valid YAML ({exc})") from None
-    recipe = from_mergekit(data, str(p))
+        raise EvomergeError(yaml_error_message(p, exc)) from None
+    # through the mergekit importer: `tokenizer: {source}`, '*' filters and parameters that
+    # have no effect in mergekit are translated; what cannot be expressed is named
+    recipe = from_mergekit(data, source=str(p))
     recipe._recipe_dir = str(p.parent.absolute())
     return recipe
 

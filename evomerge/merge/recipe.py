@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, yaml_error_message
 
 Scalar = Union[bool, int, float, str]
 
@@ -190,6 +189,12 @@ class MergeRecipe(_Strict):
 
     _recipe_dir: str | None = PrivateAttr(default=None)
 
+    @property
+    def source_dir(self) -> str | None:
+        """The folder of the file this recipe was read from, if any: relative model paths are
+        also tried against it (:func:`evomerge.models.resolve_model`)."""
+        return self._recipe_dir
+
     @field_validator("parameters", mode="before")
     @classmethod
     def check_parameters(cls, v):
@@ -329,8 +334,6 @@ class MergeRecipe(_Strict):
     def from_yaml(cls, text: str, source: str = "recipe") -> "MergeRecipe":
         import yaml
 
-        from evomerge.config import yaml_error_message
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -416,52 +419,3 @@ def _format_validation_error(exc: ValidationError) -> str:
         else:
             msgs.append(f"field '{loc}': {msg}" if loc else msg)
     return "; ".join(msgs)
-
-
-def load_recipe(path: str | os.PathLike) -> MergeRecipe:
-    """Read a mergekit-style YAML recipe; model paths stay as written (see :func:`resolve_model_path`)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EvomergeError(f"recipe file {p} not found") from None
-    except IsADirectoryError:
-        raise EvomergeError(f"recipe file {p} is a folder; give the YAML recipe file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvomergeError(f"recipe file {p}: cannot read ({exc})") from None
-    import yaml
-
-    from evomerge.merge.mergekit_io import from_mergekit
-
-    from evomerge.config import yaml_error_message
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise EvomergeError(yaml_error_message(p, exc)) from None
-    # through the mergekit importer: `tokenizer: {source}`, '*' filters and parameters that
-    # have no effect in mergekit are translated; what cannot be expressed is named
-    recipe = from_mergekit(data, source=str(p))
-    recipe._recipe_dir = str(p.parent.absolute())
-    return recipe
-
-
-def resolve_model_path(ref: str, recipe: MergeRecipe | None = None) -> Path:
-    """A model reference → an existing local folder.
-
-    Relative paths are tried against the current directory, then against the recipe file's
-    folder. Hugging Face hub ids are not fetched (everything here is offline).
-    """
-    p = Path(os.path.expanduser(ref))
-    if p.is_dir():
-        return p.absolute()
-    rdir = getattr(recipe, "_recipe_dir", None) if recipe is not None else None
-    if rdir and not p.is_absolute() and (Path(rdir) / p).is_dir():
-        return (Path(rdir) / p).absolute()
-    if p.exists():
-        raise EvomergeError(f"model {ref!r}: is a file, not a model folder (give the folder that holds "
-                            "config.json and the safetensors weights)")
-    raise EvomergeError(
-        f"model {ref!r}: folder not found (models must be local Hugging Face model folders; "
-        "relative paths are resolved against the current directory and the recipe's folder)"
-    )

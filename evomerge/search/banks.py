@@ -10,6 +10,7 @@ import numpy as np
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.search.calibration import calibration_records
 from evomerge.search.context import SearchContext
 from evomerge.search.fitness import endpoint_refs, first_round_size, unbits
 from evomerge.search.inputs import load_given_bank
@@ -24,7 +25,6 @@ def fit_banks(ctx: SearchContext) -> None:
     import irt
 
     cfg, rd = ctx.cfg, ctx.rd
-    from evomerge.search.calibration import calibration_records
 
     records = calibration_records(ctx)
     names = [r["name"] for r in records]

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from evomerge.search.context import SearchContext
+from evomerge.search.executor import calibrate_job
 from evomerge.search.fitness import unbits
 from evomerge.search.rundir import append_jsonl, read_jsonl
 
@@ -33,7 +34,6 @@ def run_calibration(ctx: SearchContext) -> None:
     if todo:
         ctx.log(f"calibration: {len(pop)} models x {sum(len(p.search.items) for p in ctx.tasks.values())}"
                 f" items ({len(pop) - len(todo)} already done)")
-    from evomerge.search.executor import calibrate_job
 
     def done(job, res) -> None:  # the driver writes each line as it arrives
         name, genome = job.args["name"], job.args["genome"]

@@ -57,7 +57,10 @@ def search(
             raise EvomergeError("--check is for a new run; a run directory is resumed with --resume alone")
         check_run(cfg, run_dir=run_dir, log=_log)
         return
-    run_search(cfg, resume=resume, run_dir=run_dir, log=_log)
+    from evomerge.report import write_report
+
+    rd = run_search(cfg, resume=resume, run_dir=run_dir, log=_log)
+    _log(f"report: {write_report(rd)}")
 
 
 def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:

@@ -11,9 +11,10 @@ import numpy as np
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.models import resolve_model
+from evomerge.search.executor import LocalExecutor
 from evomerge.search.fitness import endpoint_refs
-from evomerge.search.inputs import (TaskPair, check_devices, check_tasks_fit_fitness, dataflow_space, load_tasks,
-                                    resolve_model)
+from evomerge.search.inputs import TaskPair, check_devices, check_tasks_fit_fitness, dataflow_space, load_tasks
 from evomerge.search.rundir import RunDir
 
 
@@ -39,8 +40,6 @@ class SearchContext:
         """Answer ``jobs`` (:mod:`evomerge.search.executor`) on the run's executor; each result
         reaches ``on_result`` as it arrives, and all come back in job order."""
         if self.executor is None:
-            from evomerge.search.executor import LocalExecutor
-
             self.executor = LocalExecutor()
         return self.executor.map(self, list(jobs), on_result)
 
@@ -119,8 +118,8 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
 
     hf_logging.disable_progress_bar()  # one bar per model load would drown the progress lines
     check_devices(cfg.evaluator)
-    base = resolve_model(cfg.models.base)
-    endpoints = {ref: resolve_model(ref) for ref in cfg.models.endpoints}
+    base = resolve_model(cfg.models.base, what="models.base")
+    endpoints = {ref: resolve_model(ref, what=f"models.endpoints[{i}]") for i, ref in enumerate(cfg.models.endpoints)}
     tasks = load_tasks(cfg)
     for line in check_tasks_fit_fitness(cfg, tasks):
         log(line)

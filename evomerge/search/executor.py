@@ -17,6 +17,8 @@ are also returned in job order, so the driver tells the optimizer in member orde
   in this process, on the driver's evaluator — the behaviour of a run before executors.
 - :class:`evomerge.search.ray_pool.RayExecutor` (``executor.kind: ray``): a pool of Ray
   workers, each an actor with its own resident evaluator.
+
+The run picks one with :func:`evomerge.search.loop.make_executor`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
+
+from evomerge.search.fitness import bits, evaluate_candidate, sharpen
 
 EVALUATE, SHARPEN, CALIBRATE, HELDOUT = "evaluate", "sharpen", "calibrate", "heldout"
 
@@ -60,8 +64,6 @@ def heldout_job(name: str, kind: str, what) -> Job:
 
 def run_job(ctx, job: Job) -> dict:
     """Answer ``job`` with ``ctx``'s evaluator (here or in a worker)."""
-    from evomerge.search.fitness import bits, evaluate_candidate, sharpen
-
     a = job.args
     if job.kind == EVALUATE:
         return evaluate_candidate(ctx, np.asarray(a["genome"]), a["generation"], a["member"], a["index"])
@@ -134,15 +136,6 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
-
-
-def make_executor(cfg, log=print):
-    """The executor ``cfg.executor`` asks for."""
-    if cfg.executor.kind == "ray":
-        from evomerge.search.ray_pool import RayExecutor
-
-        return RayExecutor(cfg, log=log)
-    return LocalExecutor()
 
 
 def utilisation(before: dict, after: dict, wall_s: float) -> str:

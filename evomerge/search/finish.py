@@ -11,10 +11,14 @@ import numpy as np
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.search.context import SearchContext, _resolve_recipe
+from evomerge.search.baselines import baseline_recipes
+from evomerge.search.context import _resolve_recipe, SearchContext
+from evomerge.search.executor import heldout_job
 from evomerge.search.fitness import endpoint_refs
+from evomerge.search.generations import run_generations
 from evomerge.search.inputs import dataflow_space
-from evomerge.search.rundir import RunDir, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from evomerge.search.rundir import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, RunDir
+from evomerge.search.selection import choose_finalists
 
 
 def run_heldout(ctx: SearchContext, records: list[dict], reference: list[dict] | None = None
@@ -23,8 +27,6 @@ def run_heldout(ctx: SearchContext, records: list[dict], reference: list[dict] |
 
     ``reference``: rows already measured (the PS stage's, for the dataflow stage); the
     endpoints are then not evaluated again."""
-    from evomerge.search.baselines import baseline_recipes
-
     rd, cfg = ctx.rd, ctx.cfg
     done = {r["name"]: r for r in read_jsonl(rd.heldout)}
     jobs: list[tuple[str, str, object]] = []  # (name, kind, what)
@@ -33,10 +35,8 @@ def run_heldout(ctx: SearchContext, records: list[dict], reference: list[dict] |
         if cfg.final.baselines and getattr(ctx.space, "kind", "parameter") != "dataflow":
             jobs += [(name, "baseline", recipe) for name, recipe in baseline_recipes(
                 ctx.base_path, list(ctx.endpoint_paths.values()), cfg.evaluator.dtype, cfg.models.tokenizer_source)]
-    from evomerge.search.selection import choose_finalists
 
     jobs += [(f"candidate-{r['index']}", "candidate", r) for r in choose_finalists(ctx, records)]
-    from evomerge.search.executor import heldout_job
 
     def arrived(job, res) -> None:  # the driver writes each line as it arrives
         name, kind, what = job.key, job.args["kind"], job.args["what"]
@@ -135,7 +135,6 @@ def run_dataflow_stage(ctx: SearchContext, ps_heldout: list[dict], ps_best: dict
     """PS+DFS: a data-flow search whose model A is the parameter-space stage's best model."""
     import dataclasses
 
-    from evomerge.search.generations import run_generations
 
     cfg, rd = ctx.cfg, ctx.rd
     df = cfg.search_space.dataflow

@@ -17,8 +17,11 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.search.context import SearchContext
+from evomerge.search.convergence import ConvergenceMonitor
 from evomerge.search.executor import evaluate_job, utilisation
 from evomerge.search.fitness import scalar_fitness
+from evomerge.search.optimizers import make_optimizer
+from evomerge.search.racing import RACE, line_key, plan_racing, race_generation, start
 from evomerge.search.rundir import append_jsonl, read_jsonl
 
 
@@ -27,10 +30,6 @@ def run_generations(ctx: SearchContext, generations: int | None = None,
     """Ask/evaluate/race/tell for ``optimizer.generations`` (fewer where the search converged
     and ``on_converge: stop``), replaying logged evaluations and racing stages first. Returns
     every candidate's record with its racing stages applied."""
-    from evomerge.search.convergence import ConvergenceMonitor
-    from evomerge.search.optimizers import make_optimizer
-    from evomerge.search.racing import RACE, line_key, plan_racing, race_generation, start
-
     cfg, rd = ctx.cfg, ctx.rd
     n_obj = len(ctx.tasks) if cfg.fitness.aggregate == "per_task" else 1
     opt_cfg = cfg.optimizer.model_copy(update={

@@ -1,5 +1,5 @@
-"""Stage 1, inputs: the models (one resolver for merge and search), the tasks, the devices, and
-the checks that need them (before a run directory exists)."""
+"""Stage 1, inputs: the tasks, the devices, and the checks that need them (before a run directory
+exists). Models are resolved by :func:`evomerge.models.resolve_model`, as for merge and eval."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.models import demo_zoo
 from evomerge.search.fitness import endpoint_refs
+from evomerge.search.spaces import DataflowGenomeSpace
 
 
 @dataclass
@@ -16,39 +18,6 @@ class TaskPair:
     name: str
     search: object   # evomerge.tasks.Task
     heldout: object  # evomerge.tasks.Task
-
-
-_ZOOS: dict = {}
-
-
-def _zoo():
-    """The embedded zoo (built on first use, cached on disk; looked up once per process)."""
-    from evomerge.zoo import build_zoo, default_root
-
-    root = str(default_root())
-    if root not in _ZOOS:
-        _ZOOS[root] = build_zoo(verbose=True)
-    return _ZOOS[root]
-
-
-def resolve_model(ref: str) -> Path:
-    """A model reference -> a local checkpoint folder (zoo:NAME, a folder, or a hub id)."""
-    if ref.startswith("zoo:"):
-        return Path(_zoo().model(ref[4:]))
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists() or ref.startswith((".", "/", "~")):
-        raise EvomergeError(f"models: {ref!r} is not a model folder (expected config.json and "
-                            "safetensors inside)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
-                                                           "*.model", "*.txt"]))
-    except Exception as exc:  # offline, unknown id, gated...
-        raise EvomergeError(f"models: {ref!r} is neither a local folder nor a downloadable hub "
-                            f"model ({type(exc).__name__}: {exc})") from None
 
 
 def load_tasks(cfg: RunConfig) -> dict[str, TaskPair]:
@@ -63,7 +32,7 @@ def load_tasks(cfg: RunConfig) -> dict[str, TaskPair]:
             search, heldout = load_dataset_task(name, tc.source)
         else:
             if tc.zoo is not None:
-                zoo = _zoo()
+                zoo = demo_zoo()
                 if tc.zoo not in zoo.task_names:
                     raise EvomergeError(f"tasks: zoo task {tc.zoo!r} unknown; the zoo has "
                                         + ", ".join(zoo.task_names))
@@ -177,7 +146,5 @@ def _check_given_banks(cfg: RunConfig) -> None:
 
 
 def dataflow_space(cfg: RunConfig, model_a: Path, model_b: Path):
-    from evomerge.search.spaces import DataflowGenomeSpace
-
     return DataflowGenomeSpace(cfg.search_space.dataflow, model_a, model_b,
                                device=cfg.evaluator.device, dtype=cfg.evaluator.dtype)

@@ -7,14 +7,14 @@
 5. fitness       (:mod:`evomerge.search.fitness`)      answers -> estimates -> fitness (used by 3, 6, 7)
 6. generations   (:mod:`evomerge.search.generations`)  ask / evaluate / race / tell, replayed on resume
 7. finish        (:mod:`evomerge.search.finish`)       held-out, best recipe and checkpoint, data-flow stage
-8. report        (:mod:`evomerge.report`, :mod:`evomerge.search.summary`)
+8. summary       (:mod:`evomerge.search.summary`)       the held-out table in the log
+
+The report (:mod:`evomerge.report`) is written by the caller from the finished run directory
+(``evomerge search`` does, and ``evomerge report RUN_DIR`` redraws it).
 
 Jobs (a candidate to evaluate, a contender to sharpen, a calibration model, a held-out model)
 run on an executor (:mod:`evomerge.search.executor`: in this process, or on a pool of Ray
 workers); the driver — this process — is the only writer of the run's logs.
-
-The names below are kept importable from here (``run_search``, ``open_run_dir``,
-``check_run``, ``resolve_model``, ...) for existing callers.
 """
 
 from __future__ import annotations
@@ -22,18 +22,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from evomerge.config import RunConfig
-from evomerge.search.banks import describe_check, estimate_check, fit_banks  # noqa: F401
-from evomerge.search.calibration import calibration_population, run_calibration  # noqa: F401
-from evomerge.search.context import SearchContext, build_context  # noqa: F401
-from evomerge.search.executor import make_executor
-from evomerge.search.finish import run_dataflow_stage, run_heldout, write_best  # noqa: F401
-from evomerge.search.generations import run_generations  # noqa: F401
-from evomerge.search.inputs import (_check_given_banks, _zoo, check_tasks_fit_fitness, load_given_bank,  # noqa: F401
-                                    load_tasks, resolve_model)
-from evomerge.search.plan import check_run  # noqa: F401
-from evomerge.search.rundir import RunDir, new_run_dir, open_run_dir, target_run_dir  # noqa: F401
-from evomerge.search.selection import pareto_front  # noqa: F401
-from evomerge.search.summary import log_summary, summary_table  # noqa: F401
+from evomerge.search.banks import fit_banks
+from evomerge.search.calibration import run_calibration
+from evomerge.search.context import SearchContext, build_context
+from evomerge.search.executor import LocalExecutor
+from evomerge.search.finish import run_dataflow_stage, run_heldout, write_best
+from evomerge.search.generations import run_generations
+from evomerge.search.inputs import _check_given_banks
+from evomerge.search.rundir import RunDir, new_run_dir, open_run_dir, target_run_dir
+from evomerge.search.summary import log_summary
+
+__all__ = ["run_search", "make_executor"]
 
 
 def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None,
@@ -56,6 +55,15 @@ def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None
         return _run_stages(ctx, cfg, rd, log)
     finally:
         ctx.evaluator.close()
+
+
+def make_executor(cfg: RunConfig, log=print):
+    """The executor ``cfg.executor`` asks for: this process, or a pool of Ray workers."""
+    if cfg.executor.kind == "ray":
+        from evomerge.search.ray_pool import RayExecutor  # ray: an optional extra, imported when asked for
+
+        return RayExecutor(cfg, log=log)
+    return LocalExecutor()
 
 
 def _run_stages(ctx: SearchContext, cfg: RunConfig, rd: RunDir, log) -> RunDir:
@@ -83,10 +91,6 @@ def _pipeline(ctx: SearchContext, cfg: RunConfig, rd: RunDir, log) -> RunDir:
     stages = [(ctx, records, heldout, best, rd)]
     if two_stage:
         stages.append(run_dataflow_stage(ctx, heldout, best))
-    from evomerge.report import write_report
-
     rd.set_state(stage="done")
-    write_report(rd)
     log_summary(ctx, stages, log)
-    log(f"report: {rd.report}")
     return rd

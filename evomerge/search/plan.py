@@ -4,9 +4,12 @@ the run will answer), written nowhere."""
 from __future__ import annotations
 
 from evomerge.config import RunConfig
-from evomerge.search.context import SearchContext, build_context
+from evomerge.search.context import build_context, SearchContext
 from evomerge.search.inputs import _check_given_banks, check_tasks_fit_fitness
+from evomerge.search.optimizers import default_population
+from evomerge.search.racing import racing_stages
 from evomerge.search.rundir import RunDir, target_run_dir
+from evomerge.search.selection import final_stage
 
 
 def check_run(cfg: RunConfig, *, run_dir: str | None = None, log=print) -> list[str]:
@@ -23,8 +26,6 @@ def check_run(cfg: RunConfig, *, run_dir: str | None = None, log=print) -> list[
 
 
 def _plan_lines(cfg: RunConfig, ctx: SearchContext, target: RunDir, log) -> list[str]:
-    from evomerge.search.optimizers import default_population
-
     fit, ss, ev = cfg.fitness, cfg.search_space, cfg.evaluator
     n_search = {t: len(p.search.items) for t, p in ctx.tasks.items()}
     n_held = {t: len(p.heldout.items) for t, p in ctx.tasks.items()}
@@ -68,9 +69,6 @@ def _plan_lines(cfg: RunConfig, ctx: SearchContext, target: RunDir, log) -> list
 
 def _contest_plan(cfg: RunConfig) -> str:
     """One plan line: racing, the finalists' sharpening and the action on convergence."""
-    from evomerge.search.racing import racing_stages
-    from evomerge.search.selection import final_stage
-
     stages = racing_stages(cfg)
     margin = cfg.fitness.racing.margin
     race = (f"racing: contenders (within {'an automatic margin' if margin == 'auto' else margin} of the best) asked "

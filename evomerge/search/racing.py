@@ -28,7 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from evomerge.search.fitness import scalar_fitness
+from evomerge.search.executor import sharpen_job
+from evomerge.search.fitness import ADAPTIVE_ESTIMATORS, expected_error, scalar_fitness
 
 RACE, FINAL = "race", "final"
 DEFAULT_MARGIN = 0.02
@@ -48,8 +49,6 @@ class RacingPlan:
 def racing_stages(cfg) -> int:
     """Sharpening stages of a run: ``fitness.racing.stages``, or the default (2) where the
     estimator allows adaptively chosen items (pirt, mpirt), else 0."""
-    from evomerge.search.fitness import ADAPTIVE_ESTIMATORS
-
     fit = cfg.fitness
     if fit.estimator not in ADAPTIVE_ESTIMATORS:
         return 0
@@ -58,8 +57,6 @@ def racing_stages(cfg) -> int:
 
 def plan_racing(ctx) -> RacingPlan:
     """The run's :class:`RacingPlan`; the auto margin comes from the banks' estimate checks."""
-    from evomerge.search.fitness import expected_error
-
     stages = racing_stages(ctx.cfg)
     margin = ctx.cfg.fitness.racing.margin
     if margin == "auto":
@@ -114,8 +111,6 @@ def race_generation(ctx, plan: RacingPlan, generation: list[dict], incumbent: fl
     applied) stage by stage; returns the records as they end. ``incumbent``: the best fitness
     of earlier generations. ``logged``: racing lines already in the log, by :func:`line_key`
     (replayed instead of asked); ``append`` makes a new line durable."""
-    from evomerge.search.executor import sharpen_job
-
     recs = [start(r) for r in generation]
     for stage in range(1, plan.stages + 1):
         best = max([scalar_fitness(r) for r in recs] + ([incumbent] if incumbent is not None else []))

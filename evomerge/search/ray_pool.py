@@ -29,7 +29,10 @@ import os
 import time
 from collections import deque
 
+from evomerge.config import parse_config
 from evomerge.errors import EvomergeError
+from evomerge.search.context import build_context
+from evomerge.search.executor import run_job
 
 #: seconds between checks for hung jobs while waiting for results
 POLL_S = 0.5
@@ -42,9 +45,6 @@ class _Worker:
         os.environ.update(env)
         if cwd and os.path.isdir(cwd):
             os.chdir(cwd)  # relative task / model paths in the config resolve as on the driver
-        from evomerge.config import parse_config
-        from evomerge.search.context import build_context
-
         self.ctx = build_context(parse_config(cfg_dict), None, log=lambda *_: None)
 
     def pid(self) -> int:
@@ -56,8 +56,6 @@ class _Worker:
         return True
 
     def run(self, job) -> tuple[dict, float]:
-        from evomerge.search.executor import run_job
-
         if os.environ.get("EVOMERGE_FAULT_HANG") == job.kind:  # fault injection for the tests: a hung job
             time.sleep(3600)
         t0 = time.perf_counter()

@@ -30,8 +30,8 @@ from typing import Any, Iterator
 import yaml
 
 from evomerge.config import SAFE_ON_RESUME, RunConfig, diff_configs, parse_config
-from evomerge.errors import EvomergeError
-from evomerge.fsutil import fsync_dir, output_error
+from evomerge.errors import EvomergeError, yaml_error_message
+from evomerge.fsutil import check_output_target, fsync_dir, make_dirs, output_error, remove_dirs
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -158,8 +158,6 @@ class RunDir:
 def target_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
     """Where a new run goes; refuses a folder that already holds something, or one that cannot
     be created (a parent is a file, no write permission, read-only file system)."""
-    from evomerge.fsutil import check_output_target
-
     given = run_dir is not None
     if run_dir is None:
         run_dir = cfg.run_dir or f"populations/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -181,8 +179,6 @@ def target_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
 def new_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
     """Create the run directory and freeze the config in it (on an OS error, whatever it
     created is removed again)."""
-    from evomerge.fsutil import make_dirs, output_error, remove_dirs
-
     rd = target_run_dir(cfg, run_dir)
     created: list[Path] = []
     try:
@@ -210,7 +206,6 @@ def open_run_dir(run_dir: str | Path, new_cfg: RunConfig | None = None) -> tuple
     if not rd.exists():
         raise EvomergeError(f"{rd.root}: not a run directory (no config.yaml); start a run with "
                             "`evomerge search CONFIG`")
-    from evomerge.config import yaml_error_message
 
     try:
         frozen = yaml.safe_load(rd.config.read_text())

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from evomerge.search.fitness import scalar_fitness
+from evomerge.search.executor import sharpen_job
+from evomerge.search.fitness import ADAPTIVE_ESTIMATORS, expected_error, record_items, scalar_fitness
+from evomerge.search.racing import FINAL, advance, line_key, racing_stages
+from evomerge.search.rundir import append_jsonl, read_jsonl
 
 
 def top_candidates(records: list[dict], k: int) -> list[dict]:
@@ -62,9 +65,6 @@ def diverse_top(records: list[dict], k: int, min_distance: float) -> list[dict]:
 def final_stage(cfg) -> int | None:
     """The stage finalists are sharpened to (one beyond the last race), or None where the run
     cannot sharpen (``final.sharpen`` off, or an estimator that cannot use adaptive items)."""
-    from evomerge.search.fitness import ADAPTIVE_ESTIMATORS
-    from evomerge.search.racing import racing_stages
-
     if not cfg.final.sharpen or cfg.fitness.estimator not in ADAPTIVE_ESTIMATORS:
         return None
     return racing_stages(cfg) + 1
@@ -73,11 +73,6 @@ def final_stage(cfg) -> int | None:
 def choose_finalists(ctx, records: list[dict]) -> list[dict]:
     """The ``final.top_k`` candidates to re-evaluate on the held-out items (see the module
     docstring), best first, each with ``estimate_error``."""
-    from evomerge.search.executor import sharpen_job
-    from evomerge.search.fitness import expected_error, record_items
-    from evomerge.search.racing import FINAL, advance, line_key
-    from evomerge.search.rundir import append_jsonl, read_jsonl
-
     cfg, rd = ctx.cfg, ctx.rd
     k = cfg.final.top_k
     target = final_stage(cfg)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from evomerge.search.baselines import describe_gain, gain_over_baselines
 from evomerge.search.context import SearchContext
 
 
 def summary_table(ctx: SearchContext, heldout: list[dict]) -> str:
     """The held-out table (endpoints, default merges, best candidates) and the best candidate's
     gain over the best default merge."""
-    from evomerge.search.baselines import describe_gain, gain_over_baselines
-
     tasks = list(ctx.tasks)
     w = max([16] + [len(h["name"]) + 1 for h in heldout])
     head = (f"{'model':<{w}}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'average':>10}"

@@ -75,7 +75,7 @@ class Zoo:
             return self.base
         found = self.experts.get(name) or self.extra_models.get(name)
         if found is None:
-            raise EvomergeError(f"models: 'zoo:{name}' is not in the zoo; it has "
+            raise EvomergeError(f"'zoo:{name}' is not in the zoo; it has "
                                 + ", ".join(f"zoo:{n}" for n in ["base", *self.experts, *self.extra_models]))
         return found
 
