@@ -85,8 +85,8 @@ def main() -> None:
         items = f"{rows[0][k]['items']:,} + {rows[0][k]['calib_items']:,}"
         print(f"{label:<28}" + "".join(f"{v:>9.3f}" for v in vals) + f"{statistics.mean(vals):>8.3f}{items:>32}")
     gains = [r[1]["best"] - max(r[1]["baselines"].values()) for r in rows]
-    print(f"\nCMA-ES (IRT) over the best default merge: " + ", ".join(f"{g:+.3f}" for g in gains)
-          + f"; over random search: " + ", ".join(f"{r[1]['best'] - r[2]['best']:+.3f}" for r in rows))
+    print("\nCMA-ES (IRT) over the best default merge: " + ", ".join(f"{g:+.3f}" for g in gains)
+          + "; over random search: " + ", ".join(f"{r[1]['best'] - r[2]['best']:+.3f}" for r in rows))
 
 
 if __name__ == "__main__":
