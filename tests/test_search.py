@@ -296,10 +296,33 @@ def test_check_prints_the_plan_and_writes_nothing(zoo, reference_run, tmp_path, 
     assert "calibration: 8 models × 600 items = 4,800 answers" in out
     assert "population 4 × 3 generations = 12 candidates × 30 items = 360 answers" in out
     assert "held-out: (4 endpoints + 5 default merges + top 2 candidates) × 900 items = 9,900 answers" in out
+    assert "trial: the base and 3 endpoints answer the first 8 search items of each task" in out
+    assert "task upper: right of 8 — base 0, zoo:lang 0, zoo:cipher 0, zoo:upper 8" in out  # the experts know theirs
+    assert "extracted  'QDQX'" not in out and "reference 'QDQX'" in out                   # the base's answer, shown
+    assert "time (estimated from the trial): calibration ~" in out and "warning" not in out
     assert not (tmp_path / "run").exists()
     rd, _ = reference_run
     code, out, err = _cli(["search", "--resume", str(rd.root), "--check"], capsys)
     assert code != 0 and "--check is for a new run" in err
+
+
+def test_check_warns_of_a_task_no_model_answers_and_of_overlapping_splits(zoo, tmp_path, capsys):
+    """A task whose references no model can produce (a wrong extract mode, a wrong answer field...)
+    and a held-out file that copies the search file: `--check` says so, before anything is written."""
+    task = tmp_path / "mytask"
+    task.mkdir()
+    rows = (zoo.task_dir("upper") / "search.jsonl").read_text().splitlines()[:40]
+    broken = "".join(line.replace('"answer": "', '"answer": "#') + "\n" for line in rows)  # '#QDQX': never produced
+    (task / "search.jsonl").write_text(broken)
+    (task / "heldout.jsonl").write_text(broken)
+    cfg = write_config(tmp_path, tasks=[{"path": str(task), "name": "mytask"}])
+    code, out, err = _cli(["search", str(cfg), "--check", "--trial-items", "4"], capsys)
+    assert code == 0, err
+    assert "task mytask: right of 4 — base 0, zoo:lang 0, zoo:cipher 0, zoo:upper 0" in out
+    assert "reference '#" in out
+    assert "warning: task 'mytask': no model answered any of its first 4 search items right" in out
+    assert "warning: task 'mytask': 40 of 40 held-out items have the prompt of a search item (every one" in out
+    assert not (tmp_path / "run").exists()
 
 
 def test_more_generations_is_a_safe_resume_change(reference_run, tmp_path):

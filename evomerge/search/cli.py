@@ -21,7 +21,11 @@ def search(
     backend: Optional[str] = typer.Option(None, "--backend", help="override evaluator.backend: hf "
                                           "(transformers) or vllm"),
     check: bool = typer.Option(False, "--check", help="check the config, models, vocabularies, tasks and "
-                               "devices, print what the run would answer, and stop (writes nothing)"),
+                               "devices, try the prompts (the base and each endpoint answer a few search "
+                               "items, shown next to the references), print what the run would answer and "
+                               "how long it should take, and stop (writes nothing)"),
+    trial_items: int = typer.Option(8, "--trial-items", min=0, help="with --check: search items per task "
+                                    "each model answers in the trial (0: no trial)"),
 ) -> None:
     """Search a merge recipe by evolution, judging each candidate on a few IRT-chosen items."""
     from evomerge.config import demo_config_path, load_config
@@ -55,7 +59,7 @@ def search(
 
         if resume is not None:
             raise EvomergeError("--check is for a new run; a run directory is resumed with --resume alone")
-        check_run(cfg, run_dir=run_dir, log=_log)
+        check_run(cfg, run_dir=run_dir, log=_log, trial_items=trial_items)
         return
     from evomerge.report import write_report
 

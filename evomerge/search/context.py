@@ -14,7 +14,8 @@ from evomerge.errors import EvomergeError
 from evomerge.models import resolve_model
 from evomerge.search.executor import LocalExecutor
 from evomerge.search.fitness import endpoint_refs
-from evomerge.search.inputs import TaskPair, check_devices, check_tasks_fit_fitness, dataflow_space, load_tasks
+from evomerge.search.inputs import (TaskPair, check_devices, check_task_splits, check_tasks_fit_fitness, dataflow_space,
+                                    load_tasks)
 from evomerge.search.rundir import RunDir
 
 
@@ -121,7 +122,7 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
     base = resolve_model(cfg.models.base, what="models.base")
     endpoints = {ref: resolve_model(ref, what=f"models.endpoints[{i}]") for i, ref in enumerate(cfg.models.endpoints)}
     tasks = load_tasks(cfg)
-    for line in check_tasks_fit_fitness(cfg, tasks):
+    for line in check_tasks_fit_fitness(cfg, tasks) + check_task_splits(tasks):
         log(line)
     ss = cfg.search_space
     if ss.kind == "dataflow":

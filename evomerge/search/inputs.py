@@ -108,6 +108,21 @@ def check_tasks_fit_fitness(cfg: RunConfig, tasks: dict) -> list[str]:
     return notes
 
 
+def check_task_splits(tasks: dict) -> list[str]:
+    """One warning line per task whose held-out items repeat search items (the same prompt after
+    the template): the held-out score would not be independent of the search."""
+    notes = []
+    for name, pair in tasks.items():
+        seen = {pair.search.format_prompt(it) for it in pair.search.items}
+        same = [it.id for it in pair.heldout.items if pair.heldout.format_prompt(it) in seen]
+        if same:
+            every = " (every one: is heldout.jsonl a copy of search.jsonl?)" if len(same) == len(pair.heldout.items) else ""
+            notes.append(f"warning: task {name!r}: {len(same)} of {len(pair.heldout.items)} held-out items have the "
+                         f"prompt of a search item{every}, e.g. {same[0]!r}; the held-out score would not measure "
+                         "what the search did not see: keep the two splits apart")
+    return notes
+
+
 def load_given_bank(cfg: RunConfig, task: str, item_ids: list[str]):
     """The bank ``calibration.banks`` gives for ``task``, checked against the task's search items
     and (for mp-IRT) the endpoints; errors name the field and the file."""

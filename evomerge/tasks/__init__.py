@@ -287,6 +287,27 @@ class Task:
                                       items)
         return self.score(evaluator.generate(self.prompts(items), self.max_new_tokens), items)
 
+    def trace(self, evaluator, items: Sequence[Item]) -> list[dict]:
+        """What :meth:`answer` sees, item by item: the ``prompt`` given to the model, its
+        ``output`` (the generated text, or the best-scoring choice), the ``extracted`` answer, the
+        ``reference`` (extracted the same way; a choice's text) and whether it is ``correct``."""
+        items = list(items)
+        if not items:
+            return []
+        if items[0].kind == "choice":
+            scores = self.choice_scores(evaluator.loglikelihoods(self.choice_requests(items)), items)
+            out = []
+            for s, it in zip(scores, items):
+                best = int(np.argmax(s))
+                out.append({"prompt": self.format_prompt(it), "output": it.choices[best], "extracted": str(best),
+                            "reference": f"{it.answer} ({it.choices[it.answer]})", "correct": best == it.answer})
+            return out
+        outputs = evaluator.generate(self.prompts(items), self.max_new_tokens)
+        right = self.score(outputs, items)
+        return [{"prompt": self.format_prompt(it), "output": o, "extracted": extract_answer(o, self.extract),
+                 "reference": extract_answer(it.answer, self.extract), "correct": bool(r)}
+                for o, it, r in zip(outputs, items, right)]
+
     def score(self, outputs: Sequence[str], items: Sequence[Item] | None = None) -> np.ndarray:
         """0/1 per item (int8): does the extracted output equal the extracted answer?"""
         items = self.items if items is None else items
