@@ -1,7 +1,8 @@
 """``evomerge irt ...``: fit item banks, choose anchors, estimate accuracies (wraps :mod:`irt`).
 
 Response files (RESPONSES, ANSWERS, --endpoint-answers) are CSV / JSONL / npz as defined in
-:mod:`irt.io`. Banks are ``.safetensors`` files (:mod:`irt.bank`); anchors are JSON
+:mod:`irt.io`; RESPONSES may also be a search's run directory (its calibration answers to one
+task, ``--task``: :mod:`evomerge.search.responses`). Banks are ``.safetensors`` files (:mod:`irt.bank`); anchors are JSON
 (:class:`irt.anchors.Anchors`). Import-light: numpy / scipy / sklearn load inside the commands.
 """
 
@@ -43,25 +44,52 @@ def _csv_list(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
+RESPONSES_HELP = ("subjects × items answers: .csv / .jsonl / .npz (see irt.io), or a search's run directory "
+                  "(its calibration answers to --task)")
+
+
+def _read_responses(responses: Path, task: str | None):
+    """(Y, item ids, subject names, subgroups or None, the run's endpoints) from a response file or
+    a run directory (then ``task`` picks the task; subgroups and endpoints come from the run)."""
+    from evomerge.search.responses import is_run_dir
+
+    if is_run_dir(responses):
+        import contextlib
+        import sys
+
+        from evomerge.search.responses import run_responses
+
+        with contextlib.redirect_stdout(sys.stderr):  # a zoo task's folder: the zoo's lines, not the output
+            r = run_responses(responses, task)
+        return r.Y, r.item_ids, r.subject_names, r.subgroups, r.endpoints
+    if responses.is_dir():
+        raise EvomergeError(f"{responses}: a folder but not a run directory (no config.yaml); give a response "
+                            "file (.csv / .jsonl / .npz) or a search's run directory")
+    from irt.io import read_responses
+
+    Y, item_ids, names = read_responses(responses)
+    return Y, item_ids, names, None, []
+
+
 @app.command("fit")
 def fit_cmd(
-    responses: Path = typer.Argument(..., help="subjects × items answers: .csv / .jsonl / .npz (see irt.io)"),
+    responses: Path = typer.Argument(..., help=RESPONSES_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="item bank to write (.safetensors)"),
     dim: Optional[int] = typer.Option(None, "--dim", "-d", min=1, help="dimension d (default: chosen by validation)"),
     dims: str = typer.Option("1,2,3,5", "--dims", help="candidate dimensions when --dim is not given"),
     seed: int = typer.Option(0, "--seed"),
-    task: Optional[str] = typer.Option(None, "--task", help="task name stored in the bank"),
-    items: Optional[Path] = typer.Option(None, "--items", help="task items JSONL ({id, subgroup}) for subgroups"),
+    task: Optional[str] = typer.Option(None, "--task", help="task name stored in the bank (and, for a run "
+                                       "directory, the task whose answers to read)"),
+    items: Optional[Path] = typer.Option(None, "--items", help="task items JSONL ({id, subgroup}) for subgroups "
+                                         "(a run directory brings its items' subgroups)"),
 ) -> None:
     """Calibrate an item bank on a response matrix."""
     _check_out(out, {"RESPONSES": responses, "--items": items}, "bank.safetensors")
     with _user_errors():
         from irt import ItemBank
         from irt.errors import IRTError
-        from irt.io import read_responses
 
-        Y, item_ids, names = read_responses(responses)
-        subgroups = None
+        Y, item_ids, names, subgroups, _ = _read_responses(responses, task)
         if items is not None:
             groups = {}
             try:
@@ -102,7 +130,8 @@ def fit_cmd(
 def anchors_cmd(
     bank_path: Path = typer.Argument(..., metavar="BANK", help="item bank (.safetensors)"),
     n: int = typer.Option(20, "-n", "--n", min=1, help="number of anchor items"),
-    method: str = typer.Option("irt", "--method", "-m", help="random | correctness | irt | info"),
+    method: str = typer.Option("info", "--method", "-m", help="random | correctness | irt | info (default: info, "
+                               "as the search)"),
     seed: int = typer.Option(0, "--seed"),
     stratify: bool = typer.Option(False, "--stratify", help="split anchors over the items' subgroups"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write anchors JSON here (default: stdout)"),
@@ -131,7 +160,8 @@ def estimate_cmd(
     answers: Path = typer.Argument(..., help="answers of the subject(s) to estimate: .csv / .jsonl / .npz"),
     anchors: Optional[Path] = typer.Option(None, "--anchors", "-a",
                                            help="anchors JSON (default: every item in ANSWERS, uniform weights)"),
-    estimator: str = typer.Option("gpirt", "--estimator", "-e", help="mean | pirt | gpirt | mpirt | gmpirt"),
+    estimator: str = typer.Option("pirt", "--estimator", "-e", help="mean | pirt | gpirt | mpirt | gmpirt (default: "
+                                  "pirt; the search uses mpirt, which needs --endpoints)"),
     endpoints: Optional[str] = typer.Option(None, "--endpoints",
                                             help="comma-separated calibration subjects of the bank that are the endpoints"),
     endpoint_answers: Optional[Path] = typer.Option(None, "--endpoint-answers",
@@ -217,14 +247,17 @@ def next_cmd(
 
 @app.command("check")
 def check_cmd(
-    responses: Path = typer.Argument(..., help="subjects × items answers: .csv / .jsonl / .npz (see irt.io)"),
+    responses: Path = typer.Argument(..., help=RESPONSES_HELP),
+    task: Optional[str] = typer.Option(None, "--task", help="for a run directory: the task whose answers to check"),
     n: int = typer.Option(20, "-n", "--n", min=1, help="items each subject answers"),
-    estimator: str = typer.Option("pirt", "--estimator", "-e", help="mean | pirt | gpirt | mpirt | gmpirt"),
+    estimator: str = typer.Option("pirt", "--estimator", "-e", help="mean | pirt | gpirt | mpirt | gmpirt (default: "
+                                  "pirt; mpirt needs --endpoints, which a run directory brings)"),
     method: str = typer.Option("info", "--method", "-m", help="anchor selection: random | correctness | irt | info"),
     rounds: int = typer.Option(1, "--rounds", "-r", min=1, help="1 = fixed anchors; R > 1 = adaptive test in R "
                                                                    "rounds (pirt / mpirt)"),
     endpoints: Optional[str] = typer.Option(None, "--endpoints", help="comma-separated subject names mp-IRT "
-                                                                       "combines (kept in every training fold)"),
+                                                                       "combines (kept in every training fold; "
+                                                                       "default for a run directory: its endpoints)"),
     folds: int = typer.Option(4, "--folds", "-k", min=2, help="cross-fitting folds"),
     dim: Optional[int] = typer.Option(None, "--dim", "-d", help="bank dimension (default: chosen per fold)"),
     seed: int = typer.Option(0, "--seed"),
@@ -238,10 +271,13 @@ def check_cmd(
     """How accurate would N-item estimates be on this data? Cross-fits the whole procedure
     (bank, anchors or adaptive test, estimator) on the subjects of RESPONSES."""
     with _user_errors():
-        from irt.io import read_responses
         from irt.validate import cross_validate_estimates
 
-        Y, item_ids, names = read_responses(responses)
+        Y, item_ids, names, _, run_endpoints = _read_responses(responses, task)
+        endpoints = endpoints or ",".join(run_endpoints) or None
+        if estimator in ("mpirt", "gmpirt") and not endpoints and not auto:
+            raise EvomergeError(f"--estimator {estimator} combines the endpoints' abilities: name them with "
+                                "--endpoints NAME,... (subjects of RESPONSES), or use -e pirt")
         if n > len(item_ids):
             typer.echo(f"warning: -n {n} but {responses} holds {len(item_ids)} items; capped at "
                        f"{len(item_ids)}", err=True)
@@ -272,6 +308,40 @@ def check_cmd(
                    f"  mean absolute error {c.mae:.4f}, bias {c.bias:+.4f}\n"
                    f"  plain mean of {c.n} random items: {c.plain_mean_mae:.4f}\n"
                    f"  sd of the subjects' accuracies: {c.accuracy_sd:.4f}")
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="a search's run directory"),
+    task: Optional[str] = typer.Option(None, "--task", help="the task (may be omitted when the run has one)"),
+    out: Path = typer.Option(..., "--out", "-o", help="response file to write: .csv / .jsonl / .npz (see irt.io)"),
+    items: Optional[Path] = typer.Option(None, "--items", help="also write the items' ids and subgroups here "
+                                         "(JSONL, the --items format of `irt fit`)"),
+) -> None:
+    """Write a run's calibration answers to one task as a subjects × items response file."""
+    _check_out(out, {"RUN_DIR": run_dir}, "responses.csv")
+    if items is not None:
+        _check_out(items, {"RUN_DIR": run_dir, "--out": out}, "items.jsonl")
+    with _user_errors():
+        import contextlib
+        import sys
+
+        from evomerge.search.responses import run_responses
+        from irt.io import FORMATS, write_responses
+
+        if out.suffix.lower() not in FORMATS:
+            raise EvomergeError(f"--out {out}: give a file ending in {' / '.join(FORMATS)}")
+        with contextlib.redirect_stdout(sys.stderr):
+            r = run_responses(run_dir, task)
+        with atomic_output(out) as tmp:
+            typed = tmp.parent / (tmp.name + out.suffix)  # irt.io picks the format by the extension
+            write_responses(typed, r.Y, r.item_ids, r.subject_names)
+            typed.replace(tmp)
+        if items is not None:
+            write_text_atomic(items, "".join(json.dumps({"id": i, **({"subgroup": g} if r.subgroups else {})}) + "\n"
+                                             for i, g in zip(r.item_ids, r.subgroups or r.item_ids)))
+        typer.echo(f"wrote {out}: task {r.task}, {len(r.subject_names)} subjects × {len(r.item_ids)} items "
+                   f"(endpoints: {', '.join(r.endpoints)})" + (f"; items: {items}" if items is not None else ""))
 
 
 def register(root: typer.Typer) -> None:

@@ -89,4 +89,4 @@ def test_cli_check(tmp_path, capsys):
     code, out = run("-n", 10, "--dim", 2)
     assert code == 0 and "mean absolute error" in out.out and "info anchors" in out.out
     code, out = run("-e", "mpirt")
-    assert code == 2 and "needs endpoints" in out.err and "Traceback" not in out.err
+    assert code == 2 and "--endpoints" in out.err and "Traceback" not in out.err

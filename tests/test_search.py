@@ -325,6 +325,40 @@ def test_check_warns_of_a_task_no_model_answers_and_of_overlapping_splits(zoo, t
     assert not (tmp_path / "run").exists()
 
 
+def test_the_irt_commands_read_a_run_directory(reference_run, tmp_path, capsys):
+    """`irt export|check|fit RUN --task T`: the calibration answers of T as a response matrix
+    (bit i = search item i), its subgroups and endpoints; the run's own banks keep the subgroups."""
+    import irt
+    from irt.io import read_responses
+
+    rd, _ = reference_run
+    code, out, err = _cli(["irt", "export", str(rd.root), "--task", "lang", "--out", str(tmp_path / "m.csv"),
+                           "--items", str(tmp_path / "items.jsonl")], capsys)
+    assert code == 0, err
+    Y, ids, names = read_responses(tmp_path / "m.csv")
+    calib = read_jsonl(rd.calibration)
+    assert names == [r["name"] for r in calib] and Y.shape == (8, 200)
+    assert "".join(str(int(v)) for v in Y[names.index("zoo:lang")]) == calib[names.index("zoo:lang")]["answers"]["lang"]
+    assert ids[:2] == ["lang-0000", "lang-0001"]
+    assert json.loads((tmp_path / "items.jsonl").read_text().splitlines()[0])["subgroup"]
+    code, out, err = _cli(["irt", "check", str(rd.root), "--task", "cipher", "-n", "10", "-e", "mpirt", "--json"], capsys)
+    assert code == 0, err
+    check = json.loads(out)  # stdout is the JSON alone (the zoo's lines go to stderr)
+    assert check["estimator"] == "mpirt" and check["n_subjects"] == 5  # the 3 endpoints stay in training
+    code, out, err = _cli(["irt", "fit", str(rd.root), "--task", "upper", "--out", str(tmp_path / "b.safetensors")],
+                          capsys)
+    assert code == 0, err
+    for bank in (irt.ItemBank.load(tmp_path / "b.safetensors"), irt.ItemBank.load(rd.bank_path("upper"))):
+        assert bank.subgroups and len(set(bank.subgroups)) > 1
+        assert len(irt.select_anchors(bank, n=6, stratify=True)) == 6
+    code, out, err = _cli(["irt", "check", str(rd.root)], capsys)
+    assert code == 2 and "has 3 tasks (lang, cipher, upper); name one with --task" in err
+    code, out, err = _cli(["irt", "check", str(rd.root), "--task", "nope"], capsys)
+    assert code == 2 and "--task 'nope'" in err and "lang, cipher, upper" in err
+    code, out, err = _cli(["irt", "check", str(tmp_path / "m.csv"), "-e", "mpirt"], capsys)
+    assert code == 2 and "--endpoints" in err
+
+
 def test_more_generations_is_a_safe_resume_change(reference_run, tmp_path):
     import shutil
 

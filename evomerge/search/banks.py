@@ -42,8 +42,11 @@ def fit_banks(ctx: SearchContext) -> None:
                 else:
                     Y = np.stack([unbits(r["answers"][task]) for r in records]).astype(float)
                     t0 = time.perf_counter()
+                    groups = [it.subgroup for it in pair.search.items]  # kept in the bank (irt anchors --stratify)
                     bank = irt.ItemBank.fit(Y, item_ids=item_ids, subject_names=names,
-                                            dim=cfg.calibration.dim, seed=cfg.seed, task=task)
+                                            dim=cfg.calibration.dim, seed=cfg.seed, task=task,
+                                            subgroups=None if all(g is None for g in groups) else
+                                            [g or "" for g in groups])
                     ctx.log(f"  item bank {task}: d={bank.dim}, fitted in "
                             f"{time.perf_counter() - t0:.1f}s on {len(names)} models")
                     try:
