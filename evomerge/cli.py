@@ -120,12 +120,26 @@ def _report(exc: BaseException) -> int:
     return 1
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends a command as Ctrl-C does: cleanup runs, a search
+    says how to resume, exit status 130. Only where Python lets us (the main thread)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI, turning user errors into one clear line.
 
     Exit status: 0 success; 2 an input or usage error (one line, no traceback); 1 an internal
     error (a bug: one line asking to report it; the traceback only with EVOMERGE_DEBUG=1);
     130 interrupted."""
+    _sigterm_as_interrupt()
     try:
         rv = app(args=argv, prog_name="evomerge", standalone_mode=False)
     except SystemExit:

@@ -94,7 +94,13 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
         plt.close(fig)
         md += ["## Search", "", f"![fitness per generation]({prefix}fitness.png)", "",
                "| generation | best so far | mean |", "|---:|---:|---:|"]
-        md += [f"| {g} | {b:.4f} | {m:.4f} |" for g, b, m in zip(x, best_so_far, mean_gen)]
+        state = st.state()
+        done = state.get("generation")  # generations completed (told to the optimizer)
+        rows = [str(g) for g in x]
+        if state.get("stage") == "searching" and done is not None and gens[-1] >= done:
+            k = sum(1 for r in evals if r["generation"] == gens[-1])
+            rows[-1] += f" (in progress: {k} candidate{'s' if k != 1 else ''} so far)"
+        md += [f"| {g} | {b:.4f} | {m:.4f} |" for g, b, m in zip(rows, best_so_far, mean_gen)]
         md.append("")
         t_merge = np.mean([r["timings"]["merge_s"] for r in evals])
         t_eval = np.mean([r["timings"]["eval_s"] for r in evals])

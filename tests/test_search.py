@@ -1,6 +1,7 @@
 """`evomerge search` end to end on the zoo: the loop, the run directory, resume after SIGKILL."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def test_resume_after_sigkill_reaches_the_same_best(reference_run, tmp_path):
     _kill_when(p, lambda: _lines(run / "evaluations.jsonl") >= 6)
     n_before = _lines(run / "evaluations.jsonl")
     kept = read_jsonl(run / "evaluations.jsonl")
+    assert re.search(r"\| 2 \(in progress: [1-4] candidates? so far\) \|", write_report(run).read_text())
     # 3. "while writing": what a kill in the middle of an append leaves behind
     with open(run / "evaluations.jsonl", "a") as fh:
         fh.write('{"index": %d, "generation": 1, "genome": [0.1' % n_before)
@@ -202,6 +204,32 @@ def test_resume_after_sigkill_reaches_the_same_best(reference_run, tmp_path):
     a = json.loads((run / "best" / "recipe.json").read_text())
     b = json.loads((ref_rd.best / "recipe.json").read_text())
     assert a["genome"] == b["genome"] and a["heldout"] == b["heldout"]
+
+
+def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(zoo, tmp_path):
+    """SIGTERM mid-calibration: exit 130, the command to resume printed; resume then notes a torn
+    last line it cuts, and replayed generations say they are replayed."""
+    cfg = write_config(tmp_path, **{"optimizer.generations": 2})
+    run = tmp_path / "run"
+    p = _launch(["search", str(cfg)], REPO)
+    t0 = time.time()
+    while _lines(run / "calibration.jsonl") < 1:
+        assert p.poll() is None and time.time() - t0 < 240, "never reached calibration"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, out
+    assert f"evomerge search --resume {run}" in out and "Traceback" not in out
+    with open(run / "calibration.jsonl", "a") as fh:
+        fh.write('{"name": "sample-0')  # what a kill mid-append leaves
+    p = _launch(["search", "--resume", str(run), "--generations", "1"], REPO)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert "calibration.jsonl: dropped a partial last line" in out
+    p = _launch(["search", "--resume", str(run), "--generations", "2"], REPO)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert re.search(r"gen +1/2 .*\(replayed from the log\)", out) and "cand/min" in out
 
 
 def test_resume_refuses_a_changed_config(reference_run, tmp_path):

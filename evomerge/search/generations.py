@@ -85,7 +85,7 @@ def run_generations(ctx: SearchContext, generations: int | None = None,
         raced_now = sum(1 for r in gen_recs if r["stage"] > 0)
         ctx.log(f"gen {gen + 1:3d}/{n_gen}  best {best:.4f}  mean {np.mean(gen_fit):.4f}"
                 + (f"  raced {raced_now}" if plan and plan.stages else "")
-                + f"  {rate:6.1f} cand/min  left {_fmt_time(left)}"
+                + (f"  {rate:6.1f} cand/min  left {_fmt_time(left)}" if jobs else "  (replayed from the log)")
                 + (f"  [{utilisation(stats0, _stats(ctx), time.perf_counter() - t_gen)}]" if jobs else ""))
         rd.set_state(stage="searching", generation=gen + 1)
         reason = monitor.update(max(gen_fit), opt)

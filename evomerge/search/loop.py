@@ -41,6 +41,8 @@ def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None
     if resume is not None:
         rd, cfg = open_run_dir(resume, cfg)
         log(f"resuming {rd.root} (stage: {rd.state().get('stage')})")
+        for note in rd.repair():  # a kill mid-append leaves a partial last line
+            log(f"  {note}")
         ctx = build_context(cfg, rd, log=log)
     else:
         assert cfg is not None
@@ -52,7 +54,12 @@ def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None
         if resume is None:
             rd = ctx.rd = new_run_dir(cfg, str(target.root))
             log(f"run directory: {rd.root}")
-        return _run_stages(ctx, cfg, rd, log)
+        try:
+            return _run_stages(ctx, cfg, rd, log)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into one)
+            log(f"\ninterrupted: every result logged so far is kept; continue with\n"
+                f"  evomerge search --resume {rd.root}")
+            raise
     finally:
         ctx.evaluator.close()
 

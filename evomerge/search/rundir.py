@@ -94,11 +94,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def repair_jsonl(path: Path) -> None:
-    """Cut a partial last line (from a kill mid-append) so the next append starts clean."""
+def repair_jsonl(path: Path) -> int:
+    """Cut a partial last line (from a kill mid-append) so the next append starts clean; returns
+    the number of bytes cut (0: the file was whole)."""
     path = Path(path)
     if not path.exists():
-        return
+        return 0
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
@@ -106,6 +107,8 @@ def repair_jsonl(path: Path) -> None:
             fh.truncate(keep)
             fh.flush()
             os.fsync(fh.fileno())
+        return len(data) - keep
+    return 0
 
 
 class RunDir:
@@ -143,13 +146,19 @@ class RunDir:
     def iter_logs(self) -> Iterator[Path]:
         yield from (self.calibration, self.evaluations, self.racing, self.heldout)
 
-    def repair(self) -> None:
-        """Drop partial last lines and stray temp files left by a kill."""
+    def repair(self) -> list[str]:
+        """Drop partial last lines and stray temp files left by a kill; returns one note per log
+        whose torn last line was cut (that record is computed again)."""
+        notes = []
         for log in self.iter_logs():
-            repair_jsonl(log)
+            cut = repair_jsonl(log)
+            if cut:
+                notes.append(f"{log.name}: dropped a partial last line ({cut} bytes, written when the run was "
+                             "killed); that result is computed again")
         for tmp in self.root.rglob(".*.tmp-*"):
             if tmp.is_file():
                 tmp.unlink()
+        return notes
 
 
 # ----------------------------------------------------------------------------- a run's folder
@@ -201,7 +210,8 @@ def new_run_dir(cfg: RunConfig, run_dir: str | None = None) -> RunDir:
 
 
 def open_run_dir(run_dir: str | Path, new_cfg: RunConfig | None = None) -> tuple[RunDir, RunConfig]:
-    """Open a run for resume; refuse a changed config unless only safe fields changed."""
+    """Open a run for resume; refuse a changed config unless only safe fields changed. Its logs
+    are repaired by the resume itself (:meth:`RunDir.repair`)."""
     rd = RunDir(run_dir)
     if not rd.exists():
         raise EvomergeError(f"{rd.root}: not a run directory (no config.yaml); start a run with "
@@ -229,5 +239,4 @@ def open_run_dir(run_dir: str | Path, new_cfg: RunConfig | None = None) -> tuple
         if changed:
             cfg = new_cfg.model_copy(update={"run_dir": frozen.get("run_dir")})
             atomic_write_text(rd.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    rd.repair()
     return rd, cfg
