@@ -91,11 +91,11 @@ def chain(base_cfg: dict, seed: int, mode: str, points: list[int], out: Path, ba
         best = json.loads((run / "best" / "recipe.json").read_text())
         log = p.stdout
         rows.append({"seed": seed, "mode": mode, "generations": gens, "heldout": best["heldout_average"],
-                     "estimate": best["fitness"], "best_generation": best["generation"] + 1,
+                     "estimate": best["fitness"], "best_generation": best["generation"],
                      "items": answered(run, gens), "restarts": log.count("; restart "),
                      "stopped": "stopping the generations" in log, "wall_s": time.perf_counter() - t0})
         print(f"  seed {seed} {mode:>6} {gens:4d} gens: held-out {best['heldout_average']:.3f} "
-              f"(estimate {float(best['fitness']):.3f}, from generation {best['generation'] + 1}), "
+              f"(estimate {float(best['fitness']):.3f}, from generation {best['generation']}), "
               f"{rows[-1]['items']:,} items, {rows[-1]['wall_s']:.0f} s", flush=True)
     return rows
 

@@ -169,7 +169,7 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
     if best and "steps" in best["recipe"]:
         steps = best["recipe"]["steps"]
         md += ["## Best data-flow path", "",
-               f"Candidate {best['index']} (generation {best['generation'] + 1}), held-out "
+               f"Candidate {best['index']} (generation {best['generation']}), held-out "
                f"average {best['heldout_average']:.3f}; {len(steps)} layers. Files: "
                f"`{where}best/recipe.json`, `{where}best/model/` (scales folded into o_proj and "
                "down_proj; loads with AutoModelForCausalLM).", "",
@@ -179,7 +179,7 @@ def _stage(rd: RunDir, st: RunDir, prefix: str, plt) -> list[str]:
         md.append("")
     elif best:
         md += ["## Best recipe", "",
-               f"Candidate {best['index']} (generation {best['generation'] + 1}), held-out "
+               f"Candidate {best['index']} (generation {best['generation']}), held-out "
                f"average {best['heldout_average']:.3f}. Files: `{where}best/recipe.json`, "
                f"`{where}best/recipe.mergekit.yaml`, `{where}best/model/`.", "",
                "| gene | values (first layer → last layer) |", "|---|---|"]

@@ -65,7 +65,8 @@ def write_best(ctx: SearchContext, records: list[dict], heldout: list[dict]) -> 
     cands = [h for h in heldout if h["index"] is not None]
     best_h = max(cands, key=lambda h: (h["average"], -h["index"]))
     rec = next(r for r in records if r["index"] == best_h["index"])
-    summary = {"index": rec["index"], "generation": rec["generation"], "genome": rec["genome"],
+    # "generation" counted from 1, as the log and the report show it (evaluations.jsonl: from 0)
+    summary = {"index": rec["index"], "generation": rec["generation"] + 1, "genome": rec["genome"],
                "fitness": best_h.get("fitness", rec["fitness"]),
                "estimates": best_h.get("estimated") or rec["estimates"],
                "estimate_error": best_h.get("estimate_error"), "items": best_h.get("items", rec["items"]),

@@ -49,7 +49,7 @@ def log_summary(ctx: SearchContext, stages: list[tuple], log) -> None:
             log(f"== {title}")
         log(summary_table(sctx, sheld))
         items = sum(r["items"] for r in srecords)
-        log(f"\nbest: candidate {sbest['index']} (generation {sbest['generation'] + 1}), held-out "
+        log(f"\nbest: candidate {sbest['index']} (generation {sbest['generation']}), held-out "
             f"average {sbest['heldout_average']:.3f}; {len(srecords)} candidates, {items} items "
             "answered")
         log(f"recipe: {srd.best / 'recipe.json'}  model: {srd.best / 'model'}")
