@@ -398,6 +398,11 @@ def test_more_generations_is_a_safe_resume_change(reference_run, tmp_path):
     evals = read_jsonl(rd2.evaluations)
     assert len(evals) == 16
     assert [e["genome"] for e in evals[:12]] == [e["genome"] for e in read_jsonl(rd.evaluations)]
+    # the first finish's finalists stay in the running: more generations never lose the best it had
+    before, after = (json.loads((r.best / "recipe.json").read_text()) for r in (rd, rd2))
+    rows = [h for h in read_jsonl(rd2.heldout) if h["index"] is not None]
+    assert {h["name"] for h in read_jsonl(rd.heldout) if h["index"] is not None} <= {h["name"] for h in rows}
+    assert after["heldout_average"] == max(h["average"] for h in rows) >= before["heldout_average"]
 
 
 def ps_dfs_config(tmp_path, generations: int, **dataflow):

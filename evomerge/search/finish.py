@@ -26,7 +26,9 @@ def run_heldout(ctx: SearchContext, records: list[dict], reference: list[dict] |
     """True held-out accuracy of the endpoints and of the top candidates (resumable).
 
     ``reference``: rows already measured (the PS stage's, for the dataflow stage); the
-    endpoints are then not evaluated again."""
+    endpoints are then not evaluated again. Candidates measured by an earlier finish of this run
+    (before it was extended with more generations) come back too, marked ``earlier``: they stay in
+    the running for the best, so more generations never lose a model the run already had."""
     rd, cfg = ctx.rd, ctx.cfg
     done = {r["name"]: r for r in read_jsonl(rd.heldout)}
     jobs: list[tuple[str, str, object]] = []  # (name, kind, what)
@@ -53,7 +55,11 @@ def run_heldout(ctx: SearchContext, records: list[dict], reference: list[dict] |
 
     ctx.run_jobs([heldout_job(name, kind, what) for name, kind, what in jobs if name not in done], arrived)
     out = [dict(r, index=None, estimated=None) for r in (reference or [])]
-    return out + [done[name] for name, _, _ in jobs]
+    now = {name for name, _, _ in jobs}
+    known = {r["index"] for r in records}  # a run re-finished at fewer generations: only its own candidates
+    earlier = [dict(r, earlier=True) for name, r in done.items()
+               if r.get("index") is not None and r["index"] in known and name not in now]
+    return out + [done[name] for name, _, _ in jobs] + earlier
 
 
 def write_best(ctx: SearchContext, records: list[dict], heldout: list[dict]) -> dict:

@@ -13,14 +13,20 @@ def summary_table(ctx: SearchContext, heldout: list[dict]) -> str:
     """The held-out table (endpoints, default merges, best candidates) and the best candidate's
     gain over the best default merge."""
     tasks = list(ctx.tasks)
-    w = max([16] + [len(h["name"]) + 1 for h in heldout])
+    def name(h: dict) -> str:
+        return h["name"] + (" (earlier)" if h.get("earlier") else "")
+
+    w = max([16] + [len(name(h)) + 1 for h in heldout])
     head = (f"{'model':<{w}}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'average':>10}"
             + f"{'estimated (items)':>26}")
     lines = ["held-out accuracy (true, all held-out items); estimated: the search's fitness ± its "
              "expected error", head, "-" * len(head)]
     for h in heldout:
-        lines.append(f"{h['name']:<{w}}" + "".join(f"{h['accuracy'][t]:>11.3f}" for t in tasks)
+        lines.append(f"{name(h):<{w}}" + "".join(f"{h['accuracy'][t]:>11.3f}" for t in tasks)
                      + f"{h['average']:>10.3f}" + f"{_estimate_text(h):>26}")
+    if any(h.get("earlier") for h in heldout):
+        lines.append("(earlier): a finalist of an earlier finish of this run, before it was extended; still "
+                     "in the running for the best")
     gain = gain_over_baselines(heldout)
     if gain is not None:
         lines += ["", describe_gain(gain)]
