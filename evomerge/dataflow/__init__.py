@@ -98,17 +98,23 @@ from __future__ import annotations
 
 import copy as _copy
 import json
-import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Union
 
-import numpy as np
-
-from evomerge.errors import EvomergeError
+from evomerge.dataflow.path import (
+    MAX_CUM_SCALE,
+    MIN_CUM_SCALE,
+    PATH_FILE,
+    PATH_FORMAT,
+    DataflowError,
+    DataflowPath,
+    DataflowStep,
+    cumulative_scales,
+)
+from evomerge.dataflow.space import DataflowSpace
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -124,13 +130,12 @@ __all__ = [
     "cumulative_scales",
     "SUPPORTED_MODEL_TYPES",
     "PATH_FILE",
+    "PATH_FORMAT",
+    "MIN_CUM_SCALE",
+    "MAX_CUM_SCALE",
 ]
 
-PATH_FORMAT = "evomerge.dataflow/1"
-PATH_FILE = "dataflow_path.json"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-MIN_CUM_SCALE = 1e-18
-MAX_CUM_SCALE = 1e18
 
 # Config fields that must agree for a layer of B to run inside A's architecture.
 _COMPAT_FIELDS = (
@@ -159,391 +164,6 @@ _FOLDED_SUFFIXES = (
     "mlp.down_proj.weight",
     "mlp.down_proj.bias",
 )
-
-
-class DataflowError(EvomergeError):
-    """A dataflow path or its sources cannot be materialised (message says why and what to do)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Paths
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataflowStep:
-    """One decoder layer on the path: ``model`` 'A' or 'B', its ``layer`` index in that model,
-    and the ``scale`` applied to the residual stream right before it (must be > 0)."""
-
-    model: Literal["A", "B"]
-    layer: int
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.model not in ("A", "B"):
-            raise DataflowError(f"dataflow step: model must be 'A' or 'B', got {self.model!r}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, (int, np.integer)) or self.layer < 0:
-            raise DataflowError(f"dataflow step: layer must be an integer >= 0, got {self.layer!r}")
-        object.__setattr__(self, "layer", int(self.layer))
-        try:
-            s = float(self.scale)
-        except (TypeError, ValueError):
-            raise DataflowError(f"dataflow step {self.model}{self.layer}: scale must be a number, got {self.scale!r}") from None
-        if not math.isfinite(s) or s <= 0.0:
-            raise DataflowError(
-                f"dataflow step {self.model}{self.layer}: scale {self.scale!r} cannot be folded into the "
-                "weights (RMSNorm is invariant to positive scales only); use a scale > 0 "
-                "(DataflowSpace bounds scales to (lo, hi) with lo > 0)"
-            )
-        object.__setattr__(self, "scale", s)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "layer": self.layer, "scale": self.scale}
-
-
-class DataflowPath(Sequence[DataflowStep]):
-    """An ordered, non-empty list of :class:`DataflowStep`; JSON round trip via
-    :meth:`to_json` / :meth:`from_json` (``{"format": ..., "steps": [{model, layer, scale}]}``)."""
-
-    def __init__(self, steps: Iterable[DataflowStep | dict | tuple], meta: dict | None = None) -> None:
-        out: list[DataflowStep] = []
-        for i, st in enumerate(steps):
-            if isinstance(st, DataflowStep):
-                out.append(st)
-            elif isinstance(st, dict):
-                unknown = set(st) - {"model", "layer", "scale"}
-                if unknown or "model" not in st or "layer" not in st:
-                    raise DataflowError(
-                        f"dataflow path step {i}: expected keys model, layer[, scale], got {sorted(st)}"
-                    )
-                out.append(DataflowStep(st["model"], st["layer"], st.get("scale", 1.0)))
-            else:
-                out.append(DataflowStep(*st))
-        if not out:
-            raise DataflowError("dataflow path is empty: it must keep at least one decoder layer")
-        self._steps = tuple(out)
-        self.meta = dict(meta or {})
-
-    # Sequence protocol
-    def __len__(self) -> int:
-        return len(self._steps)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self._steps[i]
-
-    def __iter__(self) -> Iterator[DataflowStep]:
-        return iter(self._steps)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DataflowPath) and self._steps == other._steps
-
-    def __hash__(self) -> int:
-        return hash(self._steps)
-
-    def __repr__(self) -> str:
-        body = " ".join(
-            f"{s.model}{s.layer}" + ("" if s.scale == 1.0 else f"x{s.scale:.3g}") for s in self._steps
-        )
-        return f"DataflowPath[{len(self)}]({body})"
-
-    @property
-    def steps(self) -> tuple[DataflowStep, ...]:
-        return self._steps
-
-    @classmethod
-    def identity(cls, num_layers: int, model: Literal["A", "B"] = "A") -> "DataflowPath":
-        """The path through all layers of one model, in order, scales 1."""
-        return cls(DataflowStep(model, i, 1.0) for i in range(num_layers))
-
-    def cumulative_scales(self) -> list[float]:
-        return cumulative_scales(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"format": PATH_FORMAT, "steps": [s.to_dict() for s in self._steps]}
-        if self.meta:
-            d["meta"] = self.meta
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataflowPath":
-        if not isinstance(d, dict) or "steps" not in d:
-            raise DataflowError("dataflow path JSON: expected an object with a 'steps' list")
-        fmt = d.get("format", PATH_FORMAT)
-        if fmt != PATH_FORMAT:
-            raise DataflowError(f"dataflow path JSON: unknown format {fmt!r} (expected {PATH_FORMAT!r})")
-        return cls(d["steps"], meta=d.get("meta"))
-
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_json(cls, text: str) -> "DataflowPath":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataflowError(f"dataflow path JSON: not valid JSON ({e})") from None
-        return cls.from_dict(d)
-
-    def save(self, file: str | os.PathLike) -> None:
-        p = Path(file)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(self.to_json(indent=1) + "\n")
-        os.replace(tmp, p)
-
-    @classmethod
-    def load(cls, file: str | os.PathLike) -> "DataflowPath":
-        p = Path(file)
-        if p.is_dir():
-            p = p / PATH_FILE
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise DataflowError(f"{p}: cannot read dataflow path ({e})") from None
-        try:
-            return cls.from_json(text)
-        except DataflowError as e:
-            raise DataflowError(f"{p}: {e}") from None
-
-
-def cumulative_scales(path: DataflowPath) -> list[float]:
-    """``C_k = s_1 * ... * s_k`` for every step; raises if one leaves [1e-18, 1e18]."""
-    out, c = [], 1.0
-    for k, st in enumerate(path):
-        c *= st.scale
-        if not (MIN_CUM_SCALE <= c <= MAX_CUM_SCALE):
-            raise DataflowError(
-                f"dataflow path step {k} ({st.model}{st.layer}): cumulative input scale {c:.3g} is outside "
-                f"[{MIN_CUM_SCALE:g}, {MAX_CUM_SCALE:g}]; the scaled residual stream is not representable. "
-                "Narrow scale_bounds or shorten the path"
-            )
-        out.append(c)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The search space
-# --------------------------------------------------------------------------------------------
-
-
-class DataflowSpace:
-    """Genome <-> :class:`DataflowPath` for two models with ``layers_a`` and ``layers_b`` layers.
-
-    ``dim = T + n_scale_genes`` with ``T = (layers_a + layers_b) * repeats`` indicator genes and
-    ``M*M`` ("matrix"), ``M`` ("layer") or 0 ("none") scale genes. See the module docstring.
-    """
-
-    def __init__(
-        self,
-        layers_a: int,
-        layers_b: int,
-        repeats: int = 1,
-        scale_bounds: tuple[float, float] | None = (0.5, 2.0),
-        *,
-        scale_mode: Literal["matrix", "layer", "none"] = "matrix",
-        scale_mapping: Literal["log", "linear"] = "log",
-        empty: Literal["best", "error"] = "best",
-        max_layers: int | None = None,
-        init_margin: float = 0.25,
-    ) -> None:
-        for name, v, lo in (("layers_a", layers_a, 1), ("layers_b", layers_b, 0), ("repeats", repeats, 1)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise DataflowError(f"DataflowSpace: {name} must be an integer >= {lo}, got {v!r}")
-        if scale_mode not in ("matrix", "layer", "none"):
-            raise DataflowError(f"DataflowSpace: scale_mode must be matrix|layer|none, got {scale_mode!r}")
-        if scale_mapping not in ("log", "linear"):
-            raise DataflowError(f"DataflowSpace: scale_mapping must be log|linear, got {scale_mapping!r}")
-        if empty not in ("best", "error"):
-            raise DataflowError(f"DataflowSpace: empty must be best|error, got {empty!r}")
-        if max_layers is not None and (not isinstance(max_layers, (int, np.integer)) or max_layers < 1):
-            raise DataflowError(f"DataflowSpace: max_layers must be an integer >= 1 or None, got {max_layers!r}")
-        if not (0.0 < init_margin <= 0.5):
-            raise DataflowError(f"DataflowSpace: init_margin must be in (0, 0.5], got {init_margin!r}")
-        if scale_bounds is None:
-            scale_mode = "none"
-            scale_bounds = (1.0, 1.0)
-        lo, hi = (float(scale_bounds[0]), float(scale_bounds[1]))
-        if scale_mode != "none":
-            if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 < lo <= 1.0 <= hi and lo < hi):
-                raise DataflowError(
-                    f"DataflowSpace: scale_bounds must satisfy 0 < lo <= 1 <= hi, lo < hi; got {scale_bounds!r} "
-                    "(scales must stay positive to be foldable, and 1 must be reachable for the initial genome)"
-                )
-        self.layers_a = int(layers_a)
-        self.layers_b = int(layers_b)
-        self.repeats = int(repeats)
-        self.scale_bounds = (lo, hi)
-        self.scale_mode = scale_mode
-        self.scale_mapping = scale_mapping
-        self.empty = empty
-        self.max_layers = None if max_layers is None else int(max_layers)
-        self.init_margin = float(init_margin)
-
-    # sizes
-    @property
-    def num_layers(self) -> int:
-        """M = layers_a + layers_b."""
-        return self.layers_a + self.layers_b
-
-    @property
-    def num_slots(self) -> int:
-        """T = M * repeats."""
-        return self.num_layers * self.repeats
-
-    @property
-    def num_scale_genes(self) -> int:
-        M = self.num_layers
-        return {"matrix": M * M, "layer": M, "none": 0}[self.scale_mode]
-
-    @property
-    def dim(self) -> int:
-        return self.num_slots + self.num_scale_genes
-
-    def slot_layer(self, slot: int) -> tuple[str, int, int]:
-        """(model, layer index in that model, global layer index m in 0..M-1) of a slot."""
-        m = slot % self.num_layers
-        return ("A", m, m) if m < self.layers_a else ("B", m - self.layers_a, m)
-
-    def _global(self, step: DataflowStep) -> int:
-        return step.layer if step.model == "A" else self.layers_a + step.layer
-
-    # scale mapping
-    def _gene_to_scale(self, u: np.ndarray) -> np.ndarray:
-        lo, hi = self.scale_bounds
-        u = np.clip(u, 0.0, 1.0)
-        if self.scale_mapping == "log":
-            return np.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
-        return lo + u * (hi - lo)
-
-    def _scale_to_gene(self, s: float) -> float:
-        lo, hi = self.scale_bounds
-        if not (lo * (1 - 1e-9) <= s <= hi * (1 + 1e-9)):
-            raise DataflowError(f"DataflowSpace.encode: scale {s:g} is outside scale_bounds {self.scale_bounds}")
-        if self.scale_mapping == "log":
-            u = (math.log(s) - math.log(lo)) / (math.log(hi) - math.log(lo))
-        else:
-            u = (s - lo) / (hi - lo)
-        return float(min(1.0, max(0.0, u)))
-
-    def scale_matrix(self, x: np.ndarray) -> np.ndarray:
-        """The M x M matrix W decoded from a genome (all ones for scale_mode='none')."""
-        x = self._check(x)
-        M = self.num_layers
-        g = x[self.num_slots:]
-        if self.scale_mode == "matrix":
-            return self._gene_to_scale(g).reshape(M, M)
-        if self.scale_mode == "layer":
-            return np.broadcast_to(self._gene_to_scale(g)[None, :], (M, M)).copy()
-        return np.ones((M, M))
-
-    def _check(self, x: Any) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64).reshape(-1)
-        if x.shape[0] != self.dim:
-            raise DataflowError(f"DataflowSpace: genome has {x.shape[0]} genes, this space has dim={self.dim}")
-        if not np.all(np.isfinite(x)):
-            raise DataflowError("DataflowSpace: genome contains NaN or inf")
-        return x
-
-    # genome <-> path
-    def kept_slots(self, x: np.ndarray) -> list[int]:
-        """Slots on the path, in order, after the empty / max_layers rules."""
-        x = self._check(x)
-        ind = np.clip(x[: self.num_slots], 0.0, 1.0)
-        kept = [int(t) for t in np.flatnonzero(ind > 0.5)]
-        if not kept:
-            if self.empty == "error":
-                raise DataflowError("DataflowSpace: genome keeps no slot (every indicator <= 0.5): empty path")
-            kept = [int(np.argmax(ind))]  # first maximal slot
-        if self.max_layers is not None and len(kept) > self.max_layers:
-            order = sorted(kept, key=lambda t: (-ind[t], t))[: self.max_layers]
-            kept = sorted(order)
-        return kept
-
-    def decode(self, x: np.ndarray) -> DataflowPath:
-        x = self._check(x)
-        W = self.scale_matrix(x)
-        steps, prev = [], None
-        for t in self.kept_slots(x):
-            model, layer, m = self.slot_layer(t)
-            s = 1.0 if prev is None else float(W[prev, m])
-            if abs(s - 1.0) < 1e-12:  # the identity gene decodes to exactly 1 (bit-exact folding)
-                s = 1.0
-            steps.append(DataflowStep(model, layer, s))  # type: ignore[arg-type]
-            prev = m
-        return DataflowPath(steps)
-
-    def initial_genome(self) -> np.ndarray:
-        """A's layers of the first repeat kept, everything else dropped, all scales 1."""
-        x = np.full(self.dim, 0.5 - self.init_margin)
-        x[: self.layers_a] = 0.5 + self.init_margin
-        if self.num_scale_genes:
-            x[self.num_slots:] = self._scale_to_gene(1.0)
-        return x
-
-    def encode(self, path: DataflowPath) -> np.ndarray:
-        """A genome that decodes to ``path`` (scales up to float rounding); raises when the path
-        does not fit the slots (more than ``repeats`` passes) or its scales conflict with W."""
-        x = self.initial_genome()
-        x[: self.num_slots] = 0.5 - self.init_margin
-        M, T = self.num_layers, self.num_slots
-        t, prev = -1, None
-        want: dict[int, float] = {}
-        for k, st in enumerate(path):
-            if (st.model == "A" and st.layer >= self.layers_a) or (st.model == "B" and st.layer >= self.layers_b):
-                raise DataflowError(f"DataflowSpace.encode: step {k} {st.model}{st.layer} is out of range")
-            m = self._global(st)
-            t = t + 1 + ((m - (t + 1)) % M)  # next slot (strictly after t) holding layer m
-            if t >= T:
-                raise DataflowError(
-                    f"DataflowSpace.encode: path needs more than repeats={self.repeats} passes over the layers"
-                )
-            x[t] = 0.5 + self.init_margin
-            if prev is None:
-                if abs(st.scale - 1.0) > 1e-9:
-                    raise DataflowError("DataflowSpace.encode: the first step's scale is always 1")
-            else:
-                idx = {"matrix": prev * M + m, "layer": m, "none": -1}[self.scale_mode]
-                if idx < 0:
-                    if abs(st.scale - 1.0) > 1e-9:
-                        raise DataflowError("DataflowSpace.encode: scale_mode='none' has only scale 1")
-                elif idx in want and abs(want[idx] - st.scale) > 1e-9 * max(1.0, st.scale):
-                    raise DataflowError(
-                        f"DataflowSpace.encode: step {k} needs scale {st.scale:g} but the same gene already "
-                        f"holds {want[idx]:g}"
-                    )
-                elif idx >= 0:
-                    want[idx] = st.scale
-                    x[T + idx] = self._scale_to_gene(st.scale)
-            prev = m
-        if self.max_layers is not None and len(path) > self.max_layers:
-            raise DataflowError(f"DataflowSpace.encode: path has {len(path)} steps > max_layers={self.max_layers}")
-        return x
-
-    def labels(self) -> list[str]:
-        """One name per gene: ``I[r<repeat>:A3]`` indicators, then ``W[A2->B1]`` (matrix) or
-        ``W[->B1]`` (layer) scales -- same role as ``ParameterSpace.labels``."""
-        def nm(m: int) -> str:
-            return f"A{m}" if m < self.layers_a else f"B{m - self.layers_a}"
-
-        M = self.num_layers
-        out = [f"I[r{t // M}:{nm(t % M)}]" for t in range(self.num_slots)]
-        if self.scale_mode == "matrix":
-            out += [f"W[{nm(i)}->{nm(j)}]" for i in range(M) for j in range(M)]
-        elif self.scale_mode == "layer":
-            out += [f"W[->{nm(j)}]" for j in range(M)]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "layers_a": self.layers_a,
-            "layers_b": self.layers_b,
-            "repeats": self.repeats,
-            "scale_bounds": list(self.scale_bounds),
-            "scale_mode": self.scale_mode,
-            "scale_mapping": self.scale_mapping,
-            "empty": self.empty,
-            "max_layers": self.max_layers,
-            "init_margin": self.init_margin,
-        }
 
 
 # --------------------------------------------------------------------------------------------
