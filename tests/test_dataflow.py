@@ -222,6 +222,22 @@ def test_checkpoint_with_repeated_and_b_layers_loads_from_disk(models, tmp_path)
     assert torch.equal(_logits(l2), on_disk)
 
 
+def test_written_checkpoint_does_not_depend_on_the_sources_header_order(models, tmp_path):
+    """Sources whose safetensors headers list the tensors in another order write the same bytes:
+    the output follows the sources' names (by shard file, then name), not their header order."""
+    from evomerge.checkpoint import write_checkpoint
+
+    src = {}
+    for key in ("a", "b"):
+        cfg = json.loads((models[f"{key}_dir"] / "config.json").read_text())
+        items = sorted(models[key].state_dict().items(), key=lambda kv: kv[0], reverse=True)
+        src[key] = write_checkpoint(tmp_path / key, items, cfg)
+    path = DataflowPath([("A", 0), ("B", 1, 1.5), ("A", 2, 0.5), ("B", 0)])
+    out = write_dataflow_checkpoint(path, src["a"], src["b"], tmp_path / "out")
+    ref = write_dataflow_checkpoint(path, models["a_dir"], models["b_dir"], tmp_path / "ref")
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+
+
 def test_candidates_share_unscaled_tensors_and_leave_sources_intact(models):
     a = models["a"]
     before = {k: v.clone() for k, v in a.state_dict().items()}
