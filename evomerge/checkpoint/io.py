@@ -225,6 +225,10 @@ class CheckpointReader:
     def dtype(self, name: str) -> torch.dtype:
         return self._info(name)[1]
 
+    def file_of(self, name: str) -> str:
+        """The file in the folder that holds the tensor (its shard)."""
+        return self._info(name)[0]
+
     def nbytes(self, name: str) -> int:
         fn, dt, shape = self._info(name)
         n = 1

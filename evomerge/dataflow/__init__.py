@@ -9,8 +9,9 @@ final norm, lm_head and tokenizer come from A. The package, by job:
   its JSON form ``dataflow_path.json``), :func:`cumulative_scales`, :class:`DataflowError`.
 * :mod:`~evomerge.dataflow.space` -- :class:`DataflowSpace`: genome in ``[0, 1]^dim`` (an
   indicator per layer slot, a scale matrix ``W``) <-> path; the encoding is described there.
-* :mod:`~evomerge.dataflow.sources` -- the two source models (HF folders or live
-  ``transformers`` models) and the checks that their layers are interchangeable.
+* :mod:`~evomerge.dataflow.sources` -- the two source models (folders read with
+  :class:`evomerge.checkpoint.CheckpointReader`, or live ``transformers`` models) and the
+  checks that their layers are interchangeable.
 * :mod:`~evomerge.dataflow.fold` -- folding the input scales into each block's ``o_proj`` /
   ``down_proj`` (exact for pre-norm RMSNorm blocks up to the norm's eps: derivation and
   measured tolerances there) and the folded model's tensors, one at a time.

@@ -1,5 +1,5 @@
 """The two source models of a data-flow path: config, tensor names and tensors, from a HF
-folder (safetensors, read lazily) or from a live
+folder (read with :class:`evomerge.checkpoint.CheckpointReader`) or from a live
 ``transformers`` model (A may be a PS-merged model: PS+DFS); the checks that their layers are
 interchangeable.
 
@@ -8,7 +8,10 @@ residual stream only through their norms, which is what folding input scales nee
 :mod:`evomerge.dataflow.fold`). Anything else, and sources whose layers are not
 interchangeable (hidden size, heads, rope, eps, activation, ... differ), are refused with
 :class:`~evomerge.dataflow.path.DataflowError`. Folders must hold safetensors weights
-(``model.safetensors`` or ``model.safetensors.index.json``).
+(``model.safetensors`` or ``model.safetensors.index.json``; no pickle, no unindexed shards); a
+folder the reader refuses (an index naming a missing shard or tensor, a dtype it does not know
+such as float8) is refused when it is opened, with the reader's message. A sharded folder's
+tensors are those its index lists.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from evomerge.dataflow.path import DataflowError
+from evomerge.errors import EvomergeError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -54,49 +58,19 @@ LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 """A decoder layer's tensor: group 1 the layer index, group 2 the name inside the layer."""
 
 
-class _DirTensors:
-    """Lazy safetensors reader for one HF folder (single file or sharded)."""
+def _open_folder(path: Path):
+    """The checkpoint reader of a folder and its tensor names, ordered by shard file, then by
+    name: the order of the tensors in a written checkpoint (not the order of the headers)."""
+    from evomerge.checkpoint.io import SAFE_INDEX, SAFE_SINGLE, CheckpointReader
 
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        self.path = path
-        idx = path / "model.safetensors.index.json"
-        single = path / "model.safetensors"
-        if idx.exists():
-            wm = json.loads(idx.read_text())["weight_map"]
-            files = sorted(set(wm.values()))
-        elif single.exists():
-            files = ["model.safetensors"]
-            wm = None
-        else:
-            raise DataflowError(f"{path}: no model.safetensors or model.safetensors.index.json (safetensors only)")
-        self._handles = {f: safe_open(str(path / f), framework="pt") for f in files}
-        self._where: dict[str, str] = {}
-        for f, h in self._handles.items():
-            for k in h.keys():
-                self._where[k] = f
-        if wm is not None:
-            missing = set(wm) - set(self._where)
-            if missing:
-                raise DataflowError(f"{path}: index names tensors missing from the shards, e.g. {sorted(missing)[:3]}")
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def get(self, name: str) -> "torch.Tensor":
-        return self._handles[self._where[name]].get_tensor(name)
-
-    def spec(self, name: str) -> tuple[tuple[int, ...], "torch.dtype"]:
-        import torch
-
-        sl = self._handles[self._where[name]].get_slice(name)
-        dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-        code = sl.get_dtype()
-        if code not in dt:
-            raise DataflowError(f"{self.path}: tensor {name} has unsupported dtype {code}")
-        return tuple(sl.get_shape()), dt[code]
+    if not (path / SAFE_INDEX).exists() and not (path / SAFE_SINGLE).exists():
+        raise DataflowError(f"{path}: no model.safetensors or model.safetensors.index.json (safetensors only)")
+    try:
+        reader = CheckpointReader(path)
+    except EvomergeError as e:
+        raise DataflowError(str(e)) from None
+    names = sorted(reader.tensor_names(), key=lambda n: (reader.file_of(n), n))
+    return reader, names
 
 
 class Source:
@@ -153,8 +127,7 @@ class Source:
         if not cfg.exists():
             raise DataflowError(f"model {self.label}: {path} has no config.json (expected a HF model folder)")
         self.config = json.loads(cfg.read_text())
-        self._reader = _DirTensors(path)
-        self._names = self._reader.names()
+        self._reader, self._names = _open_folder(path)
         if resident:
             self._sd = {k: self._reader.get(k) for k in self._names if not layers_only or LAYER_RE.match(k)}
 
@@ -171,7 +144,7 @@ class Source:
         if self._sd is not None:
             t = self._sd[name]
             return tuple(t.shape), t.dtype
-        return self._reader.spec(name)  # type: ignore[union-attr]
+        return self._reader.shape(name), self._reader.dtype(name)  # type: ignore[union-attr]
 
     def float_dtype(self) -> "torch.dtype | None":
         for n in self.names():
