@@ -82,7 +82,9 @@ class ProcedureChoice:
     ``rounds`` / ``dim`` and its cross-fitted ``mae``; ``table``: every candidate (dicts with
     ``estimator, anchor_method, rounds, dim, name, mae, bias``), best first; ``plain_mean_mae``:
     the plain mean of ``n`` random items on the same held-out subjects; ``default_mae``: the
-    cross-fitted error of ``default`` (the procedure used without the choice)."""
+    cross-fitted error of ``default`` (the procedure used without the choice); ``subjects`` /
+    ``errors``: the tested subjects and the chosen procedure's signed error on each;
+    ``accuracy_sd``: the spread of their accuracies (for scale)."""
 
     estimator: str
     anchor_method: str
@@ -96,6 +98,9 @@ class ProcedureChoice:
     default: str
     default_mae: float
     table: list[dict] = field(default_factory=list)
+    subjects: list[str] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)
+    accuracy_sd: float = float("nan")
 
     @property
     def procedure(self) -> Procedure:
@@ -110,6 +115,18 @@ class ProcedureChoice:
         d = asdict(self)
         d["name"] = self.name
         return d
+
+    def estimate_check(self):
+        """The chosen procedure's cross-fitted error as an :class:`irt.validate.EstimateCheck`
+        (the same numbers as the choice; the smallest of the candidates' errors, so slightly
+        optimistic)."""
+        from irt.validate import EstimateCheck
+
+        return EstimateCheck(n=self.n, estimator=self.estimator, anchor_method=self.anchor_method,
+                             rounds=int(self.rounds), folds=self.folds, n_subjects=self.n_subjects,
+                             mae=self.mae, bias=float(np.mean(self.errors)) if self.errors else float("nan"),
+                             accuracy_sd=self.accuracy_sd, plain_mean_mae=self.plain_mean_mae,
+                             subjects=list(self.subjects), errors=list(self.errors))
 
 
 def _as_procedure(o) -> Procedure:
@@ -224,7 +241,12 @@ def choose_procedure(Y, item_ids=None, subject_names=None, *, n: int = 20, optio
         best = kd
     p = opts[best]
     Yc = np.asarray(Y, dtype=np.float64)
+    names = list(subject_names) if subject_names is not None else [f"subject{m}" for m in range(Yc.shape[0])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        acc_sd = float(np.nanmean(Yc[tested], axis=1).std()) if len(tested) else float("nan")
     return ProcedureChoice(estimator=p.estimator, anchor_method=p.anchor_method, rounds=p.rounds, dim=p.dim,
                            mae=float(mae[best]), n=min(int(n), Yc.shape[1]), folds=min(int(folds), len(tested)),
                            n_subjects=len(tested), plain_mean_mae=float(np.mean(plain)), default=default.name,
-                           default_mae=float(mae[kd]), table=table)
+                           default_mae=float(mae[kd]), table=table, subjects=[names[m] for m in tested],
+                           errors=[float(e) for e in err[best]], accuracy_sd=acc_sd)

@@ -76,3 +76,20 @@ def test_cli_check_auto(tmp_path, capsys):
     assert d["default"] == "pirt/info" and len(d["table"]) >= 10
     assert d["mae"] <= d["default_mae"]
     assert d["name"] in {r["name"] for r in d["table"]}
+
+
+def test_choice_carries_the_chosen_procedures_check():
+    # the chosen procedure's per-subject errors equal a cross_validate_estimates of it on the
+    # same folds (same seed, same fixed dimension)
+    from irt import cross_validate_estimates
+
+    Y = _sim(M=24, N=60, seed=5)
+    ch = choose_procedure(Y, n=8, options=[("pirt", "info", 1, 1), ("pirt", "random", 1, 1)],
+                          default=("pirt", "info", 1, 1))
+    c = ch.estimate_check()
+    ref = cross_validate_estimates(Y, n=8, estimator=ch.estimator, anchor_method=ch.anchor_method, dim=1)
+    assert c.mae == pytest.approx(ref.mae, abs=1e-12) and c.bias == pytest.approx(ref.bias, abs=1e-12)
+    assert c.subjects == ref.subjects and c.errors == pytest.approx(ref.errors, abs=1e-12)
+    assert c.accuracy_sd == pytest.approx(ref.accuracy_sd, abs=1e-12)
+    assert c.n == 8 and c.folds == 4 and c.n_subjects == 24
+    json.dumps(ch.to_dict())

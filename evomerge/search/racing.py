@@ -47,11 +47,11 @@ class RacingPlan:
 
 def racing_stages(cfg) -> int:
     """Sharpening stages of a run: ``fitness.racing.stages``, or the default (2) where the
-    estimator allows adaptively chosen items (pirt, mpirt), else 0."""
-    from evomerge.search.fitness import ADAPTIVE_ESTIMATORS
+    estimator allows adaptively chosen items (pirt, mpirt, auto), else 0."""
+    from evomerge.search.fitness import can_sharpen
 
     fit = cfg.fitness
-    if fit.estimator not in ADAPTIVE_ESTIMATORS:
+    if not can_sharpen(cfg):
         return 0
     return 2 if fit.racing.stages is None else int(fit.racing.stages)
 

@@ -62,10 +62,10 @@ def diverse_top(records: list[dict], k: int, min_distance: float) -> list[dict]:
 def final_stage(cfg) -> int | None:
     """The stage finalists are sharpened to (one beyond the last race), or None where the run
     cannot sharpen (``final.sharpen`` off, or an estimator that cannot use adaptive items)."""
-    from evomerge.search.fitness import ADAPTIVE_ESTIMATORS
+    from evomerge.search.fitness import can_sharpen
     from evomerge.search.racing import racing_stages
 
-    if not cfg.final.sharpen or cfg.fitness.estimator not in ADAPTIVE_ESTIMATORS:
+    if not cfg.final.sharpen or not can_sharpen(cfg):
         return None
     return racing_stages(cfg) + 1
 
