@@ -253,8 +253,8 @@ def _banks_section(rd: RunDir) -> list[str]:
            "matter, raise `calibration.samples`.", ""]
     if procs:
         md += ["Few-item procedure per task (`fitness.estimator: auto`: chosen by the same cross-fit among "
-               "the candidates, the default kept unless beaten; the chosen one's error is the smallest of "
-               "the candidates', so slightly optimistic):", "", *procs, ""]
+               "the candidates, the default kept unless beaten by more than one standard error; another "
+               "procedure's error is the smallest of the candidates', so slightly optimistic):", "", *procs, ""]
     return md
 
 

@@ -16,7 +16,9 @@ estimated later is seen.
 
 A candidate is ``(estimator, anchor_method, rounds)`` plus optionally a fixed bank dimension
 ``dim`` (None = chosen by validation, :func:`irt.model.select_dim`) — e.g. ``dim=1`` is a
-strong prior when the calibration set is small.
+strong prior when the calibration set is small -- and a fixed lower asymptote ``guess`` c of
+the bank's items (0 = the 2PL; e.g. 0.25 for four-way multiple choice, see
+:class:`irt.model.MIRT2PL`).
 """
 
 from __future__ import annotations
@@ -34,24 +36,27 @@ from irt.estimators import ESTIMATORS
 from irt.model import check_responses
 from irt.validate import PLAIN_DRAWS, heldout_estimates, subject_folds
 
-__all__ = ["DEFAULT_OPTIONS", "Procedure", "ProcedureChoice", "choose_procedure", "crossfit_procedures"]
+__all__ = ["DEFAULT_OPTIONS", "Procedure", "ProcedureChoice", "choose_procedure", "crossfit_procedures",
+           "pick_procedure"]
 
 
 @dataclass(frozen=True)
 class Procedure:
     """One few-item procedure: ``estimator`` (irt.estimators), ``anchor_method`` (irt.anchors;
     for ``rounds`` > 1 the design of the first round), ``rounds`` (1 = fixed anchors, R > 1 =
-    adaptive test), ``dim`` (bank dimension; None = chosen by validation)."""
+    adaptive test), ``dim`` (bank dimension; None = chosen by validation), ``guess`` (the bank's
+    fixed lower asymptote c; 0 = the 2PL)."""
 
     estimator: str = "pirt"
     anchor_method: str = "info"
     rounds: int = 1
     dim: int | None = None
+    guess: float = 0.0
 
     @property
     def name(self) -> str:
         s = f"{self.estimator}/{'adaptive' + str(self.rounds) + '(' + self.anchor_method + ')' if self.rounds > 1 else self.anchor_method}"
-        return s + (f"/d={self.dim}" if self.dim is not None else "")
+        return s + (f"/d={self.dim}" if self.dim is not None else "") + (f"/c={self.guess:g}" if self.guess else "")
 
 
 # The candidates tried by default (estimators needing endpoints are added when endpoints are given).
@@ -98,13 +103,14 @@ class ProcedureChoice:
     default: str
     default_mae: float
     table: list[dict] = field(default_factory=list)
+    guess: float = 0.0
     subjects: list[str] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)
     accuracy_sd: float = float("nan")
 
     @property
     def procedure(self) -> Procedure:
-        return Procedure(self.estimator, self.anchor_method, self.rounds, self.dim)
+        return Procedure(self.estimator, self.anchor_method, self.rounds, self.dim, self.guess)
 
     @property
     def name(self) -> str:
@@ -156,13 +162,15 @@ def _validate(p: Procedure, n: int, N: int, endpoints) -> None:
         raise IRTError(f"estimator {p.estimator!r} needs endpoints")
     if p.dim is not None and (int(p.dim) != p.dim or p.dim < 1):
         raise IRTError(f"dim must be a positive integer or None, got {p.dim!r}")
+    if not 0.0 <= float(p.guess) < 1.0:
+        raise IRTError(f"guess (lower asymptote) must be in [0, 1), got {p.guess!r}")
 
 
 def crossfit_procedures(Y, item_ids=None, subject_names=None, *, options=DEFAULT_OPTIONS, n: int = 20,
                         endpoints=(), folds: int = 4, seed: int = 0, dims=(1, 2, 3, 5)):
     """Signed cross-fitted errors of each procedure in ``options`` on the subjects of ``Y`` that
     are not ``endpoints``: returns (options, errors (len(options) × tested subjects), plain-mean
-    absolute errors per tested subject, tested subject positions). One bank per (fold, dim)."""
+    absolute errors per tested subject, tested subject positions). One bank per (fold, dim, guess)."""
 
     Y = check_responses(Y, item_ids=item_ids, subject_names=subject_names)
     M, N = Y.shape
@@ -187,12 +195,13 @@ def crossfit_procedures(Y, item_ids=None, subject_names=None, *, options=DEFAULT
         banks = {}
         truth = np.nanmean(Y[g], axis=1)
         for k, p in enumerate(options):
-            if p.dim not in banks:
+            key = (p.dim, float(p.guess))
+            if key not in banks:
                 # fewer than 5 training subjects: no validation split for the dimension; use 1
                 d = p.dim if p.dim is not None or len(train) >= 5 else 1
-                banks[p.dim] = ItemBank.fit(Y[train], item_ids, [names[m] for m in train], dim=d, seed=seed,
-                                            dims=dims)
-            bank = banks[p.dim]
+                banks[key] = ItemBank.fit(Y[train], item_ids, [names[m] for m in train], dim=d, seed=seed,
+                                          dims=dims, guess=float(p.guess))
+            bank = banks[key]
             E = bank.subject_theta(endpoints) if p.estimator in ("mpirt", "gmpirt") else None
             est = heldout_estimates(bank, Y[g], n, estimator=p.estimator, anchor_method=p.anchor_method,
                                     rounds=p.rounds, endpoint_theta=E, seed=seed)
@@ -205,9 +214,31 @@ def crossfit_procedures(Y, item_ids=None, subject_names=None, *, options=DEFAULT
     return options, err[:, tested], plain[tested], tested
 
 
+def pick_procedure(err, default: int, *, margin: float = 0.0, se: float = 0.0, prefer=()) -> int:
+    """The row of ``err`` (candidates × tested subjects, signed cross-fitted errors) to choose.
+
+    ``se`` = 0: the smallest mean absolute error, unless it does not beat row ``default`` by more
+    than ``margin``. ``se`` > 0 (the one-standard-error rule): the first of ``default``, then the
+    rows in ``prefer``, whose absolute errors exceed the best candidate's by at most ``margin`` +
+    ``se`` standard errors of the paired per-subject difference -- with a dozen subjects the
+    smallest of many noisy errors is mostly luck, and a procedure known to be robust (the default,
+    the plain mean) is kept unless clearly beaten; else the best."""
+    ae = np.abs(np.asarray(err, dtype=np.float64))
+    mae = ae.mean(1)
+    best = int(np.argsort(mae, kind="stable")[0])
+    if se <= 0:
+        return best if mae[best] < mae[default] - margin else int(default)
+    for k in (default, *prefer):
+        d = ae[k] - ae[best]
+        sem = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else 0.0
+        if d.mean() <= margin + se * sem:
+            return int(k)
+    return best
+
+
 def choose_procedure(Y, item_ids=None, subject_names=None, *, n: int = 20, options=None, endpoints=(),
                      folds: int = 4, seed: int = 0, default=None, margin: float = 0.0,
-                     dims=(1, 2, 3, 5)) -> ProcedureChoice:
+                     dims=(1, 2, 3, 5), se: float = 0.0, prefer=()) -> ProcedureChoice:
     """The few-item procedure with the smallest cross-fitted error on these subjects.
 
     ``Y``: calibration subjects × items (0/1, NaN = missing), e.g. a search's calibration
@@ -217,28 +248,29 @@ def choose_procedure(Y, item_ids=None, subject_names=None, *, n: int = 20, optio
     :data:`DEFAULT_OPTIONS` (+ :data:`ENDPOINT_OPTIONS` with endpoints). ``default``: the procedure
     used without a choice (default ``mpirt/info/1`` with endpoints, else ``pirt/info/1``); it is
     always evaluated, and another candidate is chosen only if its error is lower by more than
-    ``margin``. Returns a :class:`ProcedureChoice` (chosen procedure + every candidate's error).
+    ``margin`` (with ``se`` > 0: by more than ``margin`` + ``se`` standard errors, and the
+    procedures in ``prefer`` are tried next; see :func:`pick_procedure`). Returns a
+    :class:`ProcedureChoice` (chosen procedure + every candidate's error).
     """
     if options is None:
         options = list(DEFAULT_OPTIONS) + (list(ENDPOINT_OPTIONS) if endpoints else [])
     options = [_as_procedure(o) for o in options]
     default = _as_procedure(default) if default is not None else (
         Procedure("mpirt", "info", 1) if endpoints else Procedure("pirt", "info", 1))
+    prefer = [_as_procedure(o) for o in prefer]
     if default not in options:
         options = [default, *options]
-    options = list(dict.fromkeys(options))
+    options = list(dict.fromkeys([*options, *prefer]))
     opts, err, plain, tested = crossfit_procedures(Y, item_ids, subject_names, options=options, n=n,
                                                    endpoints=endpoints, folds=folds, seed=seed, dims=dims)
     mae = np.abs(err).mean(1)
     bias = err.mean(1)
     order = np.argsort(mae, kind="stable")
     table = [{"estimator": opts[k].estimator, "anchor_method": opts[k].anchor_method, "rounds": opts[k].rounds,
-              "dim": opts[k].dim, "name": opts[k].name, "mae": float(mae[k]), "bias": float(bias[k])}
+              "dim": opts[k].dim, "guess": opts[k].guess, "name": opts[k].name, "mae": float(mae[k]), "bias": float(bias[k])}
              for k in order]
     kd = opts.index(default)
-    best = int(order[0])
-    if not mae[best] < mae[kd] - margin:
-        best = kd
+    best = pick_procedure(err, kd, margin=margin, se=se, prefer=[opts.index(q) for q in prefer])
     p = opts[best]
     Yc = np.asarray(Y, dtype=np.float64)
     names = list(subject_names) if subject_names is not None else [f"subject{m}" for m in range(Yc.shape[0])]
@@ -246,6 +278,7 @@ def choose_procedure(Y, item_ids=None, subject_names=None, *, n: int = 20, optio
         warnings.simplefilter("ignore", RuntimeWarning)
         acc_sd = float(np.nanmean(Yc[tested], axis=1).std()) if len(tested) else float("nan")
     return ProcedureChoice(estimator=p.estimator, anchor_method=p.anchor_method, rounds=p.rounds, dim=p.dim,
+                           guess=float(p.guess),
                            mae=float(mae[best]), n=min(int(n), Yc.shape[1]), folds=min(int(folds), len(tested)),
                            n_subjects=len(tested), plain_mean_mae=float(np.mean(plain)), default=default.name,
                            default_mae=float(mae[kd]), table=table, subjects=[names[m] for m in tested],

@@ -93,3 +93,21 @@ def test_choice_carries_the_chosen_procedures_check():
     assert c.accuracy_sd == pytest.approx(ref.accuracy_sd, abs=1e-12)
     assert c.n == 8 and c.folds == 4 and c.n_subjects == 24
     json.dumps(ch.to_dict())
+
+
+def test_one_standard_error_rule():
+    from irt.choose import pick_procedure
+
+    rng = np.random.default_rng(0)
+    base = 0.1 + rng.uniform(0.0, 0.02, 12)              # absolute errors of 12 subjects
+    noisy_better = base - 0.004 + np.tile([0.03, -0.03], 6)  # better on average by 0.004, SE ≈ 0.009
+    clear_better = base - 0.04 + rng.normal(0, 0.002, 12)  # better on every subject
+    err = np.stack([base, noisy_better])
+    assert np.abs(err[1]).mean() < np.abs(err[0]).mean()
+    assert pick_procedure(err, 0) == 1                     # smallest error wins
+    assert pick_procedure(err, 0, se=1.0) == 0             # ... but not clearly: the default stays
+    assert pick_procedure(np.stack([base, clear_better]), 0, se=1.0) == 1
+    # a bad default, a plain mean within noise of the best: the preferred plain mean is chosen
+    err = np.stack([base + 0.2, noisy_better, base])
+    assert pick_procedure(err, 0, se=1.0, prefer=[2]) == 2
+    assert pick_procedure(err, 0, se=1.0) == int(np.argmin(np.abs(err).mean(1)))

@@ -33,7 +33,6 @@ def test_auto_procedure_chosen_recorded_used_and_reused_on_resume(zoo, tmp_path,
         p = bank.meta["procedure"]
         assert p["chosen"] and p["n"] == 10 and p["n_subjects"] == 8 and p["folds"] == 4
         assert p["mae"] <= p["default_mae"] and p["default"] == "mpirt/info"
-        assert p["mae"] == min(r["mae"] for r in p["table"]) or p["name"] == p["default"]
         proc = procedure_of(parse_config(small_config(tmp_path / "run", **_over(tmp_path, 2))), bank)
         procs[task] = proc
         if proc.dim is not None:

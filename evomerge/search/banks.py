@@ -44,13 +44,14 @@ def fit_banks(ctx: SearchContext) -> None:
                         choose_given(ctx, task, bank)
                 else:
                     Y = np.stack([unbits(r["answers"][task]) for r in records]).astype(float)
-                    dim = cfg.calibration.dim
+                    dim, guess = cfg.calibration.dim, 0.0
                     if auto:  # chosen first: the chosen procedure may fix the bank's dimension
                         proc = choose_task_procedure(cfg, Y, item_ids, names, ctx.log)
                         dim = proc["dim"] if proc["dim"] is not None else dim
+                        guess = float(proc.get("guess") or 0.0)
                     t0 = time.perf_counter()
                     bank = irt.ItemBank.fit(Y, item_ids=item_ids, subject_names=names,
-                                            dim=dim, seed=cfg.seed, task=task)
+                                            dim=dim, seed=cfg.seed, task=task, guess=guess)
                     ctx.log(f"  item bank {task}: d={bank.dim}, fitted in "
                             f"{time.perf_counter() - t0:.1f}s on {len(names)} models")
                     if auto:
@@ -87,6 +88,13 @@ def fit_banks(ctx: SearchContext) -> None:
         ctx.executor.sync(ctx)  # the workers answer with these banks and anchors
 
 
+#: the one-standard-error rule of ``fitness.estimator: auto``: another procedure replaces the
+#: default only if it beats it by more than one standard error of the paired per-model difference
+#: (measured on the zoo, benchmarks/irt_real.py: never worse than the default at 20 and 40 items,
+#: where the plain smallest error was worse on some tasks)
+AUTO_SE = 1.0
+
+
 def auto_options(cfg: RunConfig, n_items: int, dim: int | None = None, endpoints: bool = True) -> tuple[list, object]:
     """The candidate procedures of ``fitness.estimator: auto`` and the default they must beat:
     irt.choose's candidates (with the endpoint ones where the endpoints are among the subjects,
@@ -107,7 +115,8 @@ def auto_options(cfg: RunConfig, n_items: int, dim: int | None = None, endpoints
 def choose_task_procedure(cfg: RunConfig, Y: np.ndarray, item_ids: list[str], names: list[str], log,
                           dim: int | None = None) -> dict:
     """``fitness.estimator: auto`` on one task: :func:`irt.choose_procedure` on the calibration
-    answers ``Y`` (4-fold cross-fit over the sampled models, endpoints always in training).
+    answers ``Y`` (4-fold cross-fit over the sampled models, endpoints always in training; the
+    default kept unless clearly beaten, :data:`AUTO_SE`).
     Returns what the bank records as ``meta["procedure"]`` (``ProcedureChoice.to_dict()`` plus
     ``chosen: True``; with ``_check``, the chosen procedure's :class:`EstimateCheck`, to pop).
     Where no choice can be made (fewer than 2 sampled models) the default is recorded, with
@@ -120,7 +129,8 @@ def choose_task_procedure(cfg: RunConfig, Y: np.ndarray, item_ids: list[str], na
     t0 = time.perf_counter()
     try:
         ch = irt.choose_procedure(Y, item_ids, names, n=min(cfg.fitness.anchors, len(item_ids)), options=opts,
-                                  endpoints=eps if has_eps else [], folds=4, seed=cfg.seed, default=default)
+                                  endpoints=eps if has_eps else [], folds=4, seed=cfg.seed, default=default,
+                                  se=AUTO_SE)
     except irt.IRTError as exc:
         log(f"    procedure: not chosen ({exc}); the default {default.name} is used")
         return {"estimator": default.estimator, "anchor_method": default.anchor_method,
