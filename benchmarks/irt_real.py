@@ -17,11 +17,8 @@ Columns (mean absolute error of the estimated full accuracy over all held-out su
              else the plain mean of random items, is kept unless a candidate beats it by more than
              one standard error of the paired per-subject difference (:func:`irt.pick_procedure`)
   ratio      after / plain;  target: after ≤ 0.03 and ratio ≤ 0.5
-With ``--guess``, on the multiple-choice sets (``CHANCE``: four options, c = 0.25):
-  default, floor c       the default procedure on a bank whose items have the fixed lower
-                         asymptote c (P = c + (1 − c) σ(a·θ − b))
-  after, with/without c  chosen per fold among the candidates on both banks (the floor is one
-                         more thing the cross-fit decides)
+The guess lever (a fixed lower asymptote c = 0.25 on the four-way multiple-choice sets) was
+measured with this script in commit b5bdb6f and removed: it did not help (docs/irt_real.md).
 
 Data (none of it is shipped; fetch it as below):
   * OpenCompass results of 12 LLMs on 11 benchmarks (ARC-C, BBH, Chinese SimpleQA, GPQA Diamond,
@@ -76,8 +73,6 @@ PSN_RANGES = {  # first column of each benchmark in PSN-IRT's data/combine.csv (
     "ARC-C": 0, "BBH": 295, "Chinese SimpleQA": 6806, "GPQA Diamond": 9806, "GSM8K": 10004,
     "HellaSwag": 11323, "HumanEval": 21365, "MATH": 21529, "MBPP": 26529, "MMLU": 27029, "TheoremQA": 41071,
 }
-# chance level of the multiple-choice sets (four options each): the floor c of the guess lever
-CHANCE = {"ARC-C": 0.25, "GPQA Diamond": 0.25, "HellaSwag": 0.25, "MMLU": 0.25, "zoo cipher_choice": 0.25}
 OLD_OPTIONS = tuple(Procedure(e, m, 1) for e in ("pirt", "gpirt") for m in ("random", "info", "irt")) + (
     Procedure("pirt", "info", 4),)
 OLD_ENDPOINT = (Procedure("mpirt", "info", 1), Procedure("gmpirt", "random", 1), Procedure("mpirt", "info", 4))
@@ -187,20 +182,15 @@ def _choose_se(err, options, pool, default, se=1.0):
 
 
 def evaluate(Y, names, endpoints, n_list, *, folds=4, seed=0, train_override=None, inner_folds=4, quiet=False,
-             guess=0.0, default=None):
-    """One matrix: returns {n: {plain, default, before, after, choices_before, choices_after}};
-    with ``guess`` c > 0 (the set's chance level) also ``default_c`` (the default procedure on a
-    bank with that floor) and ``after_c`` / ``cac`` (chosen among the candidates with and without it)."""
-    from dataclasses import replace
-
+             default=None):
+    """One matrix: returns {n: {plain, default, before, after, after_se, and the choices per fold}}."""
     M, N = Y.shape
     endpoints = list(endpoints)
     new_opts = list(DEFAULT_OPTIONS) + (list(ENDPOINT_OPTIONS) if endpoints else [])
     old_opts = list(OLD_OPTIONS) + (list(OLD_ENDPOINT) if endpoints else [])
     if default is None:
         default = Procedure("mpirt", "info", 1) if endpoints else Procedure("pirt", "info", 1)
-    guess_opts = [replace(p, guess=float(guess)) for p in new_opts] if guess else []
-    allopts = list(dict.fromkeys([default, *old_opts, *new_opts, *guess_opts]))
+    allopts = list(dict.fromkeys([default, *old_opts, *new_opts]))
     rng = np.random.default_rng(seed)
     others = np.array([m for m in range(M) if names[m] not in endpoints])
     if train_override is not None:
@@ -208,18 +198,18 @@ def evaluate(Y, names, endpoints, n_list, *, folds=4, seed=0, train_override=Non
     else:
         groups = np.array_split(rng.permutation(others), folds)
         splits = [(np.setdiff1d(np.arange(M), g), g) for g in groups]
-    res = {n: {"plain": [], "default": [], "before": [], "after": [], "cb": [], "ca": [], "after_se": [], "cse": [],
-               **({"default_c": [], "after_c": [], "cac": []} if guess else {})} for n in n_list}
+    res = {n: {"plain": [], "default": [], "before": [], "after": [], "cb": [], "ca": [], "after_se": [], "cse": []}
+           for n in n_list}
     for train, g in splits:
         truth = np.nanmean(Y[g], axis=1)
         tn = [names[m] for m in train]
         banks = {}
 
-        def bank_for(dim, c=0.0):
-            if (dim, c) not in banks:
-                banks[dim, c] = ItemBank.fit(Y[train], None, tn, dim=dim if dim is not None or len(train) >= 5 else 1,
-                                             seed=seed, guess=c)
-            return banks[dim, c]
+        def bank_for(dim):
+            if dim not in banks:
+                banks[dim] = ItemBank.fit(Y[train], None, tn, dim=dim if dim is not None or len(train) >= 5 else 1,
+                                          seed=seed)
+            return banks[dim]
 
         for n in n_list:
             n_ = min(n, N)
@@ -231,12 +221,8 @@ def evaluate(Y, names, endpoints, n_list, *, folds=4, seed=0, train_override=Non
             pse = _choose_se(err, opts, new_opts, default)
             res[n]["cse"].append(pse.name)
             todo = [("default", default), ("before", pb), ("after", pa), ("after_se", pse)]
-            if guess:
-                pac = _choose(maes, opts, new_opts + guess_opts, default)
-                todo += [("default_c", replace(default, guess=float(guess))), ("after_c", pac)]
-                res[n]["cac"].append(pac.name)
             for key, p in todo:
-                bank = bank_for(p.dim, p.guess)
+                bank = bank_for(p.dim)
                 E = bank.subject_theta(endpoints) if p.estimator in ("mpirt", "gmpirt") else None
                 est = heldout_estimates(bank, Y[g], n_, estimator=p.estimator, anchor_method=p.anchor_method,
                                         rounds=p.rounds, endpoint_theta=E, seed=seed)
@@ -248,7 +234,7 @@ def evaluate(Y, names, endpoints, n_list, *, folds=4, seed=0, train_override=Non
                 warnings.simplefilter("ignore", RuntimeWarning)
                 res[n]["plain"].extend(np.nanmean([np.abs(np.nanmean(Y[np.ix_(g, p)], axis=1) - truth)
                                                    for p in picks], axis=0))
-    return {n: {k: (float(np.mean(v)) if k not in ("cb", "ca", "cac", "cse") else v) for k, v in r.items()}
+    return {n: {k: (float(np.mean(v)) if k not in ("cb", "ca", "cse") else v) for k, v in r.items()}
             for n, r in res.items()}
 
 
@@ -260,17 +246,14 @@ def _fmt_choices(c):
 def print_table(rows, n):
     print(f"\n### {n} items per subject\n")
     print("| set | subjects × items | plain mean | default | before (chosen) | after (chosen) | after / plain "
-          "| target | chosen after (per fold) | after, 1-SE rule | chosen (per fold) "
-          "| c | default, floor c | after, with/without c | chosen (per fold) |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---|---:|---|---:|---:|---:|---|")
+          "| target | chosen after (per fold) | after, 1-SE rule | chosen (per fold) |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---|---:|---|")
     for name, shape, r in rows:
         x = r[n]
         ok = x["after"] <= 0.03 and x["after"] <= 0.5 * x["plain"]
-        g = (f"| {CHANCE.get(name, 0):g} | {x['default_c']:.3f} | {x['after_c']:.3f} | {_fmt_choices(x['cac'])} |"
-             if "after_c" in x else "| — | | | |")
         print(f"| {name} | {shape[0]} × {shape[1]} | {x['plain']:.3f} | {x['default']:.3f} | {x['before']:.3f} | "
               f"**{x['after']:.3f}** | {x['after'] / x['plain']:.2f} | {'met' if ok else 'not met'} "
-              f"| {_fmt_choices(x['ca'])} | {x['after_se']:.3f} | {_fmt_choices(x['cse'])} " + g)
+              f"| {_fmt_choices(x['ca'])} | {x['after_se']:.3f} | {_fmt_choices(x['cse'])} |")
     sys.stdout.flush()
 
 
@@ -299,8 +282,6 @@ def main(argv=None):
     ap.add_argument("--chembench", default=os.environ.get("IRT_REAL_CHEMBENCH"),
                     help="irt-on-bench's results/binary_matrix.csv")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--guess", action="store_true", help="also measure the guess lever on the multiple-choice sets "
-                    "(a bank with the floor c = chance level; CHANCE)")
     ap.add_argument("--max-items", type=int, default=1000,
                     help="larger sets: a seeded random subset of this many items (the target is then the "
                          "accuracy on that subset; 0 = all items)")
@@ -344,7 +325,7 @@ def main(argv=None):
             cols = np.sort(np.random.default_rng(args.seed).choice(Y.shape[1], args.max_items, replace=False))
             Y = Y[:, cols]
         t = time.time()
-        r = evaluate(Y, names, endpoints, n_list, seed=args.seed, guess=CHANCE.get(name, 0.0) if args.guess else 0.0)
+        r = evaluate(Y, names, endpoints, n_list, seed=args.seed)
         rows.append((name, Y.shape, r))
         print(f"{name}: {Y.shape[0]} × {Y.shape[1]} in {time.time() - t:.0f} s; at {n_list[len(n_list) // 2]}: "
               + ", ".join(f"{k} {r[n_list[len(n_list) // 2]][k]:.3f}" for k in ("plain", "default", "before", "after")),
@@ -359,7 +340,6 @@ def main(argv=None):
             t = time.time()
             splits = group_splits(names, endpoints, args.zoo_calib, args.seed)
             r = evaluate(Y, names, endpoints, n_list, seed=args.seed, train_override=splits,
-                         guess=CHANCE.get(name, 0.0) if args.guess else 0.0,
                          default=Procedure("mpirt", "info", 4))  # the demo's: adaptive, 4 rounds
             rows.append((name, Y.shape, r))
             print(f"{name}: {Y.shape[0]} × {Y.shape[1]}, {len(splits)} training parts of {len(endpoints)} endpoints "

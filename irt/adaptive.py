@@ -59,8 +59,7 @@ def _ability(bank, asked, answers, prior):
     mu, prec = prior
     if len(asked) == 0:
         return np.asarray(mu, dtype=np.float64)
-    return map_logistic(bank.a[asked], -bank.b[asked], np.asarray(answers, dtype=np.float64), mu, prec,
-                        guess=bank.guess)
+    return map_logistic(bank.a[asked], -bank.b[asked], np.asarray(answers, dtype=np.float64), mu, prec)
 
 
 def next_items(bank, asked, answers, k: int = 1, *, prior=None, candidates=None) -> np.ndarray:
@@ -88,20 +87,14 @@ def next_items(bank, asked, answers, k: int = 1, *, prior=None, candidates=None)
     a = bank.a
     P = _sigmoid(a @ theta - bank.b)
     w = P * (1.0 - P)
-    wd, wv = w, w  # 2PL: information = dP/dlogit = variance = P(1 − P)
-    c = bank.guess
-    if c:  # P_c = c + (1 − c)P: dP_c/dlogit, Var(y), and the Fisher information (dP_c)² / Var differ
-        wd = (1 - c) * w
-        wv = (c + (1 - c) * P) * (1 - c) * (1 - P)
-        w = wd * wd / wv
     d = a.shape[1]
     prec = np.asarray(prior[1], dtype=np.float64)
     F = np.eye(d) * float(prec) if prec.ndim == 0 else prec.copy()
     unseen = np.ones(N, dtype=bool)
     unseen[asked] = False
     F += (w[asked, None, None] * a[asked, :, None] * a[asked, None, :]).sum(0)
-    g = (wd[unseen] @ a[unseen]) / N
-    noise = wv[unseen].sum() / N**2
+    g = (w[unseen] @ a[unseen]) / N
+    noise = w[unseen].sum() / N**2
     picked: list[int] = []
     for _ in range(k):
         Finv = np.linalg.inv(F)
@@ -109,16 +102,16 @@ def next_items(bank, asked, answers, k: int = 1, *, prior=None, candidates=None)
         q = np.einsum("id,de,ie->i", a, Finv, a)  # a_iᵀF⁻¹a_i
         au = a @ u
         # V after moving item i from U to A (Sherman–Morrison on F, g' = g − w_i a_i / N)
-        gFg = g @ u - 2 * wd * au / N + wd**2 * q / N**2
-        aFg = au - wd * q / N
-        V = gFg - w * aFg**2 / (1.0 + w * q) + noise - wv / N**2
+        gFg = g @ u - 2 * w * au / N + w**2 * q / N**2
+        aFg = au - w * q / N
+        V = gFg - w * aFg**2 / (1.0 + w * q) + noise - w / N**2
         V[~avail] = np.inf
         i = int(np.argmin(V))
         picked.append(i)
         avail[i] = False
         F += w[i] * np.outer(a[i], a[i])
-        g = g - wd[i] * a[i] / N
-        noise -= wv[i] / N**2
+        g = g - w[i] * a[i] / N
+        noise -= w[i] / N**2
     return np.asarray(picked, dtype=np.int64)
 
 

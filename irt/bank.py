@@ -137,12 +137,6 @@ class ItemBank:
         return int(self.a.shape[1])
 
     @property
-    def guess(self) -> float:
-        """The items' fixed lower asymptote c (``meta["fit"]["guess"]``; 0 = the 2PL):
-        P = c + (1 − c) σ(a·θ − b)."""
-        return float(self.meta.get("fit", {}).get("guess", 0.0) or 0.0)
-
-    @property
     def n_items(self) -> int:
         return int(self.a.shape[0])
 
@@ -174,9 +168,7 @@ class ItemBank:
 
     def predict_proba(self, theta) -> np.ndarray:
         """P(correct) on every item for abilities ``theta`` (d or S × d)."""
-        P = _sigmoid(np.asarray(theta, dtype=np.float64) @ self.a.T - self.b)
-        c = self.guess
-        return P if not c else c + (1 - c) * P
+        return _sigmoid(np.asarray(theta, dtype=np.float64) @ self.a.T - self.b)
 
     def fit_ability(self, answers, item_ids=None, items=None) -> np.ndarray:
         """MAP ability (d or S × d) from answers to ``item_ids`` (or integer ``items``; default:
@@ -184,7 +176,7 @@ class ItemBank:
         if item_ids is not None:
             items = self.index(item_ids)
         prior = float(self.meta.get("fit", {}).get("prior_theta", 1.0))
-        return fit_ability(self.a, self.b, answers, items=items, prior_sd=prior, guess=self.guess)
+        return fit_ability(self.a, self.b, answers, items=items, prior_sd=prior)
 
     # ---------------------------------------------------------------- fitting
     @classmethod
@@ -204,9 +196,7 @@ class ItemBank:
         """Calibrate a bank on a subjects × items 0/1 matrix ``Y`` (NaN = missing).
 
         ``dim=None`` chooses d among ``dims`` by :func:`irt.model.select_dim`; an int fixes it.
-        ``model_kw`` go to :class:`irt.model.MIRT2PL` (priors, max_iter, tol, ``guess``: a fixed
-        lower asymptote c for every item, e.g. 0.25 for four-way multiple choice; recorded in
-        ``meta["fit"]["guess"]`` and used by every prediction from the bank).
+        ``model_kw`` go to :class:`irt.model.MIRT2PL` (priors, max_iter, tol).
         """
         Y = check_responses(Y, item_ids=item_ids, subject_names=subject_names)
         M, I = Y.shape
@@ -225,8 +215,7 @@ class ItemBank:
             "fit": {"method": "joint-map-lbfgs", "dim": int(dim), "dim_selection": chosen,
                     "dims_tried": [int(x) for x in dims] if dim_table else None, "seed": seed,
                     "prior_theta": mdl.prior_theta, "prior_a": mdl.prior_a, "prior_b": mdl.prior_b,
-                    "max_iter": mdl.max_iter, "tol": mdl.tol,
-                    **({"guess": float(mdl.guess)} if mdl.guess else {})},
+                    "max_iter": mdl.max_iter, "tol": mdl.tol},
             "quality": {"train_logloss": mdl.loss_, "n_iter": mdl.n_iter_, "fit_seconds": mdl.fit_seconds_,
                         "n_subjects": M, "n_items": I, "observed_frac": float((~np.isnan(Y)).mean()),
                         "dim_selection": dim_table},

@@ -16,9 +16,7 @@ estimated later is seen.
 
 A candidate is ``(estimator, anchor_method, rounds)`` plus optionally a fixed bank dimension
 ``dim`` (None = chosen by validation, :func:`irt.model.select_dim`) — e.g. ``dim=1`` is a
-strong prior when the calibration set is small -- and a fixed lower asymptote ``guess`` c of
-the bank's items (0 = the 2PL; e.g. 0.25 for four-way multiple choice, see
-:class:`irt.model.MIRT2PL`).
+strong prior when the calibration set is small.
 """
 
 from __future__ import annotations
@@ -44,19 +42,17 @@ __all__ = ["DEFAULT_OPTIONS", "Procedure", "ProcedureChoice", "choose_procedure"
 class Procedure:
     """One few-item procedure: ``estimator`` (irt.estimators), ``anchor_method`` (irt.anchors;
     for ``rounds`` > 1 the design of the first round), ``rounds`` (1 = fixed anchors, R > 1 =
-    adaptive test), ``dim`` (bank dimension; None = chosen by validation), ``guess`` (the bank's
-    fixed lower asymptote c; 0 = the 2PL)."""
+    adaptive test), ``dim`` (bank dimension; None = chosen by validation)."""
 
     estimator: str = "pirt"
     anchor_method: str = "info"
     rounds: int = 1
     dim: int | None = None
-    guess: float = 0.0
 
     @property
     def name(self) -> str:
         s = f"{self.estimator}/{'adaptive' + str(self.rounds) + '(' + self.anchor_method + ')' if self.rounds > 1 else self.anchor_method}"
-        return s + (f"/d={self.dim}" if self.dim is not None else "") + (f"/c={self.guess:g}" if self.guess else "")
+        return s + (f"/d={self.dim}" if self.dim is not None else "")
 
 
 # The candidates tried by default (estimators needing endpoints are added when endpoints are given).
@@ -103,14 +99,13 @@ class ProcedureChoice:
     default: str
     default_mae: float
     table: list[dict] = field(default_factory=list)
-    guess: float = 0.0
     subjects: list[str] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)
     accuracy_sd: float = float("nan")
 
     @property
     def procedure(self) -> Procedure:
-        return Procedure(self.estimator, self.anchor_method, self.rounds, self.dim, self.guess)
+        return Procedure(self.estimator, self.anchor_method, self.rounds, self.dim)
 
     @property
     def name(self) -> str:
@@ -162,15 +157,13 @@ def _validate(p: Procedure, n: int, N: int, endpoints) -> None:
         raise IRTError(f"estimator {p.estimator!r} needs endpoints")
     if p.dim is not None and (int(p.dim) != p.dim or p.dim < 1):
         raise IRTError(f"dim must be a positive integer or None, got {p.dim!r}")
-    if not 0.0 <= float(p.guess) < 1.0:
-        raise IRTError(f"guess (lower asymptote) must be in [0, 1), got {p.guess!r}")
 
 
 def crossfit_procedures(Y, item_ids=None, subject_names=None, *, options=DEFAULT_OPTIONS, n: int = 20,
                         endpoints=(), folds: int = 4, seed: int = 0, dims=(1, 2, 3, 5)):
     """Signed cross-fitted errors of each procedure in ``options`` on the subjects of ``Y`` that
     are not ``endpoints``: returns (options, errors (len(options) × tested subjects), plain-mean
-    absolute errors per tested subject, tested subject positions). One bank per (fold, dim, guess)."""
+    absolute errors per tested subject, tested subject positions). One bank per (fold, dim)."""
 
     Y = check_responses(Y, item_ids=item_ids, subject_names=subject_names)
     M, N = Y.shape
@@ -195,13 +188,12 @@ def crossfit_procedures(Y, item_ids=None, subject_names=None, *, options=DEFAULT
         banks = {}
         truth = np.nanmean(Y[g], axis=1)
         for k, p in enumerate(options):
-            key = (p.dim, float(p.guess))
-            if key not in banks:
+            if p.dim not in banks:
                 # fewer than 5 training subjects: no validation split for the dimension; use 1
                 d = p.dim if p.dim is not None or len(train) >= 5 else 1
-                banks[key] = ItemBank.fit(Y[train], item_ids, [names[m] for m in train], dim=d, seed=seed,
-                                          dims=dims, guess=float(p.guess))
-            bank = banks[key]
+                banks[p.dim] = ItemBank.fit(Y[train], item_ids, [names[m] for m in train], dim=d, seed=seed,
+                                            dims=dims)
+            bank = banks[p.dim]
             E = bank.subject_theta(endpoints) if p.estimator in ("mpirt", "gmpirt") else None
             est = heldout_estimates(bank, Y[g], n, estimator=p.estimator, anchor_method=p.anchor_method,
                                     rounds=p.rounds, endpoint_theta=E, seed=seed)
@@ -267,7 +259,7 @@ def choose_procedure(Y, item_ids=None, subject_names=None, *, n: int = 20, optio
     bias = err.mean(1)
     order = np.argsort(mae, kind="stable")
     table = [{"estimator": opts[k].estimator, "anchor_method": opts[k].anchor_method, "rounds": opts[k].rounds,
-              "dim": opts[k].dim, "guess": opts[k].guess, "name": opts[k].name, "mae": float(mae[k]), "bias": float(bias[k])}
+              "dim": opts[k].dim, "name": opts[k].name, "mae": float(mae[k]), "bias": float(bias[k])}
              for k in order]
     kd = opts.index(default)
     best = pick_procedure(err, kd, margin=margin, se=se, prefer=[opts.index(q) for q in prefer])
@@ -278,7 +270,6 @@ def choose_procedure(Y, item_ids=None, subject_names=None, *, n: int = 20, optio
         warnings.simplefilter("ignore", RuntimeWarning)
         acc_sd = float(np.nanmean(Yc[tested], axis=1).std()) if len(tested) else float("nan")
     return ProcedureChoice(estimator=p.estimator, anchor_method=p.anchor_method, rounds=p.rounds, dim=p.dim,
-                           guess=float(p.guess),
                            mae=float(mae[best]), n=min(int(n), Yc.shape[1]), folds=min(int(folds), len(tested)),
                            n_subjects=len(tested), plain_mean_mae=float(np.mean(plain)), default=default.name,
                            default_mae=float(mae[kd]), table=table, subjects=[names[m] for m in tested],

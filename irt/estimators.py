@@ -48,7 +48,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from irt.errors import IRTError
-from irt.model import map_logistic
+from irt.model import _sigmoid, map_logistic
 
 __all__ = ["ESTIMATORS", "estimate_accuracy", "estimate_accuracy_batch", "gp_lambda"]
 
@@ -143,7 +143,7 @@ def lambda_prior(bank, endpoint_theta, kind: str = "population", sd: float = 0.5
         return fixed
     key = ("lamprior", E.tobytes(), float(sd))
     if key not in bank._cache:
-        L = map_logistic(bank.a @ E.T, -bank.b, R, fixed[0], fixed[1], guess=bank.guess)
+        L = map_logistic(bank.a @ E.T, -bank.b, R, fixed[0], fixed[1])
         C = np.cov(L, rowvar=False).reshape(K, K) + 0.01 * np.eye(K)
         bank._cache[key] = (L.mean(0), np.linalg.inv(C))
     return bank._cache[key]
@@ -181,8 +181,8 @@ def gp_lambda(bank, anchor_idx, weights=None, random: bool = False) -> float:
     ok = (~np.isnan(R[:, idx])).any(1)
     R = R[ok]
     mu, prec = ability_prior(bank, "population")
-    theta = map_logistic(bank.a[idx], -bank.b[idx], R[:, idx], mu, prec, guess=bank.guess)
-    P = bank.predict_proba(theta)
+    theta = map_logistic(bank.a[idx], -bank.b[idx], R[:, idx], mu, prec)
+    P = _sigmoid(theta @ bank.a.T - bank.b)
     obs = ~np.isnan(R)
     acc = np.nanmean(R, axis=1)
     pred = np.where(obs, P, 0).sum(1) / obs.sum(1)
@@ -198,7 +198,7 @@ def gp_lambda(bank, anchor_idx, weights=None, random: bool = False) -> float:
 
 def _pirt_from_theta(bank, idx, Y, theta):
     """(1/N)[Σ_{observed anchors} y_i + Σ_{other items} P_i(θ̂)] for each row."""
-    P = bank.predict_proba(theta)  # S × N
+    P = _sigmoid(theta @ bank.a.T - bank.b)  # S × N
     obs = ~np.isnan(Y)
     total = P.sum(1) - np.where(obs, P[:, idx], 0.0).sum(1) + np.where(obs, Y, 0.0).sum(1)
     return total / bank.n_items
@@ -230,7 +230,7 @@ def estimate_accuracy_batch(
         return wmean
     if name in ("pirt", "gpirt"):
         mu, prec = ability_prior(bank, ability_prior_kind)
-        theta = map_logistic(bank.a[idx], -bank.b[idx], Y2, mu, prec, guess=bank.guess)
+        theta = map_logistic(bank.a[idx], -bank.b[idx], Y2, mu, prec)
     else:
         if endpoint_theta is None:
             raise IRTError(f"estimator {name!r} needs endpoint_theta (K × d abilities of the endpoint models; "
@@ -244,7 +244,7 @@ def estimate_accuracy_batch(
             raise IRTError(f"lambda_prior_sd must be > 0, got {lambda_prior_sd!r}")
         X = bank.a[idx] @ E.T  # n × K
         mu, prec = lambda_prior(bank, E, lambda_prior_kind, lambda_prior_sd)
-        lam = map_logistic(X, -bank.b[idx], Y2, mu, prec, guess=bank.guess)
+        lam = map_logistic(X, -bank.b[idx], Y2, mu, prec)
         theta = lam @ E
     est = _pirt_from_theta(bank, idx, Y2, theta)
     if name in ("gpirt", "gmpirt"):

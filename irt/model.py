@@ -102,11 +102,8 @@ def map_logistic(
     prior_prec: float | np.ndarray = 1.0,
     max_iter: int = 50,
     tol: float = 1e-8,
-    guess: float = 0.0,
 ) -> np.ndarray:
-    """MAP of w for each row y of Y under y_i ~ Bernoulli(σ(X_i · w + offset_i)), w ~ N(μ, Λ⁻¹)
-    (with ``guess`` c > 0: Bernoulli(c + (1 − c) σ(·)), the lower asymptote of a fixed-guessing
-    3PL; Fisher scoring then, since that likelihood is not log-concave).
+    """MAP of w for each row y of Y under y_i ~ Bernoulli(σ(X_i · w + offset_i)), w ~ N(μ, Λ⁻¹).
 
     ``prior_prec`` Λ: a scalar (Λ = prior_prec · I) or a p × p precision matrix.
 
@@ -133,16 +130,9 @@ def map_logistic(
     if L.shape != (p, p):
         raise IRTError(f"prior precision must be a scalar or {p} × {p}, got shape {L.shape}")
 
-    c = float(guess)
-    if not 0.0 <= c < 1.0:
-        raise IRTError(f"guess (lower asymptote) must be in [0, 1), got {guess!r}")
-
     def objective(W, rows):
         Z = W @ X.T + offset
         D = W - mu
-        if c > 0:
-            nll = -(y[rows] * np.log(c + (1 - c) * _sigmoid(Z)) + (1 - y[rows]) * (np.log1p(-c) - _softplus(Z)))
-            return (mf[rows] * nll).sum(1) + 0.5 * np.einsum("sj,jk,sk->s", D, L, D)
         return (mf[rows] * (_softplus(Z) - y[rows] * Z)).sum(1) + 0.5 * np.einsum("sj,jk,sk->s", D, L, D)
 
     W = np.tile(mu, (S, 1))
@@ -156,14 +146,9 @@ def map_logistic(
         Wa = W[idx]
         Z = Wa @ X.T + offset
         P = _sigmoid(Z)
-        if c > 0:
-            Pc = c + (1 - c) * P
-            R = mf[idx] * ((1 - y[idx]) * P - y[idx] * (1 - c) * P * (1 - P) / Pc)
-            Wt = mf[idx] * (1 - c) * P * P * (1 - P) / Pc  # Fisher information of the logit
-        else:
-            R = mf[idx] * (P - y[idx])
-            Wt = mf[idx] * P * (1.0 - P)
+        R = mf[idx] * (P - y[idx])
         g = R @ X + (Wa - mu) @ L
+        Wt = mf[idx] * P * (1.0 - P)
         H = np.einsum("sn,nj,nk->sjk", Wt, X, X) + eye
         step = np.linalg.solve(H, g[..., None])[..., 0]
         t = np.ones(idx.size)
@@ -185,7 +170,7 @@ def map_logistic(
     return W[0] if single else W
 
 
-def fit_ability(a, b, responses, items=None, prior_sd: float = 1.0, guess: float = 0.0) -> np.ndarray:
+def fit_ability(a, b, responses, items=None, prior_sd: float = 1.0) -> np.ndarray:
     """Ability θ of one or several subjects from their answers, given item parameters.
 
     MAP under the calibration prior θ ~ N(0, prior_sd² I)::
@@ -198,7 +183,6 @@ def fit_ability(a, b, responses, items=None, prior_sd: float = 1.0, guess: float
 
     ``a``: items × d, ``b``: items; ``responses``: answers (n or S × n, 0/1, NaN = missing) to
     the items ``items`` (integer indices into a/b; None = all items in order).
-    ``guess``: the items' lower asymptote c (P = c + (1 − c) σ(·); 0 = the 2PL).
     Returns θ (d,) or (S, d).
     """
     a = np.asarray(a, dtype=np.float64)
@@ -210,7 +194,7 @@ def fit_ability(a, b, responses, items=None, prior_sd: float = 1.0, guess: float
     if r.shape[-1] != a.shape[0]:
         raise IRTError(f"fit_ability: {r.shape[-1]} answers for {a.shape[0]} items")
     check_responses(r.reshape(-1, r.shape[-1]) if r.size else r.reshape(0, 0), name="answers")
-    return map_logistic(a, -b, r, 0.0, 1.0 / prior_sd**2, guess=guess)
+    return map_logistic(a, -b, r, 0.0, 1.0 / prior_sd**2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,10 +211,6 @@ class MIRT2PL:
 
     After :meth:`fit`: ``a_`` (items × d), ``b_`` (items), ``theta_`` (subjects × d),
     ``n_iter_``, ``fit_seconds_``, ``loss_`` (mean negative log-likelihood per observed cell).
-
-    ``guess`` c (default 0): a fixed lower asymptote shared by every item, P = c + (1 − c)
-    σ(a·θ − b) -- the chance level of a multiple-choice or yes/no task (0.25 for four choices),
-    where a guessing subject answers right that often however weak it is.
     """
 
     dim: int = 2
@@ -240,7 +220,6 @@ class MIRT2PL:
     max_iter: int = 3000
     tol: float = 1e-7
     seed: int = 0
-    guess: float = 0.0
     a_: np.ndarray | None = field(default=None, repr=False)
     b_: np.ndarray | None = field(default=None, repr=False)
     theta_: np.ndarray | None = field(default=None, repr=False)
@@ -264,9 +243,6 @@ class MIRT2PL:
 
         if int(self.dim) != self.dim or self.dim < 1:
             raise IRTError(f"dim must be a positive integer, got {self.dim!r}")
-        c = float(self.guess)
-        if not 0.0 <= c < 1.0:
-            raise IRTError(f"guess (lower asymptote) must be in [0, 1), got {self.guess!r}")
         d = int(self.dim)
         Y = check_responses(Y)
         t0 = time.perf_counter()
@@ -290,12 +266,7 @@ class MIRT2PL:
             sp = np.maximum(Z, 0.0) + np.log1p(e)
             inv = 1.0 / (1.0 + e)
             P = np.where(Z >= 0, inv, e * inv)
-            if c > 0:  # P(right) = c + (1 − c) σ(Z); log P(wrong) = log(1 − c) − softplus(Z)
-                Pc = c + (1 - c) * P
-                nll = -(y * np.log(Pc) + (1 - y) * (np.log1p(-c) - sp))
-                loss = (mf * nll).sum()
-                R = mf * ((1 - y) * P - y * (1 - c) * P * (1 - P) / Pc)
-            elif full:
+            if full:
                 loss = (sp - y * Z).sum()
                 R = P - y
             else:
@@ -318,11 +289,7 @@ class MIRT2PL:
         theta, a, b = canonical_orientation(theta, a, b)
         self.theta_, self.a_, self.b_ = theta, a, b
         Z = theta @ a.T - b
-        if c > 0:
-            Pc = c + (1 - c) * _sigmoid(Z)
-            self.loss_ = float(-(mf * (y * np.log(Pc) + (1 - y) * np.log1p(-Pc))).sum() / n_obs)
-        else:
-            self.loss_ = float((mf * (_softplus(Z) - y * Z)).sum() / n_obs)
+        self.loss_ = float((mf * (_softplus(Z) - y * Z)).sum() / n_obs)
         self.n_iter_ = int(res.nit)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
@@ -345,7 +312,7 @@ class MIRT2PL:
             rng = np.random.default_rng(self.seed)
             theta[:, k:] = 0.01 * rng.standard_normal((M, d - k))
             a[:, k:] = 0.01 * rng.standard_normal((I, d - k))
-        pc = np.clip(pm if not self.guess else (pm - self.guess) / (1 - self.guess), 0.02, 0.98)
+        pc = np.clip(pm, 0.02, 0.98)
         b = -np.log(pc / (1 - pc))
         return theta, a, b
 
@@ -353,8 +320,7 @@ class MIRT2PL:
         """P(correct) for abilities ``theta`` (d or S × d) on every item: (items,) or (S, items)."""
         if self.a_ is None:
             raise IRTError("MIRT2PL: call fit() first")
-        P = _sigmoid(np.asarray(theta, dtype=np.float64) @ self.a_.T - self.b_)
-        return P if not self.guess else self.guess + (1 - self.guess) * P
+        return _sigmoid(np.asarray(theta, dtype=np.float64) @ self.a_.T - self.b_)
 
 
 def canonical_orientation(theta, a, b):

@@ -44,14 +44,13 @@ def fit_banks(ctx: SearchContext) -> None:
                         choose_given(ctx, task, bank)
                 else:
                     Y = np.stack([unbits(r["answers"][task]) for r in records]).astype(float)
-                    dim, guess = cfg.calibration.dim, 0.0
+                    dim = cfg.calibration.dim
                     if auto:  # chosen first: the chosen procedure may fix the bank's dimension
                         proc = choose_task_procedure(cfg, Y, item_ids, names, ctx.log)
                         dim = proc["dim"] if proc["dim"] is not None else dim
-                        guess = float(proc.get("guess") or 0.0)
                     t0 = time.perf_counter()
                     bank = irt.ItemBank.fit(Y, item_ids=item_ids, subject_names=names,
-                                            dim=dim, seed=cfg.seed, task=task, guess=guess)
+                                            dim=dim, seed=cfg.seed, task=task)
                     ctx.log(f"  item bank {task}: d={bank.dim}, fitted in "
                             f"{time.perf_counter() - t0:.1f}s on {len(names)} models")
                     if auto:

@@ -59,7 +59,7 @@ def procedure_of(cfg: RunConfig, bank=None):
     if fit.estimator != "auto":
         return Procedure(fit.estimator, fit.anchor_method, fit.rounds, cfg.calibration.dim)
     p = bank.meta["procedure"]
-    return Procedure(p["estimator"], p["anchor_method"], int(p["rounds"]), p.get("dim"), float(p.get("guess") or 0.0))
+    return Procedure(p["estimator"], p["anchor_method"], int(p["rounds"]), p.get("dim"))
 
 
 def task_procedure(ctx: SearchContext, task: str):
