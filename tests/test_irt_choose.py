@@ -76,6 +76,9 @@ def test_cli_check_auto(tmp_path, capsys):
     assert d["default"] == "pirt/info" and len(d["table"]) >= 10
     assert d["mae"] <= d["default_mae"]
     assert d["name"] in {r["name"] for r in d["table"]}
+    rc = main(["irt", "check", str(p), "-n", "8", "--auto", "--se", "100", "--json"])  # never clearly beaten
+    assert rc in (0, None)
+    assert json.loads(capsys.readouterr().out)["name"] == "pirt/info"
 
 
 def test_choice_carries_the_chosen_procedures_check():
