@@ -136,7 +136,7 @@ def choose_task_procedure(cfg: RunConfig, Y: np.ndarray, item_ids: list[str], na
                 "rounds": default.rounds, "dim": default.dim, "name": default.name, "chosen": False,
                 "reason": str(exc)}
     d = ch.to_dict()
-    d.update(chosen=True, seconds=round(time.perf_counter() - t0, 1), _check=ch.estimate_check())
+    d.update(chosen=True, se=AUTO_SE, seconds=round(time.perf_counter() - t0, 1), _check=ch.estimate_check())
     return d
 
 
@@ -163,10 +163,13 @@ def describe_procedure(p: dict | None) -> str | None:
     if not p.get("chosen"):
         return f"procedure: {p['name']} (the default; not chosen: {p.get('reason', '')})"
     runner = next((r for r in p["table"] if r["name"] != p["name"]), None)
+    tail = f"; {len(p['table'])} candidates; plain mean of {p['n']} random items: {p['plain_mean_mae']:.3f})"
+    if p["name"] == p["default"]:
+        rule = f" by more than {p['se']:g} standard error(s)" if p.get("se") else ""
+        return (f"procedure: the default {p['name']} kept (cross-fitted error {p['mae']:.3f}"
+                + (f"; best other {runner['name']}: {runner['mae']:.3f}, not better{rule}" if runner else "") + tail)
     return (f"procedure chosen: {p['name']} (cross-fitted error {p['mae']:.3f}; default {p['default']}: "
-            f"{p['default_mae']:.3f}; {len(p['table'])} candidates"
-            + (f", next best {runner['name']}: {runner['mae']:.3f}" if runner else "")
-            + f"; plain mean of {p['n']} random items: {p['plain_mean_mae']:.3f})")
+            f"{p['default_mae']:.3f}" + (f"; next best {runner['name']}: {runner['mae']:.3f}" if runner else "") + tail)
 
 
 def estimate_check(cfg: RunConfig, Y: np.ndarray, item_ids: list[str], names: list[str], dim: int):
