@@ -8,13 +8,19 @@ rounds × bank dimension) is chosen on the training part only, by cross-fitting 
 
 Columns (mean absolute error of the estimated full accuracy over all held-out subjects):
   plain      the plain mean of n random items (averaged over 20 random item sets)
-  default    today's default procedure: p-IRT on information anchors, 1 round (mp-IRT with endpoints)
+  default    today's default procedure: p-IRT on information anchors, 1 round (mp-IRT with endpoints;
+             on the zoo rows the demo's: mp-IRT, adaptive in 4 rounds)
   before     chosen per fold among the procedures the package offered before issue 18
              (p-IRT / gp-IRT × random / info / irt anchors, adaptive p-IRT 4 rounds; d by validation)
   after      chosen per fold by ``irt.choose_procedure`` among its default candidates
+  1-SE rule  the same candidates, chosen by the one-standard-error rule (``se=1``): the default,
+             else the plain mean of random items, is kept unless a candidate beats it by more than
+             one standard error of the paired per-subject difference (:func:`irt.pick_procedure`)
   ratio      after / plain;  target: after ≤ 0.03 and ratio ≤ 0.5
+The guess lever (a fixed lower asymptote c = 0.25 on the four-way multiple-choice sets) was
+measured with this script in commit b5bdb6f and removed: it did not help (docs/irt_real.md).
 
-Data (none of it is shipped: the sources carry no licence that allows redistribution):
+Data (none of it is shipped; fetch it as below):
   * OpenCompass results of 12 LLMs on 11 benchmarks (ARC-C, BBH, Chinese SimpleQA, GPQA Diamond,
     GSM8K, HellaSwag, HumanEval, MATH, MBPP, MMLU, TheoremQA), the binary matrix ``data/combine.csv``
     of github.com/Joe-Hall-Lee/PSN-IRT (Zhou et al. 2025, "Lost in Benchmarks?"):
@@ -24,14 +30,24 @@ Data (none of it is shipped: the sources carry no licence that allows redistribu
     e.g. HELM scenarios of github.com/felipemaiapolo/efficbench converted with ``--helm-jsonl``
     (py-irt jsonlines: {"subject_id", "responses": {item: 0/1}}; fold files of one scenario are merged
     by subject id).
+  * ChemBench (Mirza et al. 2024) as published by github.com/lamalab-org/irt-on-bench (MIT):
+    ``results/binary_matrix.csv``, 2,854 questions × 22 models (questions are rows there):
+        ``--chembench irt-on-bench/results/binary_matrix.csv``
+  * the zoo, from a search run's banks (``--zoo-run RUN_DIR``): every bank (one per task) holds the
+    calibration answers of base + experts + ``calibration.samples`` sampled merges, e.g. a run of
+    ``benchmarks/irt_real.py --make-zoo-run DIR`` (160 merges, 4 tasks, 200 search items each,
+    ~6 min on 2 cores). Protocol: the merges in 4 groups of ``--zoo-calib`` (40); for each group the
+    training part is the endpoints + that group (a search's calibration population) and the other
+    merges are held out.
   * the zoo (``--zoo``): base, 3 experts and 150 random merges answering each task's search items,
     from ``benchmarks/irt_error.py --zoo``'s cache (.cache/irt_bench); the training part there is the
-    endpoints + 40 merges (the search's calibration population) and the other merges are held out.
+    endpoints + 40 merges and the other merges are held out.
 Sets with more than ``--max-items`` (default 1000) items use a seeded random subset of that
 many items (for time; the accuracy to estimate is then the one on that subset).
 Sets whose data is absent are skipped with a note (never an error).
 
-Usage:  python benchmarks/irt_real.py [--n 10,20,40] [--sets ARC-C,MMLU] [--zoo] [--matrix NAME=PATH]
+Usage:  python benchmarks/irt_real.py [--n 10,20,40] [--sets ARC-C,MMLU] [--psn PATH] [--chembench PATH]
+                                     [--zoo-run RUN_DIR] [--matrix NAME=PATH]
 """
 
 from __future__ import annotations
@@ -50,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from irt import ItemBank  # noqa: E402
-from irt.choose import DEFAULT_OPTIONS, ENDPOINT_OPTIONS, Procedure, crossfit_procedures  # noqa: E402
+from irt.choose import DEFAULT_OPTIONS, ENDPOINT_OPTIONS, Procedure, crossfit_procedures, pick_procedure  # noqa: E402
 from irt.validate import PLAIN_DRAWS, heldout_estimates  # noqa: E402
 
 PSN_RANGES = {  # first column of each benchmark in PSN-IRT's data/combine.csv (analysis/irt_statistics.py)
@@ -85,6 +101,64 @@ def helm_jsonl(paths):
     return Y, names
 
 
+def chembench_set(path):
+    """irt-on-bench's results/binary_matrix.csv: questions × models (first column: question index)."""
+    import csv
+
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    names = rows[0][1:]
+    Y = np.array([[float(v) if v != "" else np.nan for v in r[1:]] for r in rows[1:]]).T
+    return Y, names
+
+
+def zoo_run_sets(run_dir):
+    """One set per task from a search run's banks: (responses, subject names, endpoints)."""
+    from irt import ItemBank
+
+    banks = Path(run_dir) / "banks"
+    out = {}
+    for p in sorted(banks.glob("*.bank.safetensors")):
+        bank = ItemBank.load(p)
+        if bank.responses is None:
+            continue
+        names = bank.subject_names
+        out[f"zoo {p.name.removesuffix('.bank.safetensors')}"] = (
+            bank.responses, names, [n for n in names if not n.startswith("sample-")])
+    return out
+
+
+def make_zoo_run(root, samples=160, tasks=("lang", "cipher", "upper", "cipher_choice"), items=200):
+    """A small search run on the zoo (demo config; 1 generation) whose banks hold the calibration
+    answers of base + experts + ``samples`` sampled merges on ``items`` search items per task."""
+    import yaml
+
+    from evomerge.config import parse_config
+    from evomerge.search.loop import run_search
+
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg["run_dir"] = str(Path(root) / "run")
+    cfg["tasks"] = [{"zoo": t, "search_limit": items} for t in tasks]
+    cfg["calibration"] = {"samples": samples, "dim": 2}  # the banks only carry the answers here
+    cfg["optimizer"].update(generations=1, population=4)
+    cfg["final"].update(top_k=1, write_model=False, baselines=False)
+    return run_search(parse_config(cfg), log=print).root
+
+
+def group_splits(names, endpoints, size, seed, folds=4):
+    """Training parts of endpoints + ``size`` merges (``folds`` disjoint groups); the other merges held out."""
+    rng = np.random.default_rng(seed)
+    ends = np.array([i for i, s in enumerate(names) if s in endpoints])
+    merges = rng.permutation([i for i, s in enumerate(names) if s not in endpoints])
+    k = min(folds, len(merges) // size)
+    out = []
+    for j in range(k):
+        grp = merges[j * size:(j + 1) * size]
+        train = np.sort(np.concatenate([ends, grp]))
+        out.append((train, np.setdiff1d(np.arange(len(names)), train)))
+    return out
+
+
 def _drop_constant(Y):
     keep = np.nanstd(Y, axis=0) > 0
     return Y[:, keep] if keep.sum() >= 2 else Y
@@ -97,13 +171,25 @@ def _choose(maes, options, pool, default):
     return options[best] if maes[best] < maes[kd] else options[kd]
 
 
-def evaluate(Y, names, endpoints, n_list, *, folds=4, seed=0, train_override=None, inner_folds=4, quiet=False):
-    """One matrix: returns {n: {plain, default, before, after, choices_before, choices_after}}."""
+PLAIN = Procedure("mean", "random", 1)
+
+
+def _choose_se(err, options, pool, default, se=1.0):
+    """The one-standard-error rule among ``pool``: the default, then the plain mean, unless clearly beaten."""
+    rows = [options.index(p) for p in dict.fromkeys([default, PLAIN, *pool]) if p in options]
+    k = pick_procedure(err[rows], 0, se=se, prefer=[1] if options[rows[1]] == PLAIN else [])
+    return options[rows[k]]
+
+
+def evaluate(Y, names, endpoints, n_list, *, folds=4, seed=0, train_override=None, inner_folds=4, quiet=False,
+             default=None):
+    """One matrix: returns {n: {plain, default, before, after, after_se, and the choices per fold}}."""
     M, N = Y.shape
     endpoints = list(endpoints)
     new_opts = list(DEFAULT_OPTIONS) + (list(ENDPOINT_OPTIONS) if endpoints else [])
     old_opts = list(OLD_OPTIONS) + (list(OLD_ENDPOINT) if endpoints else [])
-    default = Procedure("mpirt", "info", 1) if endpoints else Procedure("pirt", "info", 1)
+    if default is None:
+        default = Procedure("mpirt", "info", 1) if endpoints else Procedure("pirt", "info", 1)
     allopts = list(dict.fromkeys([default, *old_opts, *new_opts]))
     rng = np.random.default_rng(seed)
     others = np.array([m for m in range(M) if names[m] not in endpoints])
@@ -112,7 +198,8 @@ def evaluate(Y, names, endpoints, n_list, *, folds=4, seed=0, train_override=Non
     else:
         groups = np.array_split(rng.permutation(others), folds)
         splits = [(np.setdiff1d(np.arange(M), g), g) for g in groups]
-    res = {n: {"plain": [], "default": [], "before": [], "after": [], "cb": [], "ca": []} for n in n_list}
+    res = {n: {"plain": [], "default": [], "before": [], "after": [], "cb": [], "ca": [], "after_se": [], "cse": []}
+           for n in n_list}
     for train, g in splits:
         truth = np.nanmean(Y[g], axis=1)
         tn = [names[m] for m in train]
@@ -131,7 +218,10 @@ def evaluate(Y, names, endpoints, n_list, *, folds=4, seed=0, train_override=Non
             maes = np.abs(err).mean(1)
             pb = _choose(maes, opts, old_opts, default)
             pa = _choose(maes, opts, new_opts, default)
-            for key, p in (("default", default), ("before", pb), ("after", pa)):
+            pse = _choose_se(err, opts, new_opts, default)
+            res[n]["cse"].append(pse.name)
+            todo = [("default", default), ("before", pb), ("after", pa), ("after_se", pse)]
+            for key, p in todo:
                 bank = bank_for(p.dim)
                 E = bank.subject_theta(endpoints) if p.estimator in ("mpirt", "gmpirt") else None
                 est = heldout_estimates(bank, Y[g], n_, estimator=p.estimator, anchor_method=p.anchor_method,
@@ -144,7 +234,8 @@ def evaluate(Y, names, endpoints, n_list, *, folds=4, seed=0, train_override=Non
                 warnings.simplefilter("ignore", RuntimeWarning)
                 res[n]["plain"].extend(np.nanmean([np.abs(np.nanmean(Y[np.ix_(g, p)], axis=1) - truth)
                                                    for p in picks], axis=0))
-    return {n: {k: (float(np.mean(v)) if k not in ("cb", "ca") else v) for k, v in r.items()} for n, r in res.items()}
+    return {n: {k: (float(np.mean(v)) if k not in ("cb", "ca", "cse") else v) for k, v in r.items()}
+            for n, r in res.items()}
 
 
 def _fmt_choices(c):
@@ -155,14 +246,14 @@ def _fmt_choices(c):
 def print_table(rows, n):
     print(f"\n### {n} items per subject\n")
     print("| set | subjects × items | plain mean | default | before (chosen) | after (chosen) | after / plain "
-          "| target | chosen after (per fold) |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---|")
+          "| target | chosen after (per fold) | after, 1-SE rule | chosen (per fold) |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---|---:|---|")
     for name, shape, r in rows:
         x = r[n]
         ok = x["after"] <= 0.03 and x["after"] <= 0.5 * x["plain"]
         print(f"| {name} | {shape[0]} × {shape[1]} | {x['plain']:.3f} | {x['default']:.3f} | {x['before']:.3f} | "
               f"**{x['after']:.3f}** | {x['after'] / x['plain']:.2f} | {'met' if ok else 'not met'} "
-              f"| {_fmt_choices(x['ca'])} |")
+              f"| {_fmt_choices(x['ca'])} | {x['after_se']:.3f} | {_fmt_choices(x['cse'])} |")
     sys.stdout.flush()
 
 
@@ -186,11 +277,17 @@ def main(argv=None):
     ap.add_argument("--zoo", action="store_true", help="add the zoo tasks (needs irt_error.py --zoo's cache)")
     ap.add_argument("--zoo-cache", default=str(ROOT / ".cache" / "irt_bench"))
     ap.add_argument("--zoo-calib", type=int, default=40)
+    ap.add_argument("--make-zoo-run", default=None, help="first run the zoo search whose banks --zoo-run reads, here")
+    ap.add_argument("--zoo-run", default=None, help="a search run directory whose banks hold the zoo's calibration answers")
+    ap.add_argument("--chembench", default=os.environ.get("IRT_REAL_CHEMBENCH"),
+                    help="irt-on-bench's results/binary_matrix.csv")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-items", type=int, default=1000,
                     help="larger sets: a seeded random subset of this many items (the target is then the "
                          "accuracy on that subset; 0 = all items)")
     args = ap.parse_args(argv)
+    if args.make_zoo_run:
+        args.zoo_run = str(make_zoo_run(args.make_zoo_run))
     n_list = [int(x) for x in args.n.split(",")]
     sets = {}
     if args.psn and Path(args.psn).is_file():
@@ -205,6 +302,9 @@ def main(argv=None):
             sets[name] = (Y, names, [])
         else:
             print(f"{name}: {path} absent, skipped")
+    if args.chembench and Path(args.chembench).is_file():
+        Y, names = chembench_set(args.chembench)
+        sets["ChemBench"] = (Y, names, [])
     for spec in args.helm_jsonl:
         import glob
         name, pat = spec.split("=", 1)
@@ -214,8 +314,8 @@ def main(argv=None):
             sets[name] = (Y, names, [])
         else:
             print(f"{name}: no file matches {pat}, skipped")
-    if args.sets:
-        keep = [s.strip() for s in args.sets.split(",")]
+    keep = [s.strip() for s in args.sets.split(",")] if args.sets else None
+    if keep:
         sets = {k: v for k, v in sets.items() if k in keep}
     rows = []
     t0 = time.time()
@@ -230,6 +330,20 @@ def main(argv=None):
         print(f"{name}: {Y.shape[0]} × {Y.shape[1]} in {time.time() - t:.0f} s; at {n_list[len(n_list) // 2]}: "
               + ", ".join(f"{k} {r[n_list[len(n_list) // 2]][k]:.3f}" for k in ("plain", "default", "before", "after")),
               flush=True)
+    if args.zoo_run:
+        zs = zoo_run_sets(args.zoo_run)
+        if not zs:
+            print(f"no bank with calibration answers in {args.zoo_run}/banks: skipped")
+        for name, (Y, names, endpoints) in zs.items():
+            if args.sets and name not in keep:
+                continue
+            t = time.time()
+            splits = group_splits(names, endpoints, args.zoo_calib, args.seed)
+            r = evaluate(Y, names, endpoints, n_list, seed=args.seed, train_override=splits,
+                         default=Procedure("mpirt", "info", 4))  # the demo's: adaptive, 4 rounds
+            rows.append((name, Y.shape, r))
+            print(f"{name}: {Y.shape[0]} × {Y.shape[1]}, {len(splits)} training parts of {len(endpoints)} endpoints "
+                  f"+ {args.zoo_calib} merges, in {time.time() - t:.0f} s", flush=True)
     if args.zoo:
         zs = zoo_sets(args.zoo_cache)
         if not zs:

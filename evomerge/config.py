@@ -290,7 +290,10 @@ class RacingConfig(_Strict):
 
 
 class FitnessConfig(_Strict):
-    estimator: Literal["mean", "pirt", "gpirt", "mpirt", "gmpirt", "full"] = "mpirt"
+    estimator: Literal["mean", "pirt", "gpirt", "mpirt", "gmpirt", "full", "auto"] = Field(
+        "mpirt", description="auto: per task, the few-item procedure (estimator x anchor design x rounds x "
+        "bank dimension) with the smallest error cross-fitted on the calibration models "
+        "(irt.choose_procedure); it must beat mpirt with this anchor_method and rounds, else that is kept")
     anchors: Int = Field(20, ge=1, description="anchor items per task (ignored by 'full')")
     anchor_method: Literal["random", "correctness", "irt", "info"] = "info"
     rounds: Int = Field(1, ge=1, description="1: the same anchors for every candidate; R > 1: an "
@@ -302,11 +305,11 @@ class FitnessConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_rounds(self):
-        if self.racing.stages and self.estimator not in ("pirt", "mpirt"):
+        if self.racing.stages and self.estimator not in ("pirt", "mpirt", "auto"):
             raise _field_error("racing.stages", f"{self.racing.stages} sharpening stages need estimator pirt or mpirt, "
                                f"not {self.estimator!r}: a contender's extra items are chosen from its answers, "
                                "which biases a plain mean; set racing.stages: 0 or change the estimator")
-        if self.rounds > 1 and self.estimator not in ("pirt", "mpirt"):
+        if self.rounds > 1 and self.estimator not in ("pirt", "mpirt", "auto"):
             raise _field_error("rounds", f"{self.rounds} rounds (adaptive anchors) need estimator pirt "
                              f"or mpirt, not {self.estimator!r}: adaptively chosen items are not a "
                              "representative sample, so their plain mean (used by mean, gpirt, gmpirt) "

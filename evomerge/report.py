@@ -49,7 +49,10 @@ def write_report(run_dir: str | Path | RunDir) -> Path:
               f" ({cfg['optimizer']['sampler'] if cfg['optimizer']['name'] == 'optuna' else 'cmaes'})")
     fit = cfg["fitness"]
     md.append(f"- fitness: {fit['estimator']}"
-              + ("" if fit["estimator"] == "full" else _anchors_text(fit)) + f", aggregate {fit['aggregate']}")
+              + ("" if fit["estimator"] == "full" else f" on {fit['anchors']} items per task"
+                 if fit["estimator"] == "auto" else _anchors_text(fit)) + f", aggregate {fit['aggregate']}"
+              + ("; the procedure per task chosen on the calibration models (see Item banks)"
+                 if fit["estimator"] == "auto" else ""))
     md.append(f"- stage: {rd.state().get('stage')}; {len(evals)} candidates evaluated, "
               f"{sum(r.get('items', 0) for r in evals)} items answered")
     md.append("")
@@ -230,12 +233,15 @@ def _banks_section(rd: RunDir) -> list[str]:
 
     from safetensors import safe_open
 
+    from evomerge.search.banks import describe_procedure
+
     paths = sorted(rd.banks.glob("*.bank.safetensors")) if rd.banks.exists() else []
     if not paths:
         return []
     md = ["## Item banks", "",
           "| task | d | calibration models | expected error of the estimate | bias | plain mean of random items "
           "| sd of true accuracies |", "|---|---:|---:|---:|---:|---:|---:|"]
+    procs: list[str] = []  # fitness.estimator: auto
     for p in paths:
         with safe_open(str(p), framework="numpy") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
@@ -245,10 +251,16 @@ def _banks_section(rd: RunDir) -> list[str]:
                   f"{c['accuracy_sd']:.3f}"] if c else ["—"] * 4)
         md.append(f"| {p.name.removesuffix('.bank.safetensors')} | {meta.get('dim', '—')} | {n_sub} | "
                   + " | ".join(cells) + " |")
+        if describe_procedure(meta.get("procedure")):
+            procs.append(f"- {p.name.removesuffix('.bank.safetensors')}: {describe_procedure(meta['procedure'])}")
     md += ["", "Expected error: mean |estimate − accuracy on all search items| of the fitness procedure, "
            "cross-fitted on the sampled calibration models (4 folds; each fold's bank sees 3/4 of them, so "
            "slightly pessimistic). Where it is large next to the differences between the candidates that "
            "matter, raise `calibration.samples`.", ""]
+    if procs:
+        md += ["Few-item procedure per task (`fitness.estimator: auto`: chosen by the same cross-fit among "
+               "the candidates, the default kept unless beaten by more than one standard error; another "
+               "procedure's error is the smallest of the candidates', so slightly optimistic):", "", *procs, ""]
     return md
 
 

@@ -34,7 +34,8 @@ from irt.estimators import ESTIMATORS
 from irt.model import check_responses
 from irt.validate import PLAIN_DRAWS, heldout_estimates, subject_folds
 
-__all__ = ["DEFAULT_OPTIONS", "Procedure", "ProcedureChoice", "choose_procedure", "crossfit_procedures"]
+__all__ = ["DEFAULT_OPTIONS", "Procedure", "ProcedureChoice", "choose_procedure", "crossfit_procedures",
+           "pick_procedure"]
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,9 @@ class ProcedureChoice:
     ``rounds`` / ``dim`` and its cross-fitted ``mae``; ``table``: every candidate (dicts with
     ``estimator, anchor_method, rounds, dim, name, mae, bias``), best first; ``plain_mean_mae``:
     the plain mean of ``n`` random items on the same held-out subjects; ``default_mae``: the
-    cross-fitted error of ``default`` (the procedure used without the choice)."""
+    cross-fitted error of ``default`` (the procedure used without the choice); ``subjects`` /
+    ``errors``: the tested subjects and the chosen procedure's signed error on each;
+    ``accuracy_sd``: the spread of their accuracies (for scale)."""
 
     estimator: str
     anchor_method: str
@@ -96,6 +99,9 @@ class ProcedureChoice:
     default: str
     default_mae: float
     table: list[dict] = field(default_factory=list)
+    subjects: list[str] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)
+    accuracy_sd: float = float("nan")
 
     @property
     def procedure(self) -> Procedure:
@@ -110,6 +116,18 @@ class ProcedureChoice:
         d = asdict(self)
         d["name"] = self.name
         return d
+
+    def estimate_check(self):
+        """The chosen procedure's cross-fitted error as an :class:`irt.validate.EstimateCheck`
+        (the same numbers as the choice; the smallest of the candidates' errors, so slightly
+        optimistic)."""
+        from irt.validate import EstimateCheck
+
+        return EstimateCheck(n=self.n, estimator=self.estimator, anchor_method=self.anchor_method,
+                             rounds=int(self.rounds), folds=self.folds, n_subjects=self.n_subjects,
+                             mae=self.mae, bias=float(np.mean(self.errors)) if self.errors else float("nan"),
+                             accuracy_sd=self.accuracy_sd, plain_mean_mae=self.plain_mean_mae,
+                             subjects=list(self.subjects), errors=list(self.errors))
 
 
 def _as_procedure(o) -> Procedure:
@@ -188,9 +206,31 @@ def crossfit_procedures(Y, item_ids=None, subject_names=None, *, options=DEFAULT
     return options, err[:, tested], plain[tested], tested
 
 
+def pick_procedure(err, default: int, *, margin: float = 0.0, se: float = 0.0, prefer=()) -> int:
+    """The row of ``err`` (candidates × tested subjects, signed cross-fitted errors) to choose.
+
+    ``se`` = 0: the smallest mean absolute error, unless it does not beat row ``default`` by more
+    than ``margin``. ``se`` > 0 (the one-standard-error rule): the first of ``default``, then the
+    rows in ``prefer``, whose absolute errors exceed the best candidate's by at most ``margin`` +
+    ``se`` standard errors of the paired per-subject difference -- with a dozen subjects the
+    smallest of many noisy errors is mostly luck, and a procedure known to be robust (the default,
+    the plain mean) is kept unless clearly beaten; else the best."""
+    ae = np.abs(np.asarray(err, dtype=np.float64))
+    mae = ae.mean(1)
+    best = int(np.argsort(mae, kind="stable")[0])
+    if se <= 0:
+        return best if mae[best] < mae[default] - margin else int(default)
+    for k in (default, *prefer):
+        d = ae[k] - ae[best]
+        sem = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else 0.0
+        if d.mean() <= margin + se * sem:
+            return int(k)
+    return best
+
+
 def choose_procedure(Y, item_ids=None, subject_names=None, *, n: int = 20, options=None, endpoints=(),
                      folds: int = 4, seed: int = 0, default=None, margin: float = 0.0,
-                     dims=(1, 2, 3, 5)) -> ProcedureChoice:
+                     dims=(1, 2, 3, 5), se: float = 0.0, prefer=()) -> ProcedureChoice:
     """The few-item procedure with the smallest cross-fitted error on these subjects.
 
     ``Y``: calibration subjects × items (0/1, NaN = missing), e.g. a search's calibration
@@ -200,16 +240,19 @@ def choose_procedure(Y, item_ids=None, subject_names=None, *, n: int = 20, optio
     :data:`DEFAULT_OPTIONS` (+ :data:`ENDPOINT_OPTIONS` with endpoints). ``default``: the procedure
     used without a choice (default ``mpirt/info/1`` with endpoints, else ``pirt/info/1``); it is
     always evaluated, and another candidate is chosen only if its error is lower by more than
-    ``margin``. Returns a :class:`ProcedureChoice` (chosen procedure + every candidate's error).
+    ``margin`` (with ``se`` > 0: by more than ``margin`` + ``se`` standard errors, and the
+    procedures in ``prefer`` are tried next; see :func:`pick_procedure`). Returns a
+    :class:`ProcedureChoice` (chosen procedure + every candidate's error).
     """
     if options is None:
         options = list(DEFAULT_OPTIONS) + (list(ENDPOINT_OPTIONS) if endpoints else [])
     options = [_as_procedure(o) for o in options]
     default = _as_procedure(default) if default is not None else (
         Procedure("mpirt", "info", 1) if endpoints else Procedure("pirt", "info", 1))
+    prefer = [_as_procedure(o) for o in prefer]
     if default not in options:
         options = [default, *options]
-    options = list(dict.fromkeys(options))
+    options = list(dict.fromkeys([*options, *prefer]))
     opts, err, plain, tested = crossfit_procedures(Y, item_ids, subject_names, options=options, n=n,
                                                    endpoints=endpoints, folds=folds, seed=seed, dims=dims)
     mae = np.abs(err).mean(1)
@@ -219,12 +262,15 @@ def choose_procedure(Y, item_ids=None, subject_names=None, *, n: int = 20, optio
               "dim": opts[k].dim, "name": opts[k].name, "mae": float(mae[k]), "bias": float(bias[k])}
              for k in order]
     kd = opts.index(default)
-    best = int(order[0])
-    if not mae[best] < mae[kd] - margin:
-        best = kd
+    best = pick_procedure(err, kd, margin=margin, se=se, prefer=[opts.index(q) for q in prefer])
     p = opts[best]
     Yc = np.asarray(Y, dtype=np.float64)
+    names = list(subject_names) if subject_names is not None else [f"subject{m}" for m in range(Yc.shape[0])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        acc_sd = float(np.nanmean(Yc[tested], axis=1).std()) if len(tested) else float("nan")
     return ProcedureChoice(estimator=p.estimator, anchor_method=p.anchor_method, rounds=p.rounds, dim=p.dim,
                            mae=float(mae[best]), n=min(int(n), Yc.shape[1]), folds=min(int(folds), len(tested)),
                            n_subjects=len(tested), plain_mean_mae=float(np.mean(plain)), default=default.name,
-                           default_mae=float(mae[kd]), table=table)
+                           default_mae=float(mae[kd]), table=table, subjects=[names[m] for m in tested],
+                           errors=[float(e) for e in err[best]], accuracy_sd=acc_sd)

@@ -76,3 +76,41 @@ def test_cli_check_auto(tmp_path, capsys):
     assert d["default"] == "pirt/info" and len(d["table"]) >= 10
     assert d["mae"] <= d["default_mae"]
     assert d["name"] in {r["name"] for r in d["table"]}
+    rc = main(["irt", "check", str(p), "-n", "8", "--auto", "--se", "100", "--json"])  # never clearly beaten
+    assert rc in (0, None)
+    assert json.loads(capsys.readouterr().out)["name"] == "pirt/info"
+
+
+def test_choice_carries_the_chosen_procedures_check():
+    # the chosen procedure's per-subject errors equal a cross_validate_estimates of it on the
+    # same folds (same seed, same fixed dimension)
+    from irt import cross_validate_estimates
+
+    Y = _sim(M=24, N=60, seed=5)
+    ch = choose_procedure(Y, n=8, options=[("pirt", "info", 1, 1), ("pirt", "random", 1, 1)],
+                          default=("pirt", "info", 1, 1))
+    c = ch.estimate_check()
+    ref = cross_validate_estimates(Y, n=8, estimator=ch.estimator, anchor_method=ch.anchor_method, dim=1)
+    assert c.mae == pytest.approx(ref.mae, abs=1e-12) and c.bias == pytest.approx(ref.bias, abs=1e-12)
+    assert c.subjects == ref.subjects and c.errors == pytest.approx(ref.errors, abs=1e-12)
+    assert c.accuracy_sd == pytest.approx(ref.accuracy_sd, abs=1e-12)
+    assert c.n == 8 and c.folds == 4 and c.n_subjects == 24
+    json.dumps(ch.to_dict())
+
+
+def test_one_standard_error_rule():
+    from irt.choose import pick_procedure
+
+    rng = np.random.default_rng(0)
+    base = 0.1 + rng.uniform(0.0, 0.02, 12)              # absolute errors of 12 subjects
+    noisy_better = base - 0.004 + np.tile([0.03, -0.03], 6)  # better on average by 0.004, SE ≈ 0.009
+    clear_better = base - 0.04 + rng.normal(0, 0.002, 12)  # better on every subject
+    err = np.stack([base, noisy_better])
+    assert np.abs(err[1]).mean() < np.abs(err[0]).mean()
+    assert pick_procedure(err, 0) == 1                     # smallest error wins
+    assert pick_procedure(err, 0, se=1.0) == 0             # ... but not clearly: the default stays
+    assert pick_procedure(np.stack([base, clear_better]), 0, se=1.0) == 1
+    # a bad default, a plain mean within noise of the best: the preferred plain mean is chosen
+    err = np.stack([base + 0.2, noisy_better, base])
+    assert pick_procedure(err, 0, se=1.0, prefer=[2]) == 2
+    assert pick_procedure(err, 0, se=1.0) == int(np.argmin(np.abs(err).mean(1)))

@@ -35,32 +35,70 @@ def unbits(s: str) -> np.ndarray:
     return np.frombuffer(s.encode(), dtype=np.uint8).astype(np.int8) - ord("0")
 
 
-def first_round_size(cfg: RunConfig, n_items: int) -> int:
-    """Items in the fixed anchor set: all anchors, or round 1 of an adaptive test."""
+def first_round_size(cfg: RunConfig, n_items: int, rounds: int | None = None) -> int:
+    """Items in the fixed anchor set: all anchors, or round 1 of an adaptive test of ``rounds``
+    rounds (default ``fitness.rounds``)."""
     from irt.adaptive import round_sizes
 
     n = min(cfg.fitness.anchors, n_items)
-    return round_sizes(n, cfg.fitness.rounds)[0]
+    return round_sizes(n, cfg.fitness.rounds if rounds is None else rounds)[0]
 
 
 def endpoint_refs(cfg: RunConfig) -> list[str]:
     return ["base", *cfg.models.endpoints]
 
 
-def _endpoint_theta(ctx: SearchContext, task: str):
-    est = ctx.cfg.fitness.estimator
+def procedure_of(cfg: RunConfig, bank=None):
+    """The few-item procedure (:class:`irt.Procedure`) of a task: the config's, or with
+    ``fitness.estimator: auto`` the one chosen on the calibration models and recorded in the
+    task's bank (``bank.meta["procedure"]``, see :mod:`evomerge.search.banks`) -- a resumed run
+    reads it back, never chooses again."""
+    from irt.choose import Procedure
+
+    fit = cfg.fitness
+    if fit.estimator != "auto":
+        return Procedure(fit.estimator, fit.anchor_method, fit.rounds, cfg.calibration.dim)
+    p = bank.meta["procedure"]
+    return Procedure(p["estimator"], p["anchor_method"], int(p["rounds"]), p.get("dim"))
+
+
+def task_procedure(ctx: SearchContext, task: str):
+    """:func:`procedure_of` the run's bank for ``task``."""
+    return procedure_of(ctx.cfg, ctx.banks.get(task))
+
+
+def can_sharpen(cfg: RunConfig) -> bool:
+    """Whether candidates may be asked adaptively chosen extra items (racing, sharpened
+    finalists): the estimator is pirt / mpirt, or auto (each task then sharpens with
+    :func:`sharpen_estimator`)."""
+    return cfg.fitness.estimator in (*ADAPTIVE_ESTIMATORS, "auto")
+
+
+def sharpen_estimator(ctx: SearchContext, task: str) -> str:
+    """The estimator of a sharpened (adaptively extended) estimate on ``task``: the task's own
+    where it stays unbiased on adaptively chosen items, else mp-IRT (p-IRT where the bank lacks
+    the endpoints)."""
+    est = task_procedure(ctx, task).estimator
+    if est in ADAPTIVE_ESTIMATORS:
+        return est
+    names = set(ctx.banks[task].subject_names)
+    return "mpirt" if set(endpoint_refs(ctx.cfg)) <= names else "pirt"
+
+
+def _endpoint_theta(ctx: SearchContext, task: str, est: str | None = None):
+    est = task_procedure(ctx, task).estimator if est is None else est
     return ctx.banks[task].subject_theta(endpoint_refs(ctx.cfg)) if est in ("mpirt", "gmpirt") else None
 
 
 def estimate_task(ctx: SearchContext, task: str, answers: np.ndarray) -> float:
     """Estimated full accuracy of ``task`` from the anchor answers (or exact, for 'full')."""
-    est = ctx.cfg.fitness.estimator
-    if est == "full":
+    if ctx.cfg.fitness.estimator == "full":
         return float(answers.mean())
     import irt
 
+    est = task_procedure(ctx, task).estimator
     return float(irt.estimate_accuracy(est, ctx.banks[task], ctx.anchors[task], anchor_answers=answers,
-                                       endpoint_theta=_endpoint_theta(ctx, task)))
+                                       endpoint_theta=_endpoint_theta(ctx, task, est)))
 
 
 def adaptive_task(ctx: SearchContext, task: str) -> tuple[list[int], np.ndarray, float]:
@@ -72,13 +110,15 @@ def adaptive_task(ctx: SearchContext, task: str) -> tuple[list[int], np.ndarray,
 
     cfg = ctx.cfg
     bank = ctx.banks[task]
+    proc = task_procedure(ctx, task)
     items = ctx.tasks[task].search.items
     to_task = ctx.bank_to_task(task)  # bank position -> position in the task's items
     try:
         res = run_adaptive(bank, lambda pos: ctx.answer(task, "search", to_task[pos]),
-                           n=min(cfg.fitness.anchors, len(items)), rounds=cfg.fitness.rounds,
-                           first=ctx.anchors[task].idx, estimator=cfg.fitness.estimator,
-                           endpoint_theta=_endpoint_theta(ctx, task), candidates=np.flatnonzero(to_task >= 0))
+                           n=min(cfg.fitness.anchors, len(items)), rounds=proc.rounds,
+                           first=ctx.anchors[task].idx, estimator=proc.estimator,
+                           endpoint_theta=_endpoint_theta(ctx, task, proc.estimator),
+                           candidates=np.flatnonzero(to_task >= 0))
     except irt.IRTError as exc:
         raise EvomergeError(f"task {task!r}: {exc}") from None
     return [int(p) for p in to_task[res.asked]], res.answers.astype(np.int8), float(res.estimate)
@@ -98,7 +138,7 @@ def evaluate_candidate(ctx: SearchContext, genome: np.ndarray, generation: int, 
     t1 = time.perf_counter()
     answers, estimates, asked = {}, {}, {}
     for task in ctx.tasks:
-        if ctx.cfg.fitness.rounds > 1:
+        if ctx.cfg.fitness.estimator != "full" and task_procedure(ctx, task).rounds > 1:
             asked[task], a, estimates[task] = adaptive_task(ctx, task)
         else:
             idx = None if ctx.cfg.fitness.estimator == "full" else ctx.anchor_positions[task]
@@ -162,8 +202,9 @@ def sharpen(ctx: SearchContext, rec: dict, stage: int, phase: str) -> dict:
                     got = ctx.answer(task, "search", to_task[new])
                     asked_b = np.concatenate([asked_b, new])
                     answers = np.concatenate([answers, got.astype(np.float64)])
-            est = irt.estimate_accuracy(ctx.cfg.fitness.estimator, bank, asked_b, None, answers,
-                                        endpoint_theta=_endpoint_theta(ctx, task))
+            est_name = sharpen_estimator(ctx, task)
+            est = irt.estimate_accuracy(est_name, bank, asked_b, None, answers,
+                                        endpoint_theta=_endpoint_theta(ctx, task, est_name))
         except irt.IRTError as exc:
             raise EvomergeError(f"task {task!r}: {exc}") from None
         asked_out[task] = [int(p) for p in to_task[asked_b]]

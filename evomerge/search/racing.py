@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from evomerge.search.executor import sharpen_job
-from evomerge.search.fitness import ADAPTIVE_ESTIMATORS, expected_error, scalar_fitness
+from evomerge.search.fitness import can_sharpen, expected_error, scalar_fitness
 
 RACE, FINAL = "race", "final"
 DEFAULT_MARGIN = 0.02
@@ -48,9 +48,9 @@ class RacingPlan:
 
 def racing_stages(cfg) -> int:
     """Sharpening stages of a run: ``fitness.racing.stages``, or the default (2) where the
-    estimator allows adaptively chosen items (pirt, mpirt), else 0."""
+    estimator allows adaptively chosen items (pirt, mpirt, auto), else 0."""
     fit = cfg.fitness
-    if fit.estimator not in ADAPTIVE_ESTIMATORS:
+    if not can_sharpen(cfg):
         return 0
     return 2 if fit.racing.stages is None else int(fit.racing.stages)
 

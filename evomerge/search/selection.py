@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from evomerge.search.executor import sharpen_job
-from evomerge.search.fitness import ADAPTIVE_ESTIMATORS, expected_error, record_items, scalar_fitness
+from evomerge.search.fitness import can_sharpen, expected_error, record_items, scalar_fitness
 from evomerge.search.racing import FINAL, advance, line_key, racing_stages
 from evomerge.search.rundir import append_jsonl, read_jsonl
 
@@ -65,7 +65,7 @@ def diverse_top(records: list[dict], k: int, min_distance: float) -> list[dict]:
 def final_stage(cfg) -> int | None:
     """The stage finalists are sharpened to (one beyond the last race), or None where the run
     cannot sharpen (``final.sharpen`` off, or an estimator that cannot use adaptive items)."""
-    if not cfg.final.sharpen or cfg.fitness.estimator not in ADAPTIVE_ESTIMATORS:
+    if not cfg.final.sharpen or not can_sharpen(cfg):
         return None
     return racing_stages(cfg) + 1
 
