@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from evomerge.config import parse_config
+from evomerge.report import write_report
 from evomerge.search.loop import run_search
 from evomerge.search.rundir import read_jsonl
 from test_search import short_heldout_tasks, small_config
@@ -54,7 +55,7 @@ def test_auto_procedure_chosen_recorded_used_and_reused_on_resume(zoo, tmp_path,
                 est = irt.estimate_accuracy(proc.estimator, bank, anchors, anchor_answers=ans, endpoint_theta=E)
             assert est == pytest.approx(e["estimates"][task], abs=1e-12)
     assert any("procedure chosen:" in ln or "procedure: the default" in ln for ln in lines)
-    report = rd.report.read_text()
+    report = write_report(rd).read_text()  # as `evomerge search` does after the run
     assert "Few-item procedure per task" in report
     for t, proc in procs.items():
         line = next(ln for ln in report.splitlines() if ln.startswith(f"- {t}: procedure"))
