@@ -89,3 +89,13 @@ def test_auto_config_allows_rounds_and_racing(tmp_path):
     assert {p.estimator for p in opts} >= {"mean", "pirt", "gpirt", "mpirt", "gmpirt"}
     opts3, _ = auto_options(cfg, 3)                     # a task of 3 items: no 4-round test
     assert all(p.rounds <= 3 for p in opts3)
+
+
+def test_the_plan_of_an_auto_run_says_the_procedure_is_chosen_later(zoo, tmp_path):
+    from evomerge.search.plan import check_run
+
+    lines = check_run(parse_config(small_config(tmp_path / "run", **{"fitness.estimator": "auto"})),
+                      log=lambda m: None, trial_items=0)
+    search = next(ln for ln in lines if ln.startswith("search: "))
+    assert "chosen after calibration: estimator auto" in search and "asked in" not in search
+    assert not (tmp_path / "run").exists()

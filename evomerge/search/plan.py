@@ -144,7 +144,9 @@ def _plan_lines(cfg: RunConfig, ctx: SearchContext, target: RunDir, log, seconds
         f"search: {ss.kind} / {ss.method if ss.kind != 'dataflow' else 'layer dataflow'}, {ctx.space.dim} genes, "
         f"{cfg.optimizer.name}, population {pop} × {cfg.optimizer.generations} generations = {cands} candidates × "
         f"{per_cand} items = {cands * per_cand:,} answers"
-        + (f" (asked in {fit.rounds} rounds)" if fit.rounds > 1 and fit.estimator != "full" else ""),
+        + (" (the estimator, anchors and rounds of each task chosen after calibration: estimator auto)"
+           if fit.estimator == "auto" else
+           f" (asked in {fit.rounds} rounds)" if fit.rounds > 1 and fit.estimator != "full" else ""),
     ]
     lines.append(_contest_plan(cfg))
     ex = cfg.executor
