@@ -48,19 +48,25 @@ RESPONSES_HELP = ("subjects × items answers: .csv / .jsonl / .npz (see irt.io),
                   "(its calibration answers to --task)")
 
 
+def _run_responses(run_dir: Path, task: str | None):
+    """:func:`evomerge.search.responses.run_responses`, with anything the zoo prints (a zoo task's
+    folder) on stderr, not in the command's output."""
+    import contextlib
+    import sys
+
+    from evomerge.search.responses import run_responses
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return run_responses(run_dir, task)
+
+
 def _read_responses(responses: Path, task: str | None):
     """(Y, item ids, subject names, subgroups or None, the run's endpoints) from a response file or
     a run directory (then ``task`` picks the task; subgroups and endpoints come from the run)."""
     from evomerge.search.responses import is_run_dir
 
     if is_run_dir(responses):
-        import contextlib
-        import sys
-
-        from evomerge.search.responses import run_responses
-
-        with contextlib.redirect_stdout(sys.stderr):  # a zoo task's folder: the zoo's lines, not the output
-            r = run_responses(responses, task)
+        r = _run_responses(responses, task)
         return r.Y, r.item_ids, r.subject_names, r.subgroups, r.endpoints
     if responses.is_dir():
         raise EvomergeError(f"{responses}: a folder but not a run directory (no config.yaml); give a response "
@@ -327,16 +333,11 @@ def export_cmd(
     if items is not None:
         _check_out(items, {"RUN_DIR": run_dir, "--out": out}, "items.jsonl")
     with _user_errors():
-        import contextlib
-        import sys
-
-        from evomerge.search.responses import run_responses
         from irt.io import FORMATS, write_responses
 
         if out.suffix.lower() not in FORMATS:
             raise EvomergeError(f"--out {out}: give a file ending in {' / '.join(FORMATS)}")
-        with contextlib.redirect_stdout(sys.stderr):
-            r = run_responses(run_dir, task)
+        r = _run_responses(run_dir, task)
         with atomic_output(out) as tmp:
             typed = tmp.parent / (tmp.name + out.suffix)  # irt.io picks the format by the extension
             write_responses(typed, r.Y, r.item_ids, r.subject_names)

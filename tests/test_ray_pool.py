@@ -19,6 +19,7 @@ import yaml
 
 from evomerge.config import parse_config
 from evomerge.search.rundir import read_jsonl
+from test_racing import race_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,12 +37,8 @@ pytestmark = pytest.mark.skipif(not HAVE_RAY and os.environ.get("EVOMERGE_REQUIR
 def pool_config(run_dir, kind: str, **executor) -> dict:
     """A small adaptive run with racing and final sharpening: every kind of job is in it
     (calibration, evaluations with 2 rounds each, racing stages, finalists, held-out)."""
-    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    cfg["run_dir"] = str(run_dir)
-    cfg["calibration"]["samples"] = 4
-    cfg["fitness"].update(estimator="pirt", anchors=6, rounds=2, racing={"stages": 1, "margin": 0.05})
-    cfg["optimizer"].update(generations=2, population=6)
-    cfg["final"].update(top_k=2, write_model=False, baselines=True)
+    cfg = race_config(run_dir, **{"fitness.racing": {"stages": 1, "margin": 0.05}, "optimizer.generations": 2,
+                                  "optimizer.population": 6, "final.baselines": True})
     for task in cfg["tasks"]:
         task["search_limit"] = 80
     cfg["executor"] = {"kind": kind, **executor}
