@@ -229,6 +229,16 @@ def test_base_optional_methods_with_base_model_import_and_export(fam, method):
 # ----------------------------------------------------------------------------- export
 
 
+def _nino_checkpoint(fam) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _nino_net import write_safetensors
+
+    path = Path(fam["base"]).parent / "nino.safetensors"
+    return str(path) if path.exists() else write_safetensors(path)
+
+
 def _search_recipes(fam) -> list[dict]:
     """Recipes as a parameter-space search decodes them, for every method (genes = all numeric params)."""
     from evomerge.config import GeneSpec
@@ -240,11 +250,16 @@ def _search_recipes(fam) -> list[dict]:
         spec = get_method(name)
         endpoints = [str(fam["a"]), str(fam["b"])][:min(spec.max_models or 2, 2)]
         genes, fixed = [], {}
+        if name == "nino":  # its meta-network's weights: a string parameter, never a gene
+            fixed["checkpoint"] = _nino_checkpoint(fam)
         for p, v in {**spec.model_params, **spec.global_params}.items():
+            if spec.param_kind(p) != "number":
+                continue
             if p in ("int8_mask", "normalize", "rescale", "filter_wise", "nuslerp_row_wise", "nuslerp_flatten",
                      "normalize_weights", "max_iter", "tol", "eps", "svd"):
                 continue
-            lo, hi = {"t": (0.01, 1.0), "rank_fraction": (0.1, 1.0), "epsilon": (0.0, 0.1)}.get(p, (0.1, 1.0))
+            lo, hi = {"t": (0.01, 1.0), "rank_fraction": (0.1, 1.0), "epsilon": (0.0, 0.1),
+                      "horizon": (1.0, 5.0)}.get(p, (0.1, 1.0))
             genes.append(GeneSpec(name=p, bounds=(lo, hi), layer_groups=2 if p == "weight" else 1,
                                   filter="self_attn" if p == "density" else None))
             if p == "density":

@@ -334,6 +334,8 @@ def merge_one(
         dev = (inputs[0] if inputs else base).device
         gen = torch.Generator(device=dev)
         gen.manual_seed(tensor_seed(recipe.seed, job.name))
+    if spec.takes_name:
+        params["tensor_name"] = job.name
     with torch.no_grad():
         out = spec.fn(inputs, base, generator=gen, **params)
     if tuple(out.shape) != job.shape:

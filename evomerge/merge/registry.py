@@ -28,6 +28,9 @@ Signature of every method function::
   ``multislerp``: with a ``base_model`` they interpolate the task vectors and add the result to
   the base). With a base, a model entry that *is* the base is left out of the inputs, as for
   ``needs_base`` methods; without one, every entry is an input and ``base`` is None.
+- ``spec.takes_name``: the method also receives ``tensor_name=`` (the output tensor's name), for
+  methods whose math depends on a tensor's role (``nino``).
+- ``spec.text_params``: parameters whose values are strings (``nino``'s checkpoint path).
 - ``spec.randomized``: the method draws from ``generator`` (the engine passes one seeded from
   the recipe seed and the tensor name, so disk and in-memory merges are identical).
 
@@ -102,6 +105,10 @@ class MergeMethod:
     base_optional: bool = False
     ranges: dict[str, ParamRange] = field(default_factory=dict)
     """Valid values of numeric parameters (unlisted numeric ones take any finite number)."""
+    text_params: tuple[str, ...] = ()
+    """Parameters whose values are strings (a file path, a list written as text): never genes."""
+    takes_name: bool = False
+    """The method also receives ``tensor_name=`` (the output tensor's name), e.g. to know its role."""
 
     def __post_init__(self):
         if self.needs_base and self.base_optional:
@@ -115,7 +122,10 @@ class MergeMethod:
         return self.needs_base or (self.base_optional and bool(has_base))
 
     def param_kind(self, name: str) -> str:
-        """'bool' for a true/false parameter (its default is a bool), else 'number'."""
+        """'bool' for a true/false parameter (its default is a bool), 'text' for a string parameter,
+        else 'number'."""
+        if name in self.text_params:
+            return "text"
         default = self.model_params.get(name, self.global_params.get(name))
         return "bool" if isinstance(default, bool) else "number"
 
@@ -127,6 +137,10 @@ class MergeMethod:
         if self.param_kind(name) == "bool":
             if not isinstance(value, bool):
                 return f"{name!r} of {self.name} is true or false, got {value!r}"
+            return None
+        if self.param_kind(name) == "text":
+            if not isinstance(value, str) or not value.strip():
+                return f"{name!r} of {self.name}: expected a non-empty string, got {value!r}"
             return None
         if value is None and self.model_params.get(name, self.global_params.get(name, REQUIRED)) is None:
             return None  # an optional parameter left at its default (e.g. tsv's rank_fraction)
@@ -143,6 +157,8 @@ class MergeMethod:
         """Why a gene searching ``name`` over [lo, hi] could leave the parameter's valid values, or None."""
         if self.param_kind(name) == "bool":
             return f"{name!r} of {self.name} is true or false and cannot be searched; set it under search_space.fixed"
+        if self.param_kind(name) == "text":
+            return f"{name!r} of {self.name} is a string and cannot be searched; set it under search_space.fixed"
         rng = self.param_range(name)
         if rng.integer:
             return f"{name!r} of {self.name} is an integer and cannot be searched; set it under search_space.fixed"
@@ -189,4 +205,4 @@ def _load_builtin_methods() -> None:
         importlib.import_module(module)
 
 
-_BUILTIN_MODULES = ["evomerge.merge.methods", "evomerge.merge.methods_extra"]
+_BUILTIN_MODULES = ["evomerge.merge.methods", "evomerge.merge.methods_extra", "evomerge.merge.nino"]
