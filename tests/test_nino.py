@@ -242,6 +242,12 @@ def test_disk_and_in_memory_merges_are_the_same_bits_and_follow_the_method(fam, 
 def test_recipe_errors_name_the_field(fam, ckpt):
     with pytest.raises(EvomergeError, match=r"parameters.checkpoint.*string"):
         _recipe(fam, ckpt, checkpoint=3)
+    with pytest.raises(EvomergeError, match=r"parameters.checkpoint.*'nope.safetensors' does not exist"):
+        _recipe(fam, ckpt, checkpoint="nope.safetensors")
+    with pytest.raises(EvomergeError, match=r"parameters.checkpoint.*not a .safetensors file.*nino-convert"):
+        _recipe(fam, ckpt, checkpoint=str(ckpt["pt"]))
+    with pytest.raises(EvomergeError, match=r"parameters.trajectory.*5 comma-separated"):
+        _recipe(fam, ckpt, trajectory="0-1-2")
     with pytest.raises(EvomergeError, match=r"parameters.horizon.*\[1, 40\]"):
         _recipe(fam, ckpt, horizon=0.5)
     with pytest.raises(EvomergeError, match="at most 4"):

@@ -318,11 +318,30 @@ def nino(tensors: Sequence[Tensor], base: Tensor, *, generator=None, tensor_name
     return out.reshape(base.shape)
 
 
+def _checkpoint_problem(value: str) -> str | None:
+    p = Path(value).expanduser()
+    if p.suffix != ".safetensors":
+        return (f"{value!r} is not a .safetensors file; convert NiNo's checkpoint once with "
+                f"`evomerge nino-convert {value} --out {p.with_suffix('.safetensors')} --allow-pickle`")
+    if not p.is_file():
+        return f"{value!r} does not exist (a relative path is read from the current directory, {Path.cwd()})"
+    return None
+
+
+def _trajectory_problem(value: str) -> str | None:
+    try:
+        parse_trajectory(value, CONTEXT - 1) if value.strip() != "auto" else None
+    except EvomergeError as e:
+        return str(e).removeprefix("nino: ")
+    return None
+
+
 register(MergeMethod(
     "nino", nino, needs_base=True, min_models=2, max_models=CONTEXT - 1,
     global_params={"checkpoint": REQUIRED, "trajectory": "auto", "horizon": 5.0, "average_horizons": True,
                    "update_scale": 0.3, "predict_embeddings": False, "chain_horizons": True},
     text_params=("checkpoint", "trajectory"), takes_name=True,
+    checks={"checkpoint": _checkpoint_problem, "trajectory": _trajectory_problem},
     ranges={"horizon": ParamRange(1.0, 40.0), "update_scale": POSITIVE},
     reference="MetaMerge (Model Merging with Meta Networks) with NiNo's MLP variant (Knyazev et al., ICLR 2025)",
 ))

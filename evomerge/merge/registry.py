@@ -109,6 +109,8 @@ class MergeMethod:
     """Parameters whose values are strings (a file path, a list written as text): never genes."""
     takes_name: bool = False
     """The method also receives ``tensor_name=`` (the output tensor's name), e.g. to know its role."""
+    checks: dict[str, Callable[[Any], "str | None"]] = field(default_factory=dict)
+    """Extra checks of a parameter's value (e.g. that a file exists): the reason it is wrong, or None."""
 
     def __post_init__(self):
         if self.needs_base and self.base_optional:
@@ -141,7 +143,7 @@ class MergeMethod:
         if self.param_kind(name) == "text":
             if not isinstance(value, str) or not value.strip():
                 return f"{name!r} of {self.name}: expected a non-empty string, got {value!r}"
-            return None
+            return self.checks[name](value) if name in self.checks else None
         if value is None and self.model_params.get(name, self.global_params.get(name, REQUIRED)) is None:
             return None  # an optional parameter left at its default (e.g. tsv's rank_fraction)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
