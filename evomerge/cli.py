@@ -40,6 +40,9 @@ _eval_cli.register(app)
 from evomerge import nino_cli as _nino_cli  # noqa: E402
 
 _nino_cli.register(app)
+from evomerge import stats_cli as _stats_cli  # noqa: E402
+
+_stats_cli.register(app)
 
 
 def _version() -> str:

@@ -31,7 +31,7 @@ def _zoo_quiet():
         return demo_zoo()
 
 
-def _resolve_checkpoint(ref: str) -> Path:
+def resolve_checkpoint(ref: str) -> Path:
     """MODEL (``zoo:NAME`` or a folder or a hub id) -> a model folder; errors name MODEL."""
     import contextlib
     import sys
@@ -105,7 +105,7 @@ def _absolute_recipe(recipe) -> dict:
     return d
 
 
-def _load_tasks(refs: list[str], split: str, limit: int | None) -> list[tuple[str, Any]]:
+def load_task_refs(refs: list[str], split: str, limit: int | None) -> list[tuple[str, Any]]:
     """``--task`` values -> ``[(name, Task)]`` (the first ``limit`` items of each)."""
     from evomerge.errors import EvomergeError
     from evomerge.tasks import load_task_dir
@@ -217,10 +217,10 @@ def eval_command(
         raise EvomergeError(f"MODEL {model!r}: not found (give a model folder, zoo:NAME or a "
                             "recipe file)")
     else:
-        resident = _resolve_checkpoint(model)
+        resident = resolve_checkpoint(model)
         inputs = [resident]
 
-    tasks = _load_tasks(task, split, limit)
+    tasks = load_task_refs(task, split, limit)
 
     if json_out is not None:
         from evomerge.fsutil import refuse_input

@@ -239,6 +239,24 @@ def _nino_checkpoint(fam) -> str:
     return str(path) if path.exists() else write_safetensors(path)
 
 
+def _stats_files(fam, kind: str) -> str:
+    """Made-up statistics of the right shapes for fam's models a and b (ones; identity Grams)."""
+    from safetensors.torch import load_file
+
+    from evomerge.stats import write_stats
+
+    paths = []
+    for model in ("a", "b"):
+        path = Path(fam["base"]).parent / f"{kind}_{model}.safetensors"
+        if not path.exists():
+            sd = load_file(str(Path(fam[model]) / "model.safetensors"))
+            stats = {n: torch.ones(t.shape) for n, t in sd.items()} if kind == "fisher" else {
+                n: torch.eye(t.shape[1]) for n, t in sd.items() if t.dim() == 2 and "embed" not in n}
+            write_stats(path, sorted(stats.items()), kind, {"model": str(fam[model])})
+        paths.append(str(path))
+    return ",".join(paths)
+
+
 def _search_recipes(fam) -> list[dict]:
     """Recipes as a parameter-space search decodes them, for every method (genes = all numeric params)."""
     from evomerge.config import GeneSpec
@@ -252,13 +270,15 @@ def _search_recipes(fam) -> list[dict]:
         genes, fixed = [], {}
         if name == "nino":  # its meta-network's weights: a string parameter, never a gene
             fixed["checkpoint"] = _nino_checkpoint(fam)
+        if name in ("fisher", "regmean"):  # statistics files, one per model
+            fixed["stats"] = _stats_files(fam, "fisher" if name == "fisher" else "gram")
         for p, v in {**spec.model_params, **spec.global_params}.items():
             if spec.param_kind(p) != "number":
                 continue
             if p in ("int8_mask", "normalize", "rescale", "filter_wise", "nuslerp_row_wise", "nuslerp_flatten",
                      "normalize_weights", "max_iter", "tol", "eps", "svd"):
                 continue
-            lo, hi = {"t": (0.01, 1.0), "rank_fraction": (0.1, 1.0), "epsilon": (0.0, 0.1),
+            lo, hi = {"t": (0.01, 1.0), "rank_fraction": (0.1, 1.0), "epsilon": (0.001, 0.1),
                       "horizon": (1.0, 5.0)}.get(p, (0.1, 1.0))
             genes.append(GeneSpec(name=p, bounds=(lo, hi), layer_groups=2 if p == "weight" else 1,
                                   filter="self_attn" if p == "density" else None))

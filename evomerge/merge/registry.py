@@ -207,4 +207,5 @@ def _load_builtin_methods() -> None:
         importlib.import_module(module)
 
 
-_BUILTIN_MODULES = ["evomerge.merge.methods", "evomerge.merge.methods_extra", "evomerge.merge.nino"]
+_BUILTIN_MODULES = ["evomerge.merge.methods", "evomerge.merge.methods_extra", "evomerge.merge.nino",
+                    "evomerge.merge.stat_weighted"]
