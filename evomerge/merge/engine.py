@@ -36,8 +36,8 @@ from evomerge.errors import EvomergeError
 from evomerge.merge.mergekit_io import load_recipe
 from evomerge.merge.recipe import MergeRecipe, ModelEntry, evaluate_setting
 from evomerge.models import resolve_model
-from evomerge.merge.methods import SORTED_ABS_ATTR
-from evomerge.merge.methods_extra import SVD_CACHE_ATTR
+from evomerge.merge.methods.sparsify import SORTED_ABS_ATTR
+from evomerge.merge.methods.spectral import SVD_CACHE_ATTR
 from evomerge.merge.registry import REQUIRED, MergeMethod, get_method
 from evomerge.merge.vocab import prepare_vocab
 
@@ -466,7 +466,7 @@ class InMemoryMerger:
     (computed on first use, for the largest rank asked so far) and, per tensor, the orthogonalised
     stacked factors: a later TSV candidate that changes only ``weight`` magnitudes or ``lambda``
     costs one matrix product per tensor instead of ``T + 2`` SVDs, and one with another
-    ``rank_fraction`` only the two orthogonalisations (see ``methods_extra.SVD_CACHE_ATTR``). Costs
+    ``rank_fraction`` only the two orthogonalisations (see ``methods.spectral.SVD_CACHE_ATTR``). Costs
     about ``k·(m + n)`` floats per task matrix plus the two orthogonal factors per tensor (about
     two matrices with the default rank ``r/T``); same bits as the disk path.
 
