@@ -205,6 +205,12 @@ class Variant:
     """The default of ``normalize`` (divide by the weights that count at each position)."""
     reference: str
 
+    def __post_init__(self):
+        if self.sparsifier is not None and self.sparsifier not in SPARSIFIERS:
+            raise ValueError(f"{self.name}: unknown sparsifier {self.sparsifier!r}")
+        if self.sparsifier == "magnitude" and self.sign_election is None:
+            raise ValueError(f"{self.name}: the magnitude sparsifier is fused into the sign-election merge")
+
     def model_params(self) -> dict:
         """The per-model parameters and their defaults."""
         params = {"weight": REQUIRED}
@@ -248,22 +254,23 @@ class Variant:
         return merge_task_vectors(self, deltas, base, generator=generator, **full)
 
 
+_TA = "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)"
+_TIES = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
 _DARE = "Yu et al. 2024, Language models are Super Mario (arXiv:2311.03099)"
 _BREADCRUMBS = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
+_BREADCRUMBS_TIES = "Davari & Belilovsky 2024 (arXiv:2312.06795) + TIES sign election (arXiv:2306.01708)"
 _DELLA = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
 
 VARIANTS = {v.name: v for v in (
-    #       name                sparsifier     sign   normalize
-    Variant("task_arithmetic", None, None, False,
-            "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)"),
-    Variant("ties", "magnitude", "sum", True, "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"),
-    Variant("dare_ties", "bernoulli", "sum", False, _DARE),
-    Variant("dare_linear", "bernoulli", None, False, _DARE),
-    Variant("breadcrumbs", "breadcrumbs", None, False, _BREADCRUMBS),
-    Variant("breadcrumbs_ties", "breadcrumbs", "sum", False,
-            "Davari & Belilovsky 2024 (arXiv:2312.06795) + TIES sign election (arXiv:2306.01708)"),
-    Variant("della", "della", "sum", True, _DELLA),
-    Variant("della_linear", "della", None, False, _DELLA),
+    #       name                sparsifier     sign election  normalize  reference
+    Variant("task_arithmetic",  None,          None,          False,     _TA),
+    Variant("ties",             "magnitude",   "sum",         True,      _TIES),
+    Variant("dare_ties",        "bernoulli",   "sum",         False,     _DARE),
+    Variant("dare_linear",      "bernoulli",   None,          False,     _DARE),
+    Variant("breadcrumbs",      "breadcrumbs", None,          False,     _BREADCRUMBS),
+    Variant("breadcrumbs_ties", "breadcrumbs", "sum",         False,     _BREADCRUMBS_TIES),
+    Variant("della",            "della",       "sum",         True,      _DELLA),
+    Variant("della_linear",     "della",       None,          False,     _DELLA),
 )}
 """The members of the family, by name."""
 
