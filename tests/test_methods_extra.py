@@ -509,6 +509,59 @@ def test_docs_table_lists_every_method():
         assert f"| `{name}` |" in text, name
 
 
+def _documented_params(cell: str) -> dict[str, str]:
+    """``**weight**, density=1`` -> {"weight": "REQUIRED", "density": "1"} ("—": none)."""
+    out = {}
+    for part in [] if cell.strip() in ("—", "") else cell.split(", "):
+        part = part.strip()
+        if part.startswith("**"):
+            out[part.strip("*")] = "REQUIRED"
+        else:
+            k, _, v = part.partition("=")
+            out[k] = v
+    return out
+
+
+def _default_text(v) -> str:
+    if v is REQUIRED:
+        return "REQUIRED"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f"{v:g}".replace("e-0", "e-") if v is not None else "auto"
+
+
+def test_docs_state_the_registered_defaults():
+    """docs/methods.md and README's method table give each method's parameters with the defaults
+    the registry declares (the code states them once; the docs follow)."""
+    from pathlib import Path
+
+    from evomerge.merge.registry import method_names
+
+    repo = Path(__file__).resolve().parents[1]
+    docs_rows, readme_rows = {}, {}
+    for rows, path in ((docs_rows, repo / "docs" / "methods.md"), (readme_rows, repo / "README.md")):
+        for line in path.read_text().splitlines():
+            if line.startswith("| `"):  # the first table naming a method is the method table
+                rows.setdefault(line.split(" | ")[0].strip("| `"), line.split(" | "))
+    for name in method_names():
+        spec = get_method(name)
+        want_model = {k: _default_text(v) for k, v in spec.model_params.items()}
+        want_global = {k: _default_text(v) for k, v in spec.global_params.items()}
+        row = docs_rows[name]
+        got_model, got_global = _documented_params(row[2]), _documented_params(row[3])
+        per_model, _, method_level = readme_rows[name][1].partition("; ")
+        if not per_model.startswith("per model: "):  # no per-model parameters
+            per_model, method_level = "—", readme_rows[name][1]
+        readme_model = _documented_params(per_model.removeprefix("per model: "))
+        readme_global = _documented_params(method_level)
+        for got in (got_model, readme_model):
+            assert got == want_model, (name, got, want_model)
+        for got in (got_global, readme_global):
+            assert {k: v for k, v in got.items() if want_global.get(k) != "auto"} == \
+                   {k: v for k, v in want_global.items() if v != "auto"}, (name, got, want_global)
+            assert got.keys() == want_global.keys(), (name, got, want_global)
+
+
 # ----------------------------------------------------------------------------- on real (tiny) Llama checkpoints
 
 
