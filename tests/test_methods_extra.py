@@ -562,6 +562,32 @@ def test_docs_state_the_registered_defaults():
             assert got.keys() == want_global.keys(), (name, got, want_global)
 
 
+def test_docs_family_table_matches_the_variants():
+    """docs/methods.md's task-arithmetic table (sign election, normalize default) is the code's
+    table of variants, and names every member."""
+    import re
+    from pathlib import Path
+
+    from evomerge.merge.methods.task_arithmetic import VARIANTS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    table = text.split("| method | sparsifier `S` | sign election | normalize |", 1)[1].split("\n\n", 1)[0]
+    seen = set()
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        names = re.findall(r"`(\w+)`", cells[0])
+        signs, norms = cells[2].split(" / "), cells[3].split(" / ")
+        for i, name in enumerate(names):
+            v = VARIANTS[name]
+            assert (v.sign_election is not None) == ((signs[i] if len(signs) > 1 else signs[0]) == "yes"), name
+            assert str(v.normalize).lower() == (norms[i] if len(norms) > 1 else norms[0]), name
+            assert (v.sparsifier is None) == cells[1].startswith("none"), name
+            seen.add(name)
+    assert seen == set(VARIANTS)
+
+
 # ----------------------------------------------------------------------------- on real (tiny) Llama checkpoints
 
 
