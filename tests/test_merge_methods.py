@@ -90,6 +90,26 @@ def test_ties_density_one_single_model_equals_task_arithmetic():
                                task_arith.task_arithmetic(d, base, weight=[1.0], **LAM), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+def test_family_member_fills_the_table_defaults(name):
+    """A member called with only its weights merges as with every declared default spelled out
+    (per-model defaults broadcast to every model), and is one sparsified sign-election merge."""
+    from evomerge.merge.registry import REQUIRED
+
+    base, ms = _family(n=3)
+    d = task_arith.task_vectors(ms, base)
+    spec = get_method(name)
+    full = {k: [0.5, 0.3, 0.9] if v is REQUIRED else [v] * 3 for k, v in spec.model_params.items()}
+    full.update(spec.global_params)
+    member = task_arith.VARIANTS[name]
+    g = torch.Generator().manual_seed
+    assert torch.equal(member(d, base, generator=g(1), weight=[0.5, 0.3, 0.9]),
+                       spec(d, base, generator=g(1), **full))
+    assert member.sign_election == "sum" and member.normalize == spec.global_params["normalize"]
+    with pytest.raises(EvomergeError, match="'weight' is required"):
+        member(d, base)
+
+
 def _consensus_full_tensor(sparse, base, weights, method, normalize, lam):
     """The consensus merge in full-tensor passes, from the public building blocks."""
     wds = [d * float(w) for d, w in zip(sparse, weights)]
