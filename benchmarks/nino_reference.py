@@ -91,7 +91,7 @@ def main() -> None:
 
     _stub_torchvision()
 
-    from evomerge.merge.nino import convert_checkpoint
+    from evomerge.merge.methods.nino import convert_checkpoint
 
     torch.set_grad_enabled(False)
     st = str(Path(tempfile.mkdtemp()) / "nino.safetensors")

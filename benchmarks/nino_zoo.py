@@ -30,7 +30,7 @@ EXPERTS = ("lang", "cipher", "upper")
 
 
 def _reversed_trajectory(n: int) -> str:
-    from evomerge.merge.nino import DEFAULT_TRAJECTORIES
+    from evomerge.merge.methods.nino import DEFAULT_TRAJECTORIES
 
     order = [int(i) for i in DEFAULT_TRAJECTORIES[n].split(",")]
     return ",".join(str(0 if i == 0 else n + 1 - i) for i in order)

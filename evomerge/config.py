@@ -20,6 +20,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
                       field_validator, model_validator)
 
+from evomerge.devices import DtypeName
 from evomerge.errors import EvomergeError, yaml_error_message
 
 # Numbers are strict: a YAML bool (yes / true) or a quoted string is refused, not read as 1 / 1.0.
@@ -241,7 +242,7 @@ class TaskConfig(_Strict):
 class EvaluatorConfig(_Strict):
     backend: Literal["hf", "vllm"] = "hf"
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = "float32"
     batch_size: Int = Field(64, ge=1)
     max_new_tokens: Optional[Int] = Field(None, ge=1, description="overrides each task's")
     merge_device: Optional[str] = Field(None, description="where the merge engine keeps the "

@@ -175,6 +175,7 @@ def eval_command(
     import json
     import time
 
+    from evomerge.devices import DTYPE_CHOICES, DTYPE_NAMES, check_device
     from evomerge.errors import EvomergeError
 
     # ---- the arguments, before anything is loaded
@@ -182,8 +183,8 @@ def eval_command(
         raise EvomergeError(f"--split {split!r}: use heldout or search")
     if backend not in ("hf", "vllm"):
         raise EvomergeError(f"--backend {backend!r}: use hf or vllm")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise EvomergeError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    if dtype not in DTYPE_NAMES:
+        raise EvomergeError(f"--dtype {dtype!r}: use {DTYPE_CHOICES}")
     if batch_size < 1:
         raise EvomergeError(f"--batch-size {batch_size}: must be >= 1")
     if limit is not None and limit < 1:
@@ -195,6 +196,8 @@ def eval_command(
             raise EvomergeError(f"--json {json_out} is a folder; give a file path (e.g. "
                                 f"{json_out / 'eval.json'})")
         check_output_target(json_out, "--json")
+    if device != "cpu":
+        check_device(device, "--device")
 
     # ---- MODEL: a recipe file, or a checkpoint
     mpath = Path(model).expanduser()

@@ -43,13 +43,10 @@ def merge_command(
     if rp == op or rp.startswith(op + os.sep):
         raise EvomergeError(f"--out {out} is or holds the recipe {recipe}; write the merge to another folder")
     rec = load_recipe(recipe)
-    if device != "cpu":
-        import torch
+    if device != "cpu":  # torch is imported only for another device
+        from evomerge.devices import check_device
 
-        try:
-            torch.empty(1, device=device)
-        except Exception as exc:  # noqa: BLE001
-            raise EvomergeError(f"--device {device!r} is not usable here ({exc})") from None
+        check_device(device, "--device")
 
     t0 = time.time()
     last = [0.0]

@@ -15,7 +15,7 @@ def nino_convert_command(
                                       "torch.load(weights_only=True): tensors and plain containers only)"),
 ) -> None:
     """Convert a NiNo MLP checkpoint to safetensors for `merge_method: nino` (parameters.checkpoint)."""
-    from evomerge.merge.nino import convert_checkpoint
+    from evomerge.merge.methods.nino import convert_checkpoint
 
     net = convert_checkpoint(checkpoint, out, allow_pickle=allow_pickle)
     typer.echo(f"wrote {out}: NiNo MLP, hidden {net.hidden}, {len(net.mlp_weights)} MLP layers, "

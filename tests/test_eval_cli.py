@@ -129,6 +129,8 @@ def test_relative_recipe_paths(zoo, one_thread, tmp_path, capsys):
     (["zoo:lang", "--task", "zoo:lang", "--split", "test"], ["--split", "test", "heldout or search"]),
     (["zoo:lang", "--task", "zoo:lang", "--limit", "0"], ["--limit"]),
     (["zoo:lang", "--task", "zoo:lang", "--dtype", "int8"], ["--dtype", "int8"]),
+    (["zoo:lang", "--task", "zoo:lang", "--device", "gpu"], ["--device", "gpu", "not a device name"]),
+    (["zoo:lang", "--task", "zoo:lang", "--device", "cuda:99"], ["--device", "cuda:99", "but"]),
     (["zoo:lang", "--task", "zoo:lang", "--backend", "tpu"], ["--backend", "tpu"]),
     (["{tmp}/notes.txt", "--task", "zoo:lang"], ["MODEL", "not a recipe"]),
     (["{tmp}/r.yaml", "--task", "zoo:lang"], ["MODEL", "folder not found"]),

@@ -102,3 +102,23 @@ def test_no_import_cycles():
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(
         " <-> ".join(c) + " (" + ", ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) + ")" for c in found)
+
+
+def test_the_readme_module_map_matches_the_tree():
+    """README's module map names every top-level module and package of evomerge/ and every merge-method
+    module, and every path it lists exists."""
+    import re
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- module-map -->\n```\n(.*?)```", text, re.S)
+    assert m, "README.md has no module map (a fenced block after <!-- module-map -->)"
+    block = m.group(1)
+    for line in block.splitlines():
+        path = line.split(" ", 1)[0]
+        if path:
+            assert (REPO / path).exists(), f"README module map names {path}, which does not exist"
+    top = [p.name + ("/" if p.is_dir() else "") for p in (REPO / "evomerge").iterdir()
+           if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()]
+    methods = [p.name for p in (REPO / "evomerge" / "merge" / "methods").glob("*.py") if p.name != "__init__.py"]
+    missing = [n for n in top + methods if not re.search(rf"(?<![\w.]){re.escape(n)}", block)]
+    assert not missing, f"README module map does not name {missing}"

@@ -147,7 +147,7 @@ def test_disk_and_in_memory_are_bit_identical(fam, fam16, tmp_path, method, glob
         assert all(t.dtype == torch.bfloat16 for t in merger._cache.values() if t.is_floating_point())
         assert not any(k[0] == "d" for k in merger._cache)
     elif method == "ties":  # the sorted-magnitude cache was used
-        from evomerge.merge.methods import SORTED_ABS_ATTR
+        from evomerge.merge.methods.sparsify import SORTED_ABS_ATTR
 
         deltas = [t for k, t in merger._cache.items() if k[0] == "d"]
         assert deltas and all(isinstance(getattr(t, SORTED_ABS_ATTR, None), torch.Tensor) for t in deltas)
@@ -166,7 +166,7 @@ def test_streamed_merge_on_the_gpu_matches_the_disk_merge_there(fam16, tmp_path,
     r = recipe({"merge_method": method, "base_model": str(fam16["base"]), "models": models, "seed": 3,
                 "dtype": "bfloat16"})
     if not torch.cuda.is_available():
-        with pytest.raises(EvomergeError, match="compute_device 'cuda' but torch sees no CUDA GPU"):
+        with pytest.raises(EvomergeError, match="compute_device: 'cuda', but torch .* sees no CUDA GPU"):
             InMemoryMerger(r, compute_device="cuda", resident="native")
         return
     out = state(merge_to_disk(r, tmp_path / "o", device="cuda"))
@@ -183,7 +183,7 @@ def test_streamed_merge_on_the_gpu_matches_the_disk_merge_there(fam16, tmp_path,
 def test_tsv_svd_cache_bit_identical_to_disk_and_uncached(fam, tmp_path, one_thread):
     """InMemoryMerger(svd_cache=True): TSV candidates (weights, lambda, a negative weight, another
     rank) give the same bits as the uncached merger and as merge_to_disk; the factors are cached."""
-    from evomerge.merge.methods_extra import SVD_CACHE_ATTR
+    from evomerge.merge.methods.spectral import SVD_CACHE_ATTR
 
     keys = ("a", "b", "c")
 
@@ -224,8 +224,8 @@ def test_resident_caches_name_the_caches_a_method_reads(fam, method, mparams, on
     """resident_caches(method) turns a cache on exactly where the method uses it (what the search
     passes to its InMemoryMerger)."""
     from evomerge.merge.engine import resident_caches
-    from evomerge.merge.methods import SORTED_ABS_ATTR
-    from evomerge.merge.methods_extra import SVD_CACHE_ATTR
+    from evomerge.merge.methods.sparsify import SORTED_ABS_ATTR
+    from evomerge.merge.methods.spectral import SVD_CACHE_ATTR
 
     m = InMemoryMerger([fam["base"], fam["a"], fam["b"]], magnitude_cache=True, svd_cache=True)
     dict(m.merged_tensors(recipe({"merge_method": method, "base_model": str(fam["base"]), "seed": 1,

@@ -1,4 +1,5 @@
-"""Formula checks of the extra merge methods on small tensors (evomerge.merge.methods_extra)."""
+"""Formula checks of the merge methods beyond the core ones (breadcrumbs, DELLA, Model Stock, the
+spherical and spectral methods, SCE, NearSwap) on small tensors (evomerge.merge.methods)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from scipy.linalg import polar
 
 from evomerge.errors import EvomergeError
-from evomerge.merge import methods_extra as mx
+from evomerge.merge.methods import averaging, sparsify, spectral, spherical
 from evomerge.merge.registry import REQUIRED, get_method
 
 # tiny matrices: LAPACK / BLAS threads only wait on each other on a busy 2-core box
@@ -95,7 +96,7 @@ def test_single_model_endpoint(name):
 
 def test_breadcrumbs_sparsify_keeps_the_middle_band():
     x = rnd(1000, seed=5)
-    out = mx.breadcrumbs_sparsify(x, density=0.3, gamma=0.05)
+    out = sparsify.breadcrumbs_sparsify(x, density=0.3, gamma=0.05)
     order = torch.argsort(x.abs())
     kept = torch.zeros(1000, dtype=torch.bool)
     kept[order[650:950]] = True  # n_bot = 650, n_top = 50
@@ -105,19 +106,19 @@ def test_breadcrumbs_sparsify_keeps_the_middle_band():
 
 def test_breadcrumbs_top_count_rounding_to_zero_does_not_zero_the_tensor():
     x = rnd(50, seed=6)  # gamma * n = 0.5 -> n_top = 0 (mergekit would zero everything here)
-    out = mx.breadcrumbs_sparsify(x, density=0.2, gamma=0.01)
+    out = sparsify.breadcrumbs_sparsify(x, density=0.2, gamma=0.01)
     assert int((out != 0).sum()) == 10
     assert torch.equal(out != 0, x.abs() >= x.abs().kthvalue(41).values)
 
 
 def test_breadcrumbs_density_limits_the_outlier_drop():
     x = rnd(100, seed=7)
-    out = mx.breadcrumbs_sparsify(x, density=0.95, gamma=0.1)  # n_top cut from 10 to 5
+    out = sparsify.breadcrumbs_sparsify(x, density=0.95, gamma=0.1)  # n_top cut from 10 to 5
     assert int((out != 0).sum()) == 95
     assert x.abs().max() > out.abs().max()
-    assert torch.equal(mx.breadcrumbs_sparsify(x, 1.0, 0.1), x)
+    assert torch.equal(sparsify.breadcrumbs_sparsify(x, 1.0, 0.1), x)
     with pytest.raises(EvomergeError):
-        mx.breadcrumbs_sparsify(x, 1.5, 0.1)
+        sparsify.breadcrumbs_sparsify(x, 1.5, 0.1)
 
 
 def _np_ties(deltas, weights, base, normalize, lam):
@@ -137,7 +138,7 @@ def test_breadcrumbs_and_ties_formula(normalize):
     base = rnd(10, 10, seed=8)
     models = [base + rnd(10, 10, seed=9 + i) for i in range(3)]
     w, dens, gam, lam = [0.5, 1.0, 0.7], [0.5, 0.6, 0.4], [0.05, 0.02, 0.1], 0.8
-    sparse = [mx.breadcrumbs_sparsify(m - base, d, g).numpy() for m, d, g in zip(models, dens, gam)]
+    sparse = [sparsify.breadcrumbs_sparsify(m - base, d, g).numpy() for m, d, g in zip(models, dens, gam)]
     out = call("breadcrumbs", models, base, weight=w, density=dens, gamma=gam, normalize=normalize, **{"lambda": lam})
     exp = base.numpy() + lam * sum(wi * s for wi, s in zip(w, sparse)) / (sum(w) if normalize else 1.0)
     np.testing.assert_allclose(out.numpy(), exp, rtol=1e-5, atol=1e-5)
@@ -151,26 +152,26 @@ def test_breadcrumbs_and_ties_formula(normalize):
 
 def test_della_keep_probabilities_span_density_pm_epsilon():
     x = torch.tensor([[0.1, -3.0, 0.5, 2.0, -0.01], [5.0, 4.0, 3.0, 2.0, 1.0]])
-    p = mx.della_keep_probabilities(x, density=0.5, epsilon=0.2)
+    p = sparsify.della_keep_probabilities(x, density=0.5, epsilon=0.2)
     # row 0 ranks by |x|: 0.01 < 0.1 < 0.5 < 2 < 3 -> p = 0.3, 0.4, 0.5, 0.6, 0.7
     torch.testing.assert_close(p[0], torch.tensor([0.4, 0.7, 0.5, 0.6, 0.3]))
     torch.testing.assert_close(p[1], torch.tensor([0.7, 0.6, 0.5, 0.4, 0.3]))
     # epsilon is shrunk to keep the band inside [0, 1]
-    q = mx.della_keep_probabilities(x, density=0.9, epsilon=0.3)
+    q = sparsify.della_keep_probabilities(x, density=0.9, epsilon=0.3)
     assert float(q.max()) == pytest.approx(1.0) and float(q.min()) == pytest.approx(0.8)
 
 
 def test_della_sparsify_is_unbiased_and_keeps_at_rate_p():
     row = torch.tensor([0.1, -3.0, 0.5, 2.0, -0.01])
     x = row.repeat(4000, 1)  # 4000 independent draws of the same row
-    out = mx.della_sparsify(x, 0.5, 0.2, generator=torch.Generator().manual_seed(0))
-    p = mx.della_keep_probabilities(row, 0.5, 0.2)
+    out = sparsify.della_sparsify(x, 0.5, 0.2, generator=torch.Generator().manual_seed(0))
+    p = sparsify.della_keep_probabilities(row, 0.5, 0.2)
     kept = out != 0
     torch.testing.assert_close(out[kept], (x / p)[kept])  # kept entries rescaled by 1/p
     rate = kept.float().mean(0)
     assert torch.allclose(rate, p, atol=0.03)
     assert torch.allclose(out.mean(0), row, atol=0.05 * 3.0)
-    no_rescale = mx.della_sparsify(x, 0.5, 0.2, generator=torch.Generator().manual_seed(0), rescale=False)
+    no_rescale = sparsify.della_sparsify(x, 0.5, 0.2, generator=torch.Generator().manual_seed(0), rescale=False)
     assert torch.equal(no_rescale != 0, kept)
     torch.testing.assert_close(no_rescale[kept], x[kept])
 
@@ -181,7 +182,7 @@ def test_della_formula(name, consensus):
     models = [base + rnd(8, 8, seed=12 + i) for i in range(2)]
     w, dens, eps = [0.6, 0.9], [0.5, 0.7], [0.1, 0.2]
     gen = torch.Generator().manual_seed(5)
-    sparse = [mx.della_sparsify(m - base, d, e, generator=gen).numpy() for m, d, e in zip(models, dens, eps)]
+    sparse = [sparsify.della_sparsify(m - base, d, e, generator=gen).numpy() for m, d, e in zip(models, dens, eps)]
     normalize = consensus
     out = call(name, models, base, seed=5, weight=w, density=dens, epsilon=eps)
     if consensus:
@@ -196,7 +197,7 @@ def test_della_formula(name, consensus):
 
 def test_model_stock_t_formula_and_guard():
     c = torch.tensor([0.0, 0.5, 1.0, -0.5, -1.0])
-    t = mx.model_stock_t(c, 3)
+    t = averaging.model_stock_t(c, 3)
     torch.testing.assert_close(t, torch.tensor([0.0, 1.5 / 2.0, 1.0, 0.0, 0.0]))
 
 
@@ -288,8 +289,8 @@ def test_nuslerp_with_base_slerps_task_vectors():
     assert not torch.allclose(out, call("nuslerp", [base + a, base + b], None, weight=[1.0, 1.0],
                                         nuslerp_flatten=False), atol=1e-3)
     # the method function itself takes the task vectors when given a base (takes_deltas)
-    torch.testing.assert_close(mx.nuslerp([a, b], base, weight=[1.0, 3.0]),
-                               base + mx.nuslerp([a, b], None, weight=[1.0, 3.0]))
+    torch.testing.assert_close(spherical.nuslerp([a, b], base, weight=[1.0, 3.0]),
+                               base + spherical.nuslerp([a, b], None, weight=[1.0, 3.0]))
 
 
 def _np_multislerp(xs, w):
@@ -475,10 +476,10 @@ def test_iso_cts_against_formula_and_reduces_to_iso_c():
 
 
 def test_iso_cts_sizes():
-    assert mx.iso_cts_sizes(768, 8, 0.8) == (616, 19)  # k = 614, s = round(154 / 8)
-    assert mx.iso_cts_sizes(12, 3, 0.5) == (6, 2)
-    assert mx.iso_cts_sizes(2, 3, 0.0) == (2, 0)  # the reference would give k = -1 here
-    k, s = mx.iso_cts_sizes(5, 2, 0.3)
+    assert spectral.iso_cts_sizes(768, 8, 0.8) == (616, 19)  # k = 614, s = round(154 / 8)
+    assert spectral.iso_cts_sizes(12, 3, 0.5) == (6, 2)
+    assert spectral.iso_cts_sizes(2, 3, 0.0) == (2, 0)  # the reference would give k = -1 here
+    k, s = spectral.iso_cts_sizes(5, 2, 0.3)
     assert k + 2 * s == 5 and k >= 0
 
 
@@ -506,6 +507,87 @@ def test_docs_table_lists_every_method():
     text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
     for name in method_names():
         assert f"| `{name}` |" in text, name
+
+
+def _documented_params(cell: str) -> dict[str, str]:
+    """``**weight**, density=1`` -> {"weight": "REQUIRED", "density": "1"} ("—": none)."""
+    out = {}
+    for part in [] if cell.strip() in ("—", "") else cell.split(", "):
+        part = part.strip()
+        if part.startswith("**"):
+            out[part.strip("*")] = "REQUIRED"
+        else:
+            k, _, v = part.partition("=")
+            out[k] = v
+    return out
+
+
+def _default_text(v) -> str:
+    if v is REQUIRED:
+        return "REQUIRED"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return v
+    return f"{v:g}".replace("e-0", "e-") if v is not None else "auto"
+
+
+def test_docs_state_the_registered_defaults():
+    """docs/methods.md and README's method table give each method's parameters with the defaults
+    the registry declares (the code states them once; the docs follow)."""
+    from pathlib import Path
+
+    from evomerge.merge.registry import method_names
+
+    repo = Path(__file__).resolve().parents[1]
+    docs_rows, readme_rows = {}, {}
+    for rows, path in ((docs_rows, repo / "docs" / "methods.md"), (readme_rows, repo / "README.md")):
+        for line in path.read_text().splitlines():
+            if line.startswith("| `"):  # the first table naming a method is the method table
+                rows.setdefault(line.split(" | ")[0].strip("| `"), line.split(" | "))
+    for name in method_names():
+        spec = get_method(name)
+        want_model = {k: _default_text(v) for k, v in spec.model_params.items()}
+        want_global = {k: _default_text(v) for k, v in spec.global_params.items()}
+        row = docs_rows[name]
+        got_model, got_global = _documented_params(row[2]), _documented_params(row[3])
+        per_model, _, method_level = readme_rows[name][1].partition("; ")
+        if not per_model.startswith("per model: "):  # no per-model parameters
+            per_model, method_level = "—", readme_rows[name][1]
+        readme_model = _documented_params(per_model.removeprefix("per model: "))
+        readme_global = _documented_params(method_level)
+        for got in (got_model, readme_model):
+            assert got == want_model, (name, got, want_model)
+        for got in (got_global, readme_global):
+            assert {k: v for k, v in got.items() if want_global.get(k) != "auto"} == \
+                   {k: v for k, v in want_global.items() if v != "auto"}, (name, got, want_global)
+            assert got.keys() == want_global.keys(), (name, got, want_global)
+
+
+def test_docs_family_table_matches_the_variants():
+    """docs/methods.md's task-arithmetic table (sign election, normalize default) is the code's
+    table of variants, and names every member."""
+    import re
+    from pathlib import Path
+
+    from evomerge.merge.methods.task_arithmetic import VARIANTS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    table = text.split("| method | sparsifier `S` | sign election | normalize |", 1)[1].split("\n\n", 1)[0]
+    seen = set()
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        names = re.findall(r"`(\w+)`", cells[0])
+        signs, norms = cells[2].split(" / "), cells[3].split(" / ")
+        for i, name in enumerate(names):
+            v = VARIANTS[name]
+            assert (v.sign_election is not None) == ((signs[i] if len(signs) > 1 else signs[0]) == "yes"), name
+            assert str(v.normalize).lower() == (norms[i] if len(norms) > 1 else norms[0]), name
+            assert (v.sparsifier is None) == cells[1].startswith("none"), name
+            seen.add(name)
+    assert seen == set(VARIANTS)
 
 
 # ----------------------------------------------------------------------------- on real (tiny) Llama checkpoints
@@ -736,15 +818,15 @@ def test_zoo_merges_finite_with_expected_endpoints(zoo, method):
 
 
 def test_breadcrumbs_sorted_magnitude_cache_gives_the_same_bits():
-    from evomerge.merge.methods import SORTED_ABS_ATTR
+    from evomerge.merge.methods.sparsify import SORTED_ABS_ATTR
 
     x = rnd(40, 25, seed=70)
-    plain = mx.breadcrumbs_sparsify(x, 0.4, 0.05)
+    plain = sparsify.breadcrumbs_sparsify(x, 0.4, 0.05)
     y = x.clone()
     setattr(y, SORTED_ABS_ATTR, True)
-    assert torch.equal(mx.breadcrumbs_sparsify(y, 0.4, 0.05), plain)
+    assert torch.equal(sparsify.breadcrumbs_sparsify(y, 0.4, 0.05), plain)
     assert isinstance(getattr(y, SORTED_ABS_ATTR), torch.Tensor)  # sorted once, reused
-    assert torch.equal(mx.breadcrumbs_sparsify(y, 0.7, 0.01), mx.breadcrumbs_sparsify(x, 0.7, 0.01))
+    assert torch.equal(sparsify.breadcrumbs_sparsify(y, 0.7, 0.01), sparsify.breadcrumbs_sparsify(x, 0.7, 0.01))
 
 
 def test_tsv_weights_and_factor_cache():
@@ -752,17 +834,17 @@ def test_tsv_weights_and_factor_cache():
     models = [base + rnd(12, 9, seed=81 + i) for i in range(3)]
     deltas = [m - base for m in models]
     w = [0.5, 2.0, 1.0]
-    out = mx.tsv(deltas, base, weight=w)
+    out = spectral.tsv(deltas, base, weight=w)
     exp = base.numpy() + _np_tsv([(wi * d).numpy() for wi, d in zip(w, deltas)], k=3)
     np.testing.assert_allclose(out.numpy(), exp, rtol=1e-4, atol=1e-4)
     # opt-in factor cache on resident task vectors: same bits, reused across weight changes
     res = [d.clone() for d in deltas]
     for d in res:
-        setattr(d, mx.SVD_CACHE_ATTR, True)
+        setattr(d, spectral.SVD_CACHE_ATTR, True)
     for ws in ([0.5, 2.0, 1.0], [0.1, 0.2, 0.3], [1.0, -1.0, 1.0], [0.5, 2.0, 1.0]):
-        got = mx.tsv(res, base, weight=ws, **{"lambda": 0.9})
-        assert torch.equal(got, mx.tsv(deltas, base, weight=ws, **{"lambda": 0.9})), ws
-    cache = getattr(res[0], mx.SVD_CACHE_ATTR)
+        got = spectral.tsv(res, base, weight=ws, **{"lambda": 0.9})
+        assert torch.equal(got, spectral.tsv(deltas, base, weight=ws, **{"lambda": 0.9})), ws
+    cache = getattr(res[0], spectral.SVD_CACHE_ATTR)
     assert isinstance(cache, dict) and cache["k"] == 3 and cache["polar"] is not None
-    assert torch.equal(mx.tsv(res, base, weight=[1, 1, 1], rank_fraction=0.2),
-                       mx.tsv(deltas, base, weight=[1, 1, 1], rank_fraction=0.2))
+    assert torch.equal(spectral.tsv(res, base, weight=[1, 1, 1], rank_fraction=0.2),
+                       spectral.tsv(deltas, base, weight=[1, 1, 1], rank_fraction=0.2))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge import nino as N
+from evomerge.merge.methods import nino as N
 from evomerge.merge.registry import get_method
 
 sys.path.insert(0, str(Path(__file__).parent))

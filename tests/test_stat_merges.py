@@ -18,7 +18,7 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.registry import get_method
-from evomerge.merge.stat_weighted import regmean_linear
+from evomerge.merge.methods.stat_weighted import regmean_linear
 from evomerge.stats import open_stats, write_stats
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -22,27 +22,11 @@ import numpy as np
 import torch
 
 from evomerge.backends.tokens import decode_until_eos, encode_pair, encode_prompt, eos_ids
+from evomerge.devices import check_device, torch_dtype
 from evomerge.errors import EvomergeError
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 # below this many parameters one CPU thread is fastest (tiny matrices; cores shared with other work)
 _ONE_THREAD_BELOW = 50_000_000
-
-
-def _resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise EvomergeError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 class HFEvaluator:
@@ -66,11 +50,8 @@ class HFEvaluator:
         if not (model_path / "config.json").is_file():
             raise EvomergeError(f"{model_path}: not a Hugging Face model folder (config.json "
                                 "missing)")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise EvomergeError(f"device {device!r} requested but CUDA is not available; use "
-                                "device='cpu'")
-        self.device = torch.device(device)
-        self.dtype = _resolve_dtype(dtype)
+        self.device = check_device(device, "device")
+        self.dtype = torch_dtype(dtype)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise EvomergeError("batch_size must be >= 1")

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from evomerge.backends.tokens import decode_until_eos, encode_pair, encode_prompt, eos_ids
+from evomerge.devices import check_device
 from evomerge.errors import EvomergeError
 
 _INSTALL = ("install vLLM: on a CUDA machine `pip install 'evomerge[vllm]'`; on the CPU, vLLM's CPU "
@@ -62,8 +63,7 @@ class VLLMEvaluator:
         if not (model_path / "config.json").is_file():
             raise EvomergeError(f"{model_path}: not a Hugging Face model folder (config.json missing)")
         self.device = str(device)
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise EvomergeError(f"evaluator.device: {device!r}: vllm runs on cpu or cuda")
+        check_device(self.device, "evaluator.device")
         self.dtype = dtype
         self.kv_cache_gib = kv_cache_gib
         self.gpu_memory_utilization = gpu_memory_utilization

@@ -31,19 +31,19 @@ import torch
 
 from evomerge.checkpoint import DEFAULT_MAX_SHARD_BYTES, layer_index, set_layer_index
 from evomerge.checkpoint.io import CheckpointReader, CheckpointWriter, check_compatible
+from evomerge.devices import check_device, torch_dtype
 from evomerge.errors import EvomergeError
 from evomerge.merge.mergekit_io import load_recipe
 from evomerge.merge.recipe import MergeRecipe, ModelEntry, evaluate_setting
 from evomerge.models import resolve_model
-from evomerge.merge.methods import SORTED_ABS_ATTR
-from evomerge.merge.methods_extra import SVD_CACHE_ATTR
+from evomerge.merge.methods.sparsify import SORTED_ABS_ATTR
+from evomerge.merge.methods.spectral import SVD_CACHE_ATTR
 from evomerge.merge.registry import REQUIRED, MergeMethod, get_method
 from evomerge.merge.vocab import prepare_vocab
 
 __all__ = ["MergePlan", "TensorJob", "build_plan", "merge_one", "merge_to_disk", "InMemoryMerger", "tensor_seed",
            "resident_caches"]
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NO_VALUE = object()
 
 
@@ -98,7 +98,7 @@ class MergePlan:
 
 def _out_dtype(recipe: MergeRecipe, stored: torch.dtype) -> torch.dtype:
     name = recipe.out_dtype or recipe.dtype
-    return _TORCH_DTYPES[name] if name else stored
+    return torch_dtype(name) if name else stored
 
 
 def build_plan(
@@ -468,7 +468,7 @@ class InMemoryMerger:
     (computed on first use, for the largest rank asked so far) and, per tensor, the orthogonalised
     stacked factors: a later TSV candidate that changes only ``weight`` magnitudes or ``lambda``
     costs one matrix product per tensor instead of ``T + 2`` SVDs, and one with another
-    ``rank_fraction`` only the two orthogonalisations (see ``methods_extra.SVD_CACHE_ATTR``). Costs
+    ``rank_fraction`` only the two orthogonalisations (see ``methods.spectral.SVD_CACHE_ATTR``). Costs
     about ``k·(m + n)`` floats per task matrix plus the two orthogonal factors per tensor (about
     two matrices with the default rank ``r/T``); same bits as the disk path.
 
@@ -488,12 +488,9 @@ class InMemoryMerger:
     ):
         if resident not in ("float32", "native"):
             raise EvomergeError(f"resident must be 'float32' or 'native', got {resident!r}")
-        self.device = torch.device(device)
-        self.compute_device = self.device if compute_device is None else torch.device(compute_device)
-        for what, dev in (("device", self.device), ("compute_device", self.compute_device)):
-            if dev.type == "cuda" and not torch.cuda.is_available():
-                raise EvomergeError(f"merge engine: {what} {str(dev)!r} but torch sees no CUDA GPU here "
-                                    f"(torch {torch.__version__}); use 'cpu'")
+        self.device = check_device(device, "merge engine device")
+        self.compute_device = (self.device if compute_device is None
+                               else check_device(compute_device, "merge engine compute_device"))
         # streamed: sources resident on `device`, each tensor's inputs copied to `compute_device`
         # per merge
         self.streamed = self.compute_device != self.device

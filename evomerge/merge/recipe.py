@@ -39,15 +39,10 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from evomerge.devices import DTYPE_CHOICES, dtype_name
 from evomerge.errors import EvomergeError, yaml_error_message
 
 Scalar = Union[bool, int, float, str]
-
-_DTYPES = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-}
 
 
 def _check_value(v: Any, where: str) -> Any:
@@ -205,10 +200,10 @@ class MergeRecipe(_Strict):
     def _dtype(cls, v):
         if v is None:
             return v
-        key = str(v).lower().replace("torch.", "")
-        if key not in _DTYPES:
-            raise ValueError(f"unknown dtype {v!r}; use float32, float16 or bfloat16")
-        return _DTYPES[key]
+        name = dtype_name(v)
+        if name is None:
+            raise ValueError(f"unknown dtype {v!r}; use {DTYPE_CHOICES}")
+        return name
 
     @model_validator(mode="after")
     def _check(self):

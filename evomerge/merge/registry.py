@@ -34,8 +34,10 @@ Signature of every method function::
 - ``spec.randomized``: the method draws from ``generator`` (the engine passes one seeded from
   the recipe seed and the tensor name, so disk and in-memory merges are identical).
 
-Reusable building blocks (magnitude / Bernoulli sparsification, sign election, generalized task
-arithmetic, slerp) live in :mod:`evomerge.merge.methods`.
+The built-in methods live in :mod:`evomerge.merge.methods`, one module per family; the reusable
+building blocks (sparsifiers and sign election, generalized task arithmetic, slerp) in
+:mod:`evomerge.merge.methods.sparsify`, :mod:`~evomerge.merge.methods.task_arithmetic` and
+:mod:`~evomerge.merge.methods.spherical`.
 """
 
 from __future__ import annotations
@@ -207,5 +209,11 @@ def _load_builtin_methods() -> None:
         importlib.import_module(module)
 
 
-_BUILTIN_MODULES = ["evomerge.merge.methods", "evomerge.merge.methods_extra", "evomerge.merge.nino",
-                    "evomerge.merge.stat_weighted"]
+_BUILTIN_MODULES = [
+    "evomerge.merge.methods.averaging",
+    "evomerge.merge.methods.task_arithmetic",
+    "evomerge.merge.methods.spherical",
+    "evomerge.merge.methods.spectral",
+    "evomerge.merge.methods.nino",
+    "evomerge.merge.methods.stat_weighted",
+]

@@ -339,47 +339,21 @@ def prepare_vocab(recipe, readers: dict[str, Any], key_of: Callable[[str], str])
     (same vocabulary tensors, and tokenizers that agree when ``tokenizer_source`` is set);
     otherwise wraps ``readers`` in place and returns the plan. Raises when sizes differ and no
     ``tokenizer_source`` says how to map them."""
-    refs = recipe.model_paths()
-    keys: list[str] = []
-    for r in refs:
-        k = key_of(r)
-        if k not in keys:
-            keys.append(k)
-    labels = {key_of(r): r for r in refs}
-    raw = {k: (readers[k]._reader if isinstance(readers[k], VocabReader) else readers[k]) for k in keys}
+    keys, labels = _merged_keys(recipe, key_of)
+    raw = {k: _unwrapped(readers[k]) for k in keys}
     prior = {readers[k]._plan.signature for k in keys if isinstance(readers[k], VocabReader)}
     names, rows = _vocab_tensors(raw, keys, labels)
     mode = recipe.tokenizer_source
     base_key = key_of(recipe.base_model) if recipe.base_model else keys[0]
-
-    def nothing_to_remap() -> VocabPlan | None:
-        # union of identical vocabularies is the base tokenizer; base / named: the engine copies it
-        if mode != "union":
-            return None
-        return VocabPlan(mode, set(), rows.get(base_key, 0), {}, {}, Path(raw[base_key].path))
-
     if not names:
-        return nothing_to_remap()
+        return _nothing_to_remap(mode, rows, raw, base_key)
     if mode is None:
-        if len(set(rows.values())) <= 1:
-            return None
-        detail = ", ".join(f"{labels.get(k, k)}: {rows[k]}" for k in keys) + f" rows in {sorted(names)}"
-        raise VocabSizeMismatch(
-            f"the models' vocabularies differ in size ({detail}); set "
-            "'tokenizer_source' to 'base', 'union' or one model's folder to map embedding rows by token "
-            "(evomerge never truncates them silently)", detail)
-    vocabs = {k: load_vocab(raw[k].path) for k in keys}
-    if mode not in ("base", "union"):
-        named_key = key_of(mode)  # opens its reader when the model is not part of the merge
-        if named_key not in raw:
-            r = readers[named_key]
-            raw[named_key] = r._reader if isinstance(r, VocabReader) else r
-        if named_key not in vocabs:
-            vocabs[named_key] = load_vocab(raw[named_key].path)
-    same_rows = len(set(rows.values())) <= 1
+        _check_same_size(rows, names, keys, labels)
+        return None
+    vocabs = _load_vocabs(mode, keys, raw, readers, key_of)
     present = [v for v in vocabs.values() if v is not None]
-    if same_rows and len(present) == len(vocabs) and all(v == present[0] for v in present):
-        return nothing_to_remap()
+    if len(set(rows.values())) <= 1 and len(present) == len(vocabs) and all(v == present[0] for v in present):
+        return _nothing_to_remap(mode, rows, raw, base_key)
     missing_tok = [labels.get(k, k) for k in keys if vocabs[k] is None]
     if missing_tok:
         raise EvomergeError(
@@ -392,32 +366,13 @@ def prepare_vocab(recipe, readers: dict[str, Any], key_of: Callable[[str], str])
     if mode == "base":
         target = keys_of[base_key]
     elif mode == "union":
-        tokenizer_dir = Path(tempfile.mkdtemp(prefix="evomerge-union-tokenizer-"))
-        _UNION_DIRS.append(str(tokenizer_dir))
-        others = [raw[k].path for k in keys if k != base_key]
-        build_union_tokenizer(raw[base_key].path, others, tokenizer_dir)
-        uvocab = load_vocab(tokenizer_dir) or {}
-        for t, i in vocabs[base_key].items():
-            if uvocab.get(t) != i:
-                raise EvomergeError(f"tokenizer_source union: token {t!r} changed id while building the union tokenizer")
-        n = max(max(uvocab.values()) + 1, rows[base_key])
-        target = row_keys(uvocab, n, "union tokenizer")
+        target, tokenizer_dir = _union_target(raw, keys, base_key, vocabs[base_key], rows[base_key])
     else:
         named_key = key_of(mode)
-        nrows = raw[named_key].shape(sorted(names)[0])[0] if all(n in raw[named_key] for n in names) else None
-        nrows = nrows or max(vocabs[named_key].values()) + 1
-        target = row_keys(vocabs[named_key], nrows, labels.get(named_key, mode))
-        ncfg = raw[named_key].config
-        updates.update({k: ncfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ncfg})
+        target, updates = _named_target(raw[named_key], names, vocabs[named_key], labels.get(named_key, mode))
     updates["vocab_size"] = len(target)
     index = {k: row_index(target, keys_of[k]) for k in keys}
-    tset = set(target)
-    for k in keys:
-        dropped = [t for t in keys_of[k] if t not in tset and isinstance(t, str)]
-        if dropped:
-            shown = ", ".join(repr(t) for t in dropped[:8]) + (" …" if len(dropped) > 8 else "")
-            log.warning("tokenizer_source %s: %d token(s) of %s are not in the output vocabulary and their rows "
-                        "are dropped: %s", mode, len(dropped), labels.get(k, k), shown)
+    _warn_dropped(mode, target, keys, keys_of, labels)
     signature = (mode, tuple(target))
     if prior and prior != {signature}:
         raise EvomergeError(
@@ -425,8 +380,101 @@ def prepare_vocab(recipe, readers: dict[str, Any], key_of: Callable[[str], str])
             "tokenizer_source); use a new InMemoryMerger for it"
         )
     plan = VocabPlan(mode, names, len(target), index, {k: raw[k] for k in keys}, tokenizer_dir, updates, signature)
+    return _install_plan(plan, readers, keys, raw)
+
+
+def _unwrapped(reader):
+    """The checkpoint reader under a :class:`VocabReader` (a plain reader as it is)."""
+    return reader._reader if isinstance(reader, VocabReader) else reader
+
+
+def _merged_keys(recipe, key_of: Callable[[str], str]) -> tuple[list[str], dict[str, str]]:
+    """The reader keys of the merged models (base first, each once) and key -> reference as written."""
+    refs = recipe.model_paths()
+    keys: list[str] = []
+    for r in refs:
+        k = key_of(r)
+        if k not in keys:
+            keys.append(k)
+    return keys, {key_of(r): r for r in refs}
+
+
+def _nothing_to_remap(mode: str | None, rows: dict[str, int], raw: dict[str, Any], base_key: str) -> VocabPlan | None:
+    """The plan when no row moves: none, except for ``union``, whose output tokenizer is the base's."""
+    # union of identical vocabularies is the base tokenizer; base / named: the engine copies it
+    if mode != "union":
+        return None
+    return VocabPlan(mode, set(), rows.get(base_key, 0), {}, {}, Path(raw[base_key].path))
+
+
+def _check_same_size(rows: dict[str, int], names: set[str], keys: list[str], labels: dict[str, str]) -> None:
+    """Without ``tokenizer_source``: vocabulary tensors of different sizes are an error."""
+    if len(set(rows.values())) <= 1:
+        return
+    detail = ", ".join(f"{labels.get(k, k)}: {rows[k]}" for k in keys) + f" rows in {sorted(names)}"
+    raise VocabSizeMismatch(
+        f"the models' vocabularies differ in size ({detail}); set "
+        "'tokenizer_source' to 'base', 'union' or one model's folder to map embedding rows by token "
+        "(evomerge never truncates them silently)", detail)
+
+
+def _load_vocabs(mode: str, keys: list[str], raw: dict[str, Any], readers: dict[str, Any],
+                 key_of: Callable[[str], str]) -> dict[str, dict[str, int] | None]:
+    """Each merged model's vocabulary, and a named ``tokenizer_source``'s (its reader is opened and
+    added to ``raw`` when that model is not part of the merge)."""
+    vocabs = {k: load_vocab(raw[k].path) for k in keys}
+    if mode not in ("base", "union"):
+        named_key = key_of(mode)  # opens its reader when the model is not part of the merge
+        if named_key not in raw:
+            raw[named_key] = _unwrapped(readers[named_key])
+        if named_key not in vocabs:
+            vocabs[named_key] = load_vocab(raw[named_key].path)
+    return vocabs
+
+
+def _union_target(raw: dict[str, Any], keys: list[str], base_key: str, base_vocab: dict[str, int],
+                  base_rows: int) -> tuple[list[Hashable], Path]:
+    """Output rows of ``tokenizer_source: union`` and the union tokenizer, written to a temporary
+    folder (removed at exit); the base's tokens keep their ids."""
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="evomerge-union-tokenizer-"))
+    _UNION_DIRS.append(str(tokenizer_dir))
+    others = [raw[k].path for k in keys if k != base_key]
+    build_union_tokenizer(raw[base_key].path, others, tokenizer_dir)
+    uvocab = load_vocab(tokenizer_dir) or {}
+    for t, i in base_vocab.items():
+        if uvocab.get(t) != i:
+            raise EvomergeError(f"tokenizer_source union: token {t!r} changed id while building the union tokenizer")
+    n = max(max(uvocab.values()) + 1, base_rows)
+    return row_keys(uvocab, n, "union tokenizer"), tokenizer_dir
+
+
+def _named_target(named, names: set[str], vocab: dict[str, int], label: str) -> tuple[list[Hashable], dict[str, Any]]:
+    """Output rows of a named ``tokenizer_source`` (its model's rows, or its tokenizer's length) and
+    the config entries (bos / eos / pad ids) taken from that model."""
+    nrows = named.shape(sorted(names)[0])[0] if all(n in named for n in names) else None
+    nrows = nrows or max(vocab.values()) + 1
+    target = row_keys(vocab, nrows, label)
+    ncfg = named.config
+    return target, {k: ncfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ncfg}
+
+
+def _warn_dropped(mode: str, target: list[Hashable], keys: list[str], keys_of: dict[str, list[Hashable]],
+                  labels: dict[str, str]) -> None:
+    """Log the tokens of each model that the output vocabulary drops (their rows are not merged)."""
+    tset = set(target)
     for k in keys:
-        if isinstance(readers[k], VocabReader) and readers[k]._plan.signature == signature:
+        dropped = [t for t in keys_of[k] if t not in tset and isinstance(t, str)]
+        if dropped:
+            shown = ", ".join(repr(t) for t in dropped[:8]) + (" …" if len(dropped) > 8 else "")
+            log.warning("tokenizer_source %s: %d token(s) of %s are not in the output vocabulary and their rows "
+                        "are dropped: %s", mode, len(dropped), labels.get(k, k), shown)
+
+
+def _install_plan(plan: VocabPlan, readers: dict[str, Any], keys: list[str], raw: dict[str, Any]) -> VocabPlan:
+    """Wrap each merged model's reader in a :class:`VocabReader` of ``plan`` — or of an equal plan
+    the readers already carry (same signature), which is reused with its computed fills."""
+    for k in keys:
+        if isinstance(readers[k], VocabReader) and readers[k]._plan.signature == plan.signature:
             plan = readers[k]._plan
             break
     for k in keys:

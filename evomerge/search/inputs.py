@@ -61,28 +61,12 @@ def load_tasks(cfg: RunConfig) -> dict[str, TaskPair]:
 def check_devices(ev) -> None:
     """Refuse, before anything is loaded, an evaluator device this machine does not have; the
     error names the config field."""
-    import torch
+    from evomerge.devices import check_device
 
     for field_name in ("device", "merge_device", "merge_compute"):
         value = getattr(ev, field_name)
-        if value is None:
-            continue
-        try:
-            dev = torch.device(value)
-        except (RuntimeError, ValueError):
-            raise EvomergeError(f"evaluator.{field_name}: {value!r} is not a device name; use cpu, "
-                                "cuda or cuda:N") from None
-        if dev.type == "cpu":
-            continue
-        if dev.type != "cuda":
-            raise EvomergeError(f"evaluator.{field_name}: {value!r}: only cpu and cuda devices are supported")
-        n = torch.cuda.device_count()
-        if n == 0:
-            raise EvomergeError(f"evaluator.{field_name}: {value!r}, but torch {torch.__version__} sees no "
-                                "CUDA GPU on this machine; set it to cpu here, or run on a machine with a GPU")
-        if dev.index is not None and dev.index >= n:
-            raise EvomergeError(f"evaluator.{field_name}: {value!r}, but this machine has {n} CUDA "
-                                f"GPU(s): cuda:0..cuda:{n - 1}")
+        if value is not None:
+            check_device(value, f"evaluator.{field_name}")
 
 
 def check_tasks_fit_fitness(cfg: RunConfig, tasks: dict) -> list[str]:
