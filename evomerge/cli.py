@@ -37,6 +37,9 @@ _search_cli.register(app)
 from evomerge import eval_cli as _eval_cli  # noqa: E402
 
 _eval_cli.register(app)
+from evomerge import align_cli as _align_cli  # noqa: E402
+
+_align_cli.register(app)
 
 
 def _version() -> str:
