@@ -56,7 +56,11 @@ def align_command(
 
     t0 = time.time()
     log = None if quiet else (lambda line: typer.echo(line, err=True))
-    results = align_to_disk(paths, out, method=method, reference=ref_index, seed=seed, overwrite=overwrite, log=log)
+    # a hub id resolves to a snapshot folder named by its commit: name the output after the repository
+    names = [path.name if m.startswith("zoo:") or Path(m).expanduser().is_dir() else m.rsplit("/", 1)[-1]
+             for m, path in zip(models, paths)]
+    results = align_to_disk(paths, out, method=method, reference=ref_index, seed=seed, overwrite=overwrite, log=log,
+                            names=names)
     if not quiet:
         typer.echo(f"aligned {len(results)} models ({method}, reference {paths[ref_index].name}) into {out} "
                    f"in {time.time() - t0:.1f}s")

@@ -81,6 +81,26 @@ def test_tied_embeddings_stay_tied_and_the_function_unchanged():
     assert torch.allclose(_logits(model), before, atol=1e-5, rtol=1e-4)
 
 
+def test_qwen2_attention_biases_move_with_their_heads():
+    """Qwen2: the Llama block with q/k/v biases (permuted with their rows)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(2)
+    model = Qwen2ForCausalLM(cfg).eval()
+    tensors = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    for n in tensors:
+        if n.endswith(".bias"):
+            tensors[n] = torch.randn_like(tensors[n])
+    layout = llama_layout(cfg.to_dict(), {n: t.shape for n, t in tensors.items()})
+    assert "model.layers.0.self_attn.k_proj.bias" in layout.axes
+    before = _logits(model, tensors)
+    permuted = permute_model(tensors, layout, random_permutations(layout, torch.Generator().manual_seed(5)))
+    assert not torch.equal(permuted["model.layers.1.self_attn.q_proj.bias"], tensors["model.layers.1.self_attn.q_proj.bias"])
+    assert torch.allclose(_logits(model, permuted), before, atol=1e-5, rtol=1e-4)
+
+
 def test_what_is_not_a_symmetry_changes_the_logits(tiny):
     """Dimensions inside a q/k head (RoPE) and a query head moved to another kv group are not
     symmetries: doing either changes the function (and the latter is rejected)."""

@@ -49,11 +49,11 @@ class AlignedModel:
     distance_after: float
 
 
-def output_names(paths: Sequence[Path]) -> list[str]:
-    """Subfolder names: each input folder's name, made unique with ``-2``, ``-3``, ..."""
+def output_names(paths: Sequence[Path | str]) -> list[str]:
+    """Subfolder names: each input folder's (or given) name, made unique with ``-2``, ``-3``, ..."""
     names: list[str] = []
     for p in paths:
-        base = p.name or "model"
+        base = Path(p).name or "model"
         name, k = base, 2
         while name in names or name == "alignment.json":
             name, k = f"{base}-{k}", k + 1
@@ -123,10 +123,11 @@ def check_align_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> No
 
 
 def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "rebasin", reference: int = 0,
-                  seed: int = 0, overwrite: bool = False,
-                  log: Callable[[str], None] | None = None) -> list[AlignedModel]:
+                  seed: int = 0, overwrite: bool = False, log: Callable[[str], None] | None = None,
+                  names: Sequence[str] | None = None) -> list[AlignedModel]:
     """Align ``paths`` (two or more model folders) to ``paths[reference]`` and write the aligned
-    checkpoints into ``out`` (see the module docstring); returns what was written."""
+    checkpoints into ``out`` (see the module docstring); returns what was written. ``names``:
+    what to call each model's subfolder (default: its folder's name; made unique either way)."""
     paths = [Path(p) for p in paths]
     out = Path(out).absolute()
     if len(paths) < 2:
@@ -137,7 +138,7 @@ def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "
     layout, readers, tensors = load_models(paths)
     perms, summary = alignment_permutations(tensors, layout, method, reference, seed)
     aligned, results = [], []
-    for path, name, t, p in zip(paths, output_names(paths), tensors, perms):
+    for path, name, t, p in zip(paths, output_names(paths if names is None else names), tensors, perms):
         a = permute_model(t, layout, p)
         results.append(AlignedModel(path, name, squared_distance(tensors[reference], t),
                                     squared_distance(tensors[reference], a)))
