@@ -155,6 +155,7 @@ def test_c2m3_maps_are_cycle_consistent_and_improve_the_joint_objective(tiny):
     result = c2m3(models, layout)
     _three_cycles_are_identity(result, 3)
     assert result.objective[-1] > result.objective[0]  # Frank-Wolfe moved beyond its Re-Basin start
+    assert result.kept == "projected" and result.projected_value > result.start_value  # ... and it kept the gain
     for a in range(1, 3):  # every model lands closer to the first one than it was
         aligned = permute_model(models[a], layout, result.pairwise_map(a, 0))
         assert squared_distance(first, aligned) < squared_distance(first, models[a])

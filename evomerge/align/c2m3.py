@@ -49,12 +49,16 @@ SoftMaps = dict[str, dict[str, torch.Tensor]]  # group -> unit -> (n, n) matrix
 @dataclass
 class C2M3Result:
     """``to_universe[a]``: model a's permutations into the universe (apply with
-    ``permute_model``); per Frank-Wolfe iteration the relaxed objective and the gap."""
+    ``permute_model``); per Frank-Wolfe iteration the relaxed objective and the gap; the
+    objective of the start and of the projected solution, and which of the two was kept."""
 
     to_universe: list[Permutations]
     iterations: int
     objective: list[float] = field(default_factory=list)
     gap: list[float] = field(default_factory=list)
+    start_value: float = 0.0
+    projected_value: float = 0.0
+    kept: str = "projected"
 
     def pairwise_map(self, source: int, target: int) -> Permutations:
         """The permutation taking model ``source`` into model ``target``'s coordinates."""
@@ -196,6 +200,8 @@ def c2m3(models: Sequence[Tensors], layout: LlamaLayout, init: str = "rebasin", 
         {g: solve_assignment(g, {u: m[g][u].double().numpy() for u in m[g]}, layout) for g in layout.groups()}
         for m in maps
     ]
-    value = objective(models, layout, [_as_maps(p, layout) for p in projected])
-    result.to_universe = projected if value >= objective(models, layout, [_as_maps(p, layout) for p in start]) else start
+    result.projected_value = objective(models, layout, [_as_maps(p, layout) for p in projected])
+    result.start_value = objective(models, layout, [_as_maps(p, layout) for p in start])
+    result.kept = "projected" if result.projected_value >= result.start_value else "start"
+    result.to_universe = projected if result.kept == "projected" else start
     return result

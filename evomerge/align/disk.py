@@ -102,7 +102,9 @@ def alignment_permutations(tensors: Sequence[dict[str, torch.Tensor]], layout: L
         order = [reference] + [i for i in range(len(tensors)) if i != reference]
         result = c2m3([tensors[i] for i in order], layout, seed=seed)
         perms = [result.pairwise_map(order.index(i), 0) for i in range(len(tensors))]
-        return perms, {"iterations": result.iterations, "objective": result.objective, "gap": result.gap}
+        return perms, {"iterations": result.iterations, "objective": result.objective, "gap": result.gap,
+                       "start_value": result.start_value, "projected_value": result.projected_value,
+                       "kept": result.kept}
     raise EvomergeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
 
 
