@@ -244,3 +244,14 @@ def test_align_cli_refuses_bad_input(tmp_path, capsys):
     assert code == 2 and "inside the input model" in text
     code, text = run_cli(["align", str(a), str(wide), "--out", str(out), "--reference", "nope"], capsys)
     assert code == 2 and "--reference" in text
+
+    from safetensors.torch import load_file
+
+    from evomerge.checkpoint import write_checkpoint
+
+    extra = {**load_file(str(a / "model.safetensors")), "model.layers.0.self_attn.q_norm.weight": torch.ones(8)}
+    write_checkpoint(tmp_path / "qk_norm", extra, json.loads((a / "config.json").read_text()))
+    write_checkpoint(tmp_path / "qk_norm2", extra, json.loads((a / "config.json").read_text()))
+    code, text = run_cli(["align", str(tmp_path / "qk_norm"), str(tmp_path / "qk_norm2"), "--out", str(out)], capsys)
+    assert code == 2 and "'model.layers.0.self_attn.q_norm.weight' is not part of a Llama-style decoder" in text
+    assert not out.exists()
