@@ -14,8 +14,8 @@ import typer
 
 
 def align_command(
-    models: List[str] = typer.Argument(..., help="two or more Llama-style models of one architecture: "
-                                       "folders, zoo:NAME or hub ids owner/name"),
+    models: List[str] = typer.Argument(..., metavar="MODELS", help="two or more Llama-style models of one "
+                                       "architecture: folders, zoo:NAME or hub ids owner/name"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: one aligned checkpoint per model, in a "
                              "subfolder named after its input folder, plus alignment.json (written atomically)"),
     method: str = typer.Option("rebasin", "--method", help="rebasin: Git Re-Basin weight matching of each model "
