@@ -97,7 +97,8 @@ def test_qwen2_attention_biases_move_with_their_heads():
     assert "model.layers.0.self_attn.k_proj.bias" in layout.axes
     before = _logits(model, tensors)
     permuted = permute_model(tensors, layout, random_permutations(layout, torch.Generator().manual_seed(5)))
-    assert not torch.equal(permuted["model.layers.1.self_attn.q_proj.bias"], tensors["model.layers.1.self_attn.q_proj.bias"])
+    q_bias = "model.layers.1.self_attn.q_proj.bias"
+    assert not torch.equal(permuted[q_bias], tensors[q_bias])
     assert torch.allclose(_logits(model, permuted), before, atol=1e-5, rtol=1e-4)
 
 
