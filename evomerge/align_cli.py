@@ -24,6 +24,8 @@ def align_command(
     reference: Optional[str] = typer.Option(None, "--reference", help="the model whose coordinates the others "
                                             "are mapped into, as given in MODELS (default: the first); it is "
                                             "written unchanged"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow reading pickle (.bin) checkpoints "
+                                      "(the aligned outputs are safetensors)"),
     seed: int = typer.Option(0, "--seed", help="seed of the order in which weight matching visits the groups"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out even if it holds files (they are "
                                    "deleted)"),
@@ -60,7 +62,7 @@ def align_command(
     names = [path.name if m.startswith("zoo:") or Path(m).expanduser().is_dir() else m.rsplit("/", 1)[-1]
              for m, path in zip(models, paths)]
     results = align_to_disk(paths, out, method=method, reference=ref_index, seed=seed, overwrite=overwrite, log=log,
-                            names=names)
+                            names=names, allow_pickle=allow_pickle)
     if not quiet:
         typer.echo(f"aligned {len(results)} models ({method}, reference {paths[ref_index].name}) into {out} "
                    f"in {time.time() - t0:.1f}s")

@@ -256,3 +256,14 @@ def test_align_cli_refuses_bad_input(tmp_path, capsys):
     code, text = run_cli(["align", str(tmp_path / "qk_norm"), str(tmp_path / "qk_norm2"), "--out", str(out)], capsys)
     assert code == 2 and "'model.layers.0.self_attn.q_norm.weight' is not part of a Llama-style decoder" in text
     assert not out.exists()
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((a / "config.json").read_text())
+    torch.save(load_file(str(a / "model.safetensors")), pickled / "pytorch_model.bin")
+    code, text = run_cli(["align", str(a), str(pickled), "--out", str(out)], capsys)
+    assert code == 2 and "--allow-pickle" in text and not out.exists()
+    code, text = run_cli(["align", str(a), str(pickled), "--out", str(out), "--allow-pickle", "-q"], capsys)
+    assert code == 0, text
+    assert all(torch.equal(t, load_file(str(a / "model.safetensors"))[n])
+               for n, t in load_file(str(out / "pickled" / "model.safetensors")).items())

@@ -61,10 +61,11 @@ def output_names(paths: Sequence[Path | str]) -> list[str]:
     return names
 
 
-def load_models(paths: Sequence[Path]) -> tuple[LlamaLayout, list[CheckpointReader], list[dict[str, torch.Tensor]]]:
+def load_models(paths: Sequence[Path], allow_pickle: bool = False
+                ) -> tuple[LlamaLayout, list[CheckpointReader], list[dict[str, torch.Tensor]]]:
     """Readers and all tensors of ``paths`` after checking they are Llama-style models of one
     architecture (same tensors, shapes and attention layout); errors name the model and tensor."""
-    readers = [CheckpointReader(p) for p in paths]
+    readers = [CheckpointReader(p, allow_pickle=allow_pickle) for p in paths]
     check_compatible([(f"model {p}", r) for p, r in zip(paths, readers)])
     ref_names = set(readers[0].tensor_names())
     layouts = []
@@ -126,10 +127,11 @@ def check_align_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> No
 
 def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "rebasin", reference: int = 0,
                   seed: int = 0, overwrite: bool = False, log: Callable[[str], None] | None = None,
-                  names: Sequence[str] | None = None) -> list[AlignedModel]:
+                  names: Sequence[str] | None = None, allow_pickle: bool = False) -> list[AlignedModel]:
     """Align ``paths`` (two or more model folders) to ``paths[reference]`` and write the aligned
     checkpoints into ``out`` (see the module docstring); returns what was written. ``names``:
-    what to call each model's subfolder (default: its folder's name; made unique either way)."""
+    what to call each model's subfolder (default: its folder's name; made unique either way).
+    ``allow_pickle``: read ``pytorch_model*.bin`` inputs too (the outputs are safetensors)."""
     paths = [Path(p) for p in paths]
     out = Path(out).absolute()
     if len(paths) < 2:
@@ -137,7 +139,7 @@ def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "
     if method not in METHODS:
         raise EvomergeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     check_align_output(out, paths, overwrite)
-    layout, readers, tensors = load_models(paths)
+    layout, readers, tensors = load_models(paths, allow_pickle)
     perms, summary = alignment_permutations(tensors, layout, method, reference, seed)
     aligned, results = [], []
     for path, name, t, p in zip(paths, output_names(paths if names is None else names), tensors, perms):
