@@ -230,6 +230,10 @@ def test_align_cli_end_to_end(tmp_path, capsys):
 
     code, text = run_cli(["align", str(a), str(b), "--out", str(out)], capsys)
     assert code == 2 and "not empty" in text and "--overwrite" in text
+    code, text = run_cli(["align", str(a), str(b), "--out", str(out), "--overwrite", "-q"], capsys)
+    assert code == 0 and sorted(p.name for p in out.iterdir()) == ["a", "alignment.json", "b"], text
+    assert json.loads((out / "alignment.json").read_text())["method"] == "rebasin"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 
 def test_align_cli_refuses_bad_input(tmp_path, capsys):

@@ -53,7 +53,8 @@ def output_names(paths: Sequence[Path | str]) -> list[str]:
     """Subfolder names: each input folder's (or given) name, made unique with ``-2``, ``-3``, ..."""
     names: list[str] = []
     for p in paths:
-        base = Path(p).name or "model"
+        base = Path(p).name
+        base = "model" if base in ("", ".", "..") else base
         name, k = base, 2
         while name in names or name == "alignment.json":
             name, k = f"{base}-{k}", k + 1
@@ -165,6 +166,7 @@ def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "
 def _write_all(out: Path, readers, results, aligned, record: dict) -> None:
     created: list[Path] = []
     tmp = None
+    done = False
     try:
         created = make_dirs(out.parent)
         tmp = mkdir_sibling(out, "tmp")
@@ -180,8 +182,13 @@ def _write_all(out: Path, readers, results, aligned, record: dict) -> None:
         if out.exists():  # --overwrite (checked before any work): moved aside, removed once replaced
             old = unique_sibling(out, "old")
             os.rename(out, old)
-        os.rename(tmp, out)
-        tmp = None
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if old is not None:
+                os.rename(old, out)  # put the previous folder back
+            raise
+        tmp, done = None, True
         fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -190,4 +197,5 @@ def _write_all(out: Path, readers, results, aligned, record: dict) -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
             remove_dirs(created)
