@@ -43,6 +43,9 @@ _nino_cli.register(app)
 from evomerge import stats_cli as _stats_cli  # noqa: E402
 
 _stats_cli.register(app)
+from evomerge import align_cli as _align_cli  # noqa: E402
+
+_align_cli.register(app)
 
 
 def _version() -> str:
