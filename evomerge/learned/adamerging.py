@@ -128,7 +128,7 @@ def adamerge(base: str | Path, models: Sequence[str | Path], prompts: Sequence[s
         loss = entropy()
         history.append(float(loss.detach()))
         if log is not None:
-            log(step, float(loss), lam.detach().clone())
+            log(step, history[-1], lam.detach().clone())
         if step == steps:
             break
         opt.zero_grad()
