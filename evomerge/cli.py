@@ -46,6 +46,9 @@ _stats_cli.register(app)
 from evomerge import align_cli as _align_cli  # noqa: E402
 
 _align_cli.register(app)
+from evomerge import route_cli as _route_cli  # noqa: E402
+
+_route_cli.register(app)
 
 
 def _version() -> str:
