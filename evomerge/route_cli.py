@@ -50,6 +50,12 @@ def route_command(
         raise EvomergeError(f"route needs at least two fine-tunes in MODELS (got {len(models)})")
     if rank_fraction is not None and not 0.0 < rank_fraction <= 1.0:
         raise EvomergeError(f"--rank-fraction {rank_fraction}: must be in (0, 1]")
+    if not temperature > 0:
+        raise EvomergeError(f"--temperature {temperature}: must be > 0")
+    if not 0.0 <= threshold <= 1.0:
+        raise EvomergeError(f"--threshold {threshold}: must be in [0, 1] (a probability)")
+    if max_tasks is not None and max_tasks < 1:
+        raise EvomergeError(f"--max-tasks {max_tasks}: must be >= 1")
     with contextlib.redirect_stdout(sys.stderr):  # a zoo build's progress lines
         base_path = resolve_model(base, what="--base")
         paths = [resolve_model(m, what="MODEL") for m in models]
@@ -64,7 +70,7 @@ def route_command(
         settings = RoutingSettings(routing_tensor, temperature=temperature, threshold=threshold,
                                    max_tasks=max_tasks, standardize=standardize)
     except EvomergeError as exc:
-        raise EvomergeError(f"--routing-tensor / --temperature / --threshold / --max-tasks: {exc}") from None
+        raise EvomergeError(f"--routing-tensor: {exc}") from None
     t0 = time.time()
     tf = save_routed(out, base_path, paths, settings, rank_fraction=rank_fraction, overwrite=overwrite,
                      allow_pickle=allow_pickle)

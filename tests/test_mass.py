@@ -128,3 +128,8 @@ def test_bad_routing_settings_are_refused(zoo, one_thread, tmp_path, capsys):
                          "--routing-tensor", "model.norm.weight"], capsys)
     assert code == 2 and "model.norm.weight" in msg and "not a matrix" in msg
     assert not (tmp_path / "r2").exists()
+    code, msg = run_cli(["route", "zoo:lang", "zoo:cipher", "--base", "zoo:base", "--out", str(tmp_path / "r2"),
+                         "--threshold", "2"], capsys)
+    assert code == 2 and "--threshold 2" in msg and not (tmp_path / "r2").exists()
+    code, msg = run_cli(["eval", str(out), "--task", "zoo:lang", "--backend", "vllm"], capsys)
+    assert code == 2 and "routed model" in msg and "--backend hf" in msg

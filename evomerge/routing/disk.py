@@ -89,6 +89,7 @@ def save_routed(out: str | os.PathLike, base: Path, experts: Sequence[Path], set
         write_checkpoint(tmp / "base", [(n, reader.get(n)) for n in reader.tensor_names()], reader.config,
                          tokenizer_from=reader.path)
         save_file(_factor_tensors(tf), str(tmp / FACTORS_FILE), metadata={"format": FORMAT})
+        os.chmod(tmp / FACTORS_FILE, (tmp / "base" / "config.json").stat().st_mode & 0o777)  # as the others
         with open(tmp / SETTINGS_FILE, "w", encoding="utf-8") as fh:
             json.dump(record, fh, indent=2)
             fh.write("\n")
