@@ -35,7 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evomerge.backends.hf import HFEvaluator  # noqa: E402
 from evomerge.routing.factors import factors_from_checkpoints  # noqa: E402
 from evomerge.routing.model import RoutedModel  # noqa: E402
-from evomerge.routing.router import RoutingSettings, default_routing_tensor, prompt_features, relative_residuals  # noqa: E402
+from evomerge.routing.router import (  # noqa: E402
+    RoutingSettings,
+    default_routing_tensor,
+    prompt_features,
+    relative_residuals,
+)
 from evomerge.tasks import load_task_dir  # noqa: E402
 from evomerge.zoo import build_zoo  # noqa: E402
 
@@ -114,8 +119,7 @@ def main() -> None:
             "routed, merges cached": per_100(lambda: model.generate(prompts, 8), len(prompts), args.repeats)}
 
     def cold():
-        model._merges.clear()
-        model._loaded = None
+        model.clear_cache()
         model.generate(prompts, 8)
 
     cost["routed, from an empty cache"] = per_100(cold, len(prompts), args.repeats)

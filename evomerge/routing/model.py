@@ -61,6 +61,11 @@ class RoutedModel:
             self._merges.popitem(last=False)
         return state
 
+    def clear_cache(self) -> None:
+        """Forget the subset merges (the next use of each computes it again)."""
+        self._merges.clear()
+        self._loaded = None
+
     def use(self, subset: Sequence[str]) -> None:
         """Make the resident model the merge of ``subset`` (a no-op when it already is)."""
         key = self.factors.task_index(subset)
@@ -121,5 +126,5 @@ class RoutedModel:
         return task.answer(self, items)
 
     def close(self) -> None:
-        self._merges.clear()
+        self.clear_cache()
         self.evaluator.close()
