@@ -8,11 +8,14 @@ task's subspace is spanned by the top right singular vectors ``V_t`` of that lay
 matrix of the second-to-last block (``resblocks.10.mlp.c_fc`` of 12) and, in its Mistral config,
 the last block's ``mlp.down_proj``. The default here is the ViT choice's analogue, the
 second-to-last layer's ``mlp.gate_proj`` (input: the normalised residual stream): on the zoo it
-routes 94% of search-split prompts to their own task, the last ``down_proj`` 47% (README). Residuals ``r_t = ‖z − V_t V_tᵀ z‖ / ‖z‖`` (relative: the reference uses the plain
-norm, the argmin is the same) become probabilities ``p = softmax(ℓ / temperature)`` with
-``ℓ = −r`` standardised across tasks (``(ℓ − mean) / (std + 1e-6)``, as the reference's
-``topk`` mode) or, with ``standardize: false``, ``ℓ = −r`` as is. Selected: the tasks with
-``p ≥ threshold``, at most ``max_tasks`` (the most probable), at least the most probable one.
+routes 94% of search-split prompts to their own task, the last ``down_proj`` 47% (README).
+
+Residuals ``r_t = ‖z − V_t V_tᵀ z‖ / ‖z‖`` (relative; the reference uses the plain norm: the
+same argmin, and the same standardised logits up to the 1e-6) become probabilities
+``p = softmax(ℓ / temperature)`` with ``ℓ = −r`` standardised across tasks
+(``(ℓ − mean) / (std + 1e-6)``, as the reference's ``topk`` mode) or, with
+``standardize: false``, ``ℓ = −r`` as is. Selected: the tasks with ``p ≥ threshold``, at most
+``max_tasks`` (the most probable), at least the most probable one.
 """
 
 from __future__ import annotations
