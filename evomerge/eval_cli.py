@@ -4,9 +4,9 @@ the way the search measures it (the same evaluator, prompts, scoring).
 MODEL is a model folder, ``zoo:NAME``, a routed model folder (``evomerge route``: every
 prompt answered by the merge of the tasks it is routed to, in two passes), or a merge recipe
 file (mergekit-style YAML, or JSON: a run's ``best/recipe.json`` -- its ``recipe_resolved`` --
-or a plain recipe dict). A recipe is
-merged in memory into the evaluator (its base model resident, the recipe's models as the merge
-sources), as the search does for a candidate; nothing is written to disk.
+or a plain recipe dict). A recipe is merged in memory into the evaluator (its base model
+resident, the recipe's models as the merge sources), as the search does for a candidate;
+nothing is written to disk.
 
 Import-light: torch, transformers and the engine are imported inside the command.
 """
