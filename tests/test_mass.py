@@ -86,7 +86,7 @@ def test_routing_to_every_task_equals_the_tsv_merge(zoo, factors, one_thread):
     assert not torch.allclose(single[name], tsv[name], atol=1e-3)
 
 
-def test_saved_routed_model_round_trips(zoo, factors, one_thread, tmp_path, capsys):
+def test_saved_routed_model_round_trips(zoo, factors, one_thread, tmp_path, capsys, monkeypatch):
     from evomerge.routing import load_routed
 
     code, out = run_cli(["route", *(f"zoo:{t}" for t in TASKS), "--base", "zoo:base", "--out",
@@ -97,6 +97,15 @@ def test_saved_routed_model_round_trips(zoo, factors, one_thread, tmp_path, caps
     assert loaded.tasks == direct.tasks == [f"{t}_expert" for t in TASKS]
     assert loaded.generate(PROMPTS, 8) == direct.generate(PROMPTS, 8)
     assert loaded.last_routes == direct.last_routes
+    # each task subset is merged once: a second call computes no merge
+    calls = []
+    merge = direct.factors.merge
+    monkeypatch.setattr(direct.factors, "merge", lambda subset: calls.append(tuple(subset)) or merge(subset))
+    direct.clear_cache()
+    direct.generate(PROMPTS, 8)
+    assert sorted(calls) == sorted({tuple(direct.tasks), *direct.last_routes})
+    direct.generate(PROMPTS, 8)
+    assert len(calls) == len({tuple(direct.tasks), *direct.last_routes})
     # the router sends each zoo prompt to (at least) its own expert
     for prompt, route in zip(PROMPTS, loaded.last_routes):
         own = {"say": "lang_expert", "enc": "cipher_expert", "up": "upper_expert"}[prompt.split()[0]]
