@@ -49,6 +49,9 @@ _align_cli.register(app)
 from evomerge import learned_cli as _learned_cli  # noqa: E402
 
 _learned_cli.register(app)
+from evomerge import route_cli as _route_cli  # noqa: E402
+
+_route_cli.register(app)
 
 
 def _version() -> str:

@@ -1,10 +1,12 @@
 """``evomerge eval MODEL --task T ...``: the accuracy of any checkpoint on named tasks, measured
 the way the search measures it (the same evaluator, prompts, scoring).
 
-MODEL is a model folder, ``zoo:NAME``, or a merge recipe file (mergekit-style YAML, or JSON: a
-run's ``best/recipe.json`` -- its ``recipe_resolved`` -- or a plain recipe dict). A recipe is
-merged in memory into the evaluator (its base model resident, the recipe's models as the merge
-sources), as the search does for a candidate; nothing is written to disk.
+MODEL is a model folder, ``zoo:NAME``, a routed model folder (``evomerge route``: every
+prompt answered by the merge of the tasks it is routed to, in two passes), or a merge recipe
+file (mergekit-style YAML, or JSON: a run's ``best/recipe.json`` -- its ``recipe_resolved`` --
+or a plain recipe dict). A recipe is merged in memory into the evaluator (its base model
+resident, the recipe's models as the merge sources), as the search does for a candidate;
+nothing is written to disk.
 
 Import-light: torch, transformers and the engine are imported inside the command.
 """
@@ -146,6 +148,14 @@ def _inside(path: Path, folder: Path) -> bool:
     return p == f or p.startswith(f + os.sep)
 
 
+def routing_shares(routes) -> dict[str, float]:
+    """Share of the routed prompts answered by each task subset (``a+b``), most frequent first."""
+    from collections import Counter
+
+    counts = Counter("+".join(r) for r in routes)
+    return {k: c / max(1, len(routes)) for k, c in counts.most_common()}
+
+
 def format_table(accuracy: dict[str, float], items: dict[str, int], average: float) -> str:
     """The result table: one row per task, then the (unweighted) average of the accuracies."""
     w = max([len("average"), len("task")] + [len(t) for t in accuracy])
@@ -156,9 +166,9 @@ def format_table(accuracy: dict[str, float], items: dict[str, int], average: flo
 
 
 def eval_command(
-    model: str = typer.Argument(..., metavar="MODEL", help="a model folder, zoo:NAME, or a merge "
-                                "recipe file (mergekit-style .yaml, or .json such as a run's "
-                                "best/recipe.json); a recipe is merged in memory"),
+    model: str = typer.Argument(..., metavar="MODEL", help="a model folder, zoo:NAME, a routed model "
+                                "folder (evomerge route), or a merge recipe file (mergekit-style .yaml, or .json "
+                                "such as a run's best/recipe.json); a recipe is merged in memory"),
     task: List[str] = typer.Option(..., "--task", "-t", help="zoo:NAME or a task folder "
                                    "(repeat for several tasks)"),
     split: str = typer.Option("heldout", "--split", help="which items: heldout or search"),
@@ -202,6 +212,7 @@ def eval_command(
     # ---- MODEL: a recipe file, or a checkpoint
     mpath = Path(model).expanduser()
     recipe_dict = None
+    routed = False
     if not model.startswith("zoo:") and mpath.is_file():
         if mpath.suffix.lower() not in RECIPE_SUFFIXES:
             raise EvomergeError(f"MODEL {model!r} is a file but not a recipe (.yaml, .yml or "
@@ -216,6 +227,12 @@ def eval_command(
         paths = MergeRecipe.from_dict(recipe_dict).model_paths()  # base first
         resident = Path(paths[0])
         inputs = [Path(p) for p in paths]
+    elif not model.startswith("zoo:") and mpath.is_dir() and (mpath / "routing.json").is_file():
+        if backend != "hf":
+            raise EvomergeError(f"MODEL {model} is a routed model (evomerge route): it runs on --backend hf only")
+        routed = True
+        resident = mpath
+        inputs = [mpath]
     elif not model.startswith("zoo:") and not mpath.exists() and model.startswith((".", "/", "~")):
         raise EvomergeError(f"MODEL {model!r}: not found (give a model folder, zoo:NAME or a "
                             "recipe file)")
@@ -252,7 +269,13 @@ def eval_command(
     if recipe_dict is not None:
         sources = MergeSources(tuple(str(p) for p in inputs), device=device)
     t0 = time.time()
-    evaluator = make_evaluator(ev, resident, sources)
+    if routed:
+        from evomerge.routing.disk import load_routed
+
+        evaluator = load_routed(resident, device=device, dtype=dtype, batch_size=batch_size)
+    else:
+        evaluator = make_evaluator(ev, resident, sources)
+    routing: dict[str, dict[str, float]] = {}
     try:
         if recipe_dict is not None:
             try:
@@ -268,6 +291,8 @@ def eval_command(
             correct = evaluator.answer(t)
             accuracy[name] = float(sum(int(c) for c in correct)) / len(correct)
             n_items[name] = len(correct)
+            if routed:
+                routing[name] = routing_shares(evaluator.last_routes)
     finally:
         evaluator.close()
     average = sum(accuracy.values()) / len(accuracy)
@@ -275,11 +300,15 @@ def eval_command(
     typer.echo(f"{model} ({'merged in memory, ' if recipe_dict is not None else ''}{split} items, "
                f"backend {backend}, {time.time() - t0:.1f}s)")
     typer.echo(format_table(accuracy, n_items, average))
+    for name, shares in routing.items():
+        typer.echo(f"routed {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
     if json_out is not None:
         from evomerge.fsutil import write_text_atomic
 
         doc = {"model": model, "split": split, "backend": backend, "accuracy": accuracy,
                "average": average, "items": n_items, "dtype": dtype, "limit": limit}
+        if routed:
+            doc["routing"] = routing
         write_text_atomic(json_out, json.dumps(doc, indent=2) + "\n", "--json")
         typer.echo(f"wrote {json_out}")
 

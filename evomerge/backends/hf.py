@@ -106,6 +106,11 @@ class HFEvaluator:
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep")
                               if k in params), None)
 
+    @property
+    def pad_token_id(self) -> int:
+        """The id prompts are left-padded with."""
+        return self._pad
+
     def load_model(self, model) -> None:
         """Evaluate another model: a checkpoint folder or an in-memory transformers model (a
         data-flow candidate). The next :meth:`apply_recipe` returns to the resident model."""

@@ -18,7 +18,8 @@ from torch import Tensor
 from evomerge.merge.methods.params import fraction, per_model
 from evomerge.merge.registry import FRACTION, MergeMethod, ParamRange, register
 
-__all__ = ["SVD_CACHE_ATTR", "as_matrix", "polar_factor", "tsv", "iso_c", "iso_cts_sizes", "iso_cts"]
+__all__ = ["SVD_CACHE_ATTR", "as_matrix", "polar_factor", "mean_merge", "tsv_rank", "top_singular_triplets",
+           "tsv_orthogonal_factors", "tsv_matrix", "tsv", "iso_c", "iso_cts_sizes", "iso_cts"]
 
 
 def _lam(kw: dict) -> float:
@@ -45,7 +46,9 @@ def _weighted(deltas: Sequence[Tensor], weight: Sequence[float]) -> list[Tensor]
     return [d if wi == 1.0 else d * wi for d, wi in zip(deltas, w)]
 
 
-def _mean_fallback(ds: Sequence[Tensor], base: Tensor, lam: float) -> Tensor:
+def mean_merge(ds: Sequence[Tensor], base: Tensor, lam: float = 1.0) -> Tensor:
+    """``base + λ · mean(ds)``: the spectral methods' fallback for tensors without singular
+    vectors (1-D) and for ``svd: false``."""
     mean = ds[0].clone()
     for d in ds[1:]:
         mean.add_(d)
@@ -59,6 +62,35 @@ orthogonalised factors (≈ twice one matrix); afterwards a TSV candidate that c
 ``weight`` magnitudes or ``lambda`` is one matrix product instead of ``T + 2`` SVDs."""
 
 
+def tsv_rank(r: int, num_tasks: int, rank_fraction: float | None = None) -> int:
+    """TSV's components per task for a matrix of rank bound ``r = min(m, n)``:
+    ``k = max(1, ⌊r · f⌋)`` (at most ``r``) with ``f = rank_fraction``, default ``1/T``."""
+    frac = 1.0 / num_tasks if rank_fraction is None else fraction("rank_fraction", rank_fraction, lo_open=True)
+    return min(r, max(1, int(r * frac)))
+
+
+def top_singular_triplets(m: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U_k, σ_k, V_kᵀ)``: the top-``k`` singular triplets of matrix ``m`` (contiguous copies)."""
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, :k].contiguous(), s[:k].clone(), vh[:k, :].contiguous()
+
+
+def tsv_orthogonal_factors(factors: Sequence[tuple[Tensor, Tensor, Tensor]],
+                           signs: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """``(U⊥, V⊥ᵀ)``: the polar factors of the stacked ``[sign_i U_i]`` and ``[V_iᵀ]`` of the
+    tasks' ``(U_i, σ_i, V_iᵀ)`` factors (TSV's orthogonalisation)."""
+    u_perp = polar_factor(torch.cat([u if sg > 0 else -u for (u, _, _), sg in zip(factors, signs)], dim=1))
+    vh_perp = polar_factor(torch.cat([vh for _, _, vh in factors], dim=0))
+    return u_perp, vh_perp
+
+
+def tsv_matrix(u_perp: Tensor, vh_perp: Tensor, factors: Sequence[tuple[Tensor, Tensor, Tensor]],
+               weight: Sequence[float]) -> Tensor:
+    """TSV's merged task matrix ``U⊥ diag(|w_1| σ_1 … ) V⊥ᵀ`` (before ``λ`` and the base)."""
+    sigma = torch.cat([s * abs(wi) for (_, s, _), wi in zip(factors, weight)])
+    return (u_perp * sigma.unsqueeze(0)) @ vh_perp
+
+
 def _tsv_task_factors(d: Tensor, m: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``k`` singular triplets of ``m`` (the matrix view of task vector ``d``), cached on ``d``
     when it opted in (:data:`SVD_CACHE_ATTR`); the cached and fresh values are the same bits."""
@@ -66,8 +98,7 @@ def _tsv_task_factors(d: Tensor, m: Tensor, k: int) -> tuple[Tensor, Tensor, Ten
     if isinstance(cache, dict) and cache.get("k", 0) >= k:
         u, s, vh = cache["f"]
         return u[:, :k], s[:k], vh[:k, :]
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    f = (u[:, :k].contiguous(), s[:k].clone(), vh[:k, :].contiguous())
+    f = top_singular_triplets(m, k)
     if cache is not None:
         setattr(d, SVD_CACHE_ATTR, {"k": k, "f": f, "polar": None})
     return f
@@ -93,11 +124,8 @@ def tsv(deltas, base, *, generator=None, weight, rank_fraction=None, svd=True, *
     w = per_model("weight", weight, len(deltas))
     mats = [as_matrix(d) for d in deltas]
     if mats[0] is None or not svd:
-        return _mean_fallback(_weighted(deltas, w), base, lam)
-    T = len(mats)
-    r = min(mats[0].shape)
-    frac = 1.0 / T if rank_fraction is None else fraction("rank_fraction", rank_fraction, lo_open=True)
-    k = min(r, max(1, int(r * frac)))
+        return mean_merge(_weighted(deltas, w), base, lam)
+    k = tsv_rank(min(mats[0].shape), len(mats), rank_fraction)
     factors = [_tsv_task_factors(d, m, k) for d, m in zip(deltas, mats)]
     signs = tuple(-1.0 if wi < 0 else 1.0 for wi in w)
     key = (k, signs, tuple(id(d) for d in deltas))
@@ -106,12 +134,10 @@ def tsv(deltas, base, *, generator=None, weight, rank_fraction=None, svd=True, *
     if polar is not None and polar[0] == key:
         u_perp, vh_perp = polar[1], polar[2]
     else:
-        u_perp = polar_factor(torch.cat([u if sg > 0 else -u for (u, _, _), sg in zip(factors, signs)], dim=1))
-        vh_perp = polar_factor(torch.cat([vh for _, _, vh in factors], dim=0))
+        u_perp, vh_perp = tsv_orthogonal_factors(factors, signs)
         if isinstance(cache, dict):
             cache["polar"] = (key, u_perp, vh_perp)
-    sigma = torch.cat([s * abs(wi) for (_, s, _), wi in zip(factors, w)])
-    merged = (u_perp * sigma.unsqueeze(0)) @ vh_perp
+    merged = tsv_matrix(u_perp, vh_perp, factors, w)
     return base + (lam * merged).reshape(base.shape)
 
 
@@ -126,7 +152,7 @@ def iso_c(deltas, base, *, generator=None, weight, svd=True, **kw):
     lam = _lam(kw)
     ds = _weighted(deltas, weight)
     if as_matrix(ds[0]) is None or not svd:
-        return _mean_fallback(ds, base, lam)
+        return mean_merge(ds, base, lam)
     total = ds[0].clone()
     for d in ds[1:]:
         total.add_(d)
@@ -166,7 +192,7 @@ def iso_cts(deltas, base, *, generator=None, weight, common_space_fraction=0.8, 
     ds = _weighted(deltas, weight)
     mats = [as_matrix(d) for d in ds]
     if mats[0] is None or not svd:
-        return _mean_fallback(ds, base, lam)
+        return mean_merge(ds, base, lam)
     total = mats[0].clone()
     for m in mats[1:]:
         total.add_(m)
