@@ -14,8 +14,7 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.learned.adapters import (ADAPTER_KEYS, adapted, apply_adapter, init_adapter, load_adapter,
                                        save_adapter)
-from evomerge.learned.metamerging import (ExpertTask, alignment_loss, inner_update, metamerge,
-                                          task_meta_loss)
+from evomerge.learned.metamerging import ExpertTask, alignment_loss, inner_update, metamerge, task_meta_loss
 
 HIDDEN, WIDTH, VOCAB = 5, 4, 7
 
@@ -237,9 +236,9 @@ def _run(argv, capsys) -> tuple[int, str, str]:
 
 def test_metamerge_cli_and_eval_with_adapters(zoo, tmp_path, capsys):
     out = tmp_path / "mm"
-    code, text, err = _run(["metamerge", "zoo:base", "-m", "zoo:lang", "-t", "zoo:lang", "-m", "zoo:cipher",
-                            "-t", "zoo:cipher", "--limit", "8", "--meta-steps", "2", "--adapter-steps", "10",
-                            "--width", "16", "--out", out], capsys)
+    code, _, err = _run(["metamerge", "zoo:base", "-m", "zoo:lang", "-t", "zoo:lang", "-m", "zoo:cipher",
+                         "-t", "zoo:cipher", "--limit", "8", "--meta-steps", "2", "--adapter-steps", "10",
+                         "--width", "16", "--out", out], capsys)
     assert code == 0, err
     doc = json.loads((out / "metamerging.json").read_text())
     assert doc["tasks"] == ["lang", "cipher"] and len(doc["outer_loss"]) == 3 and doc["prompts"]["lang"] == 8

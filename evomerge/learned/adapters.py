@@ -113,7 +113,7 @@ def load_adapter(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            params = {k: fh.get_tensor(k) for k in fh.keys()}
+            params = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except Exception as exc:  # noqa: BLE001 - a missing or corrupt file: say which
         raise EvomergeError(f"{path}: cannot read as a safetensors adapter ({exc})") from None
     if meta.get("format") != ADAPTER_FORMAT or "task" not in meta or "hidden_size" not in meta:
