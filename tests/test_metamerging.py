@@ -14,7 +14,8 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.learned.adapters import (ADAPTER_KEYS, adapted, apply_adapter, init_adapter, load_adapter,
                                        save_adapter)
-from evomerge.learned.metamerging import ExpertTask, alignment_loss, inner_update, metamerge, task_meta_loss
+from evomerge.learned.metamerging import (ExpertTask, alignment_loss, inner_update, metamerge, self_continued,
+                                          task_meta_loss)
 
 HIDDEN, WIDTH, VOCAB = 5, 4, 7
 
@@ -221,6 +222,24 @@ def test_bad_arguments_are_refused(zoo):
         metamerge(zoo.base, experts, granularity="block")
 
 
+def test_self_continued_appends_the_models_own_answers(zoo):
+    from evomerge.backends.hf import HFEvaluator
+    from evomerge.tasks import load_task_dir
+
+    task = load_task_dir(zoo.task_dir("lang"), "search")
+    task.items = task.items[:12]
+    ev = HFEvaluator(zoo.model("lang"), num_threads="auto")
+    texts = self_continued(ev, task)
+    prompts = task.prompts()
+    assert all(t.startswith(p) and len(t) > len(p) for t, p in zip(texts, prompts))
+    assert task.score([t[len(p):] for t, p in zip(texts, prompts)]).mean() > 0.8  # the expert's answers
+    choice = load_task_dir(zoo.task_dir("cipher_choice"), "search")
+    choice.items = choice.items[:6]
+    ev.load_model(zoo.model("cipher"))
+    for text, item in zip(self_continued(ev, choice), choice.items):
+        assert any(text == choice.format_prompt(item) + choice.choice_delimiter + c for c in item.choices)
+
+
 def _run(argv, capsys) -> tuple[int, str, str]:
     from evomerge.cli import main
 
@@ -241,7 +260,7 @@ def test_metamerge_cli_and_eval_with_adapters(zoo, tmp_path, capsys):
                          "--width", "16", "--out", out], capsys)
     assert code == 0, err
     doc = json.loads((out / "metamerging.json").read_text())
-    assert doc["tasks"] == ["lang", "cipher"] and len(doc["outer_loss"]) == 3 and doc["prompts"]["lang"] == 8
+    assert doc["tasks"] == ["lang", "cipher"] and len(doc["outer_loss"]) == 3 and doc["inputs"]["lang"] == 8
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["cipher.safetensors", "lang.safetensors"]
     recipe = out / "recipe.yaml"
     base_args = ["eval", recipe, "-t", "zoo:lang", "-t", "zoo:upenc", "--limit", "20"]

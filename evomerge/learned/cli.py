@@ -1,9 +1,10 @@
 """``evomerge metamerge BASE --model M --task T ... --out DIR``: MetaMerging (see
-:mod:`evomerge.learned.metamerging`) of fine-tunes, each with the task whose prompts it is aligned on.
+:mod:`evomerge.learned.metamerging`) of fine-tunes, each with the task whose inputs it is aligned on
+(by default each prompt followed by the fine-tune's own answer; never the task's answers).
 
 DIR gets ``recipe.yaml`` (the learned ``task_arithmetic`` recipe), ``adapters/TASK.safetensors``
 (one adapter per task, for ``evomerge eval recipe.yaml --adapters DIR/adapters``) and
-``metamerging.json`` (coefficients, losses, settings, the prompts used, wall time). DIR is written
+``metamerging.json`` (coefficients, losses, settings, the number of inputs, wall time). DIR is written
 whole or not at all (built next to it, then renamed); it must not exist yet.
 """
 
@@ -38,10 +39,13 @@ def metamerge_command(
     width: int = typer.Option(128, "--width", help="the adapters' inner width"),
     batch_size: int = typer.Option(32, "--batch-size", help="prompts per batch"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N search items of each task"),
+    continuations: bool = typer.Option(True, "--continuations/--prompts-only", help="align on each prompt "
+                                       "followed by its fine-tune's own answer (greedy continuation, or its "
+                                       "best-scoring choice), or on the prompts alone"),
     seed: int = typer.Option(0, "--seed", help="seed of the adapters' initialisation"),
 ) -> None:
     """MetaMerging: task arithmetic's λ meta-learned with per-task feature adapters, from the tasks'
-    prompts alone; writes a recipe plus one adapter per task (a task-routed model)."""
+    inputs alone; writes a recipe plus one adapter per task (a task-routed model)."""
     import time
 
     from evomerge.errors import EvomergeError
@@ -57,8 +61,8 @@ def metamerge_command(
     base_path = resolve_checkpoint(base)
     paths = [resolve_checkpoint(m) for m in model]
     tasks = load_task_refs(list(task), "search", limit)
-    experts = [ExpertTask(p, name, t.prompts()) for p, (name, t) in zip(paths, tasks)]
     t0 = time.time()
+    experts = [ExpertTask(p, name, _inputs(p, t, continuations, batch_size)) for p, (name, t) in zip(paths, tasks)]
     result = metamerge(base_path, experts, granularity=granularity, meta_steps=meta_steps, lr=lr,
                        inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
                        learn_init=learn_init, adapter_steps=adapter_steps, adapter_lr=adapter_lr,
@@ -67,13 +71,28 @@ def metamerge_command(
     settings = {"granularity": granularity, "meta_steps": meta_steps, "lr": lr, "inner_lr": inner_lr,
                 "inner_steps": inner_steps, "first_order": first_order, "learn_init": learn_init,
                 "adapter_steps": adapter_steps, "adapter_lr": adapter_lr, "width": width,
-                "batch_size": batch_size, "seed": seed}
+                "batch_size": batch_size, "seed": seed,
+                "inputs": "prompt + the fine-tune's own answer" if continuations else "prompt"}
     write_result(out, result, str(base_path), [str(p) for p in paths],
-                 {"settings": settings, "prompts": {e.task: len(e.prompts) for e in experts}, "wall_s": wall})
+                 {"settings": settings, "inputs": {e.task: len(e.texts) for e in experts}, "wall_s": wall})
     typer.echo(f"wrote {out}: λ {[round(float(v), 4) for v in result.coefficients.mean(1)]} (mean per model), "
                f"outer loss {result.outer_loss[0]:.4f} -> {result.outer_loss[-1]:.4f}, adapters for "
                f"{', '.join(result.adapters)} in {wall:.1f}s")
     typer.echo(f"evaluate: evomerge eval {out / 'recipe.yaml'} --adapters {out / 'adapters'} --task ...")
+
+
+def _inputs(model: Path, task, continuations: bool, batch_size: int) -> list[str]:
+    """The texts ``model`` is aligned on for ``task``: its prompts, or each followed by ``model``'s own answer."""
+    if not continuations:
+        return task.prompts()
+    from evomerge.backends.hf import HFEvaluator
+    from evomerge.learned.metamerging import self_continued
+
+    evaluator = HFEvaluator(model, batch_size=batch_size, num_threads="auto")
+    try:
+        return self_continued(evaluator, task)
+    finally:
+        evaluator.close()
 
 
 def write_result(out: Path, result, base: str, models: list[str], info: dict) -> None:

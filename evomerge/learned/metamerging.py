@@ -6,19 +6,23 @@ The merged model is ``θ(λ) = θ0 + Σ_k λ_k,g τ_k`` (coefficient groups ``g`
 the model, ``task`` granularity, or one per decoder layer plus one outside, ``layer``), plus one
 adapter per task on the final hidden state (:mod:`evomerge.learned.adapters`; a fresh one is the
 identity). The alignment loss of task ``t`` is the mean squared error between the merged model's
-adapted final hidden states and fine-tune ``t``'s on ``t``'s prompts, over non-padding positions —
-the prompts only, never the answers; the fine-tunes' features are computed once, without grad.
+adapted final hidden states and fine-tune ``t``'s on ``t``'s inputs, over non-padding positions —
+the inputs only, never the answers; the fine-tunes' features are computed once, without grad.
+The inputs are texts: a task's prompts, or (``evomerge metamerge``'s default, :func:`self_continued`)
+each prompt followed by the fine-tune's own answer to it, so that the features are also aligned at
+the positions where answers are generated (on the zoo, adapters trained on prompts alone lower the
+accuracy; see the README).
 
 Meta-learning (MAML): every meta-step, for each task, ``inner_steps`` SGD steps of its adapter
 ``φ' = φ − α ∇φ L(φ; support batch)``, then the alignment loss of ``φ'`` on a held-apart query batch
-(the task's prompts alternate between the two pools); the sum over tasks updates ``λ`` — and the
+(the task's inputs alternate between the two pools); the sum over tasks updates ``λ`` — and the
 adapters' initial ``φ`` (``learn_init``, MAML's meta-learned initialisation) — by Adam.
 ``first_order=False`` differentiates through the inner step (``create_graph``); ``first_order=True``
 is FOMAML: the inner gradient is a constant, so the outer gradient is the query loss's gradient at
 ``φ'`` (and the support features need no graph: cheaper, for large models).
 
 Then ``λ`` is fixed and each adapter is trained from its (meta-learned) initialisation by Adam on
-all of its task's prompts; the merged model's features no longer change, so they are computed once.
+all of its task's inputs; the merged model's features no longer change, so they are computed once.
 The result is a ``task_arithmetic`` recipe plus one adapter file per task: a task-routed model
 (the adapter of the task being answered must be applied), not a single static checkpoint.
 """
@@ -36,25 +40,26 @@ from evomerge.learned.adamerging import AdaMergingResult, _batches, _read_state,
 from evomerge.learned.adapters import ADAPTER_KEYS, apply_adapter, init_adapter
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""``(input ids, attention mask, target features)`` of right-padded prompts."""
+"""``(input ids, attention mask, target features)`` of right-padded inputs."""
 Features = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(ids, mask) -> final hidden states`` of the merged model at the current ``λ``."""
 
 
 @dataclass
 class ExpertTask:
-    """A fine-tune and the prompts of its task (inputs only)."""
+    """A fine-tune, its task's name and the texts it is aligned on (prompts, possibly followed by the
+    fine-tune's own answers; never the task's answers)."""
 
     model: str | Path
     task: str
-    prompts: Sequence[str]
+    texts: Sequence[str]
 
 
 @dataclass
 class MetaMergingResult:
     """Learned coefficients ``(models, groups)``, one adapter per task, and the loss histories:
     ``outer_loss`` (mean over tasks, after each meta-step; step 0 = start) and ``adapter_loss``
-    (per task: the alignment loss on its prompts before and after the final adapter training)."""
+    (per task: the alignment loss on its inputs before and after the final adapter training)."""
 
     coefficients: torch.Tensor
     adapters: dict[str, dict[str, torch.Tensor]]
@@ -201,7 +206,7 @@ def metamerge(base: str | Path, experts: Sequence[ExpertTask], *, granularity: s
         expert = features_of({n: base_sd[n] + vectors[k][n] for n in base_sd})
         with torch.no_grad():
             halves = [[(ids, mask, expert(ids, mask)) for ids, mask, _ in _batches(tokenizer, part, batch_size)]
-                      for part in (list(ex.prompts[0::2]), list(ex.prompts[1::2]))]
+                      for part in (list(ex.texts[0::2]), list(ex.texts[1::2]))]
         pools[ex.task] = (halves[0], halves[1])
     hidden = int(skeleton.config.hidden_size)
     gen = torch.Generator().manual_seed(int(seed))
@@ -217,6 +222,19 @@ def metamerge(base: str | Path, experts: Sequence[ExpertTask], *, granularity: s
     for task, batches in cached.items():
         adapters[task], adapter_loss[task] = train_adapter(phis[task], batches, steps=adapter_steps, lr=adapter_lr)
     return MetaMergingResult(lam.detach().clone(), adapters, granularity, history, adapter_loss)
+
+
+def self_continued(evaluator, task) -> list[str]:
+    """``task``'s prompts, each followed by the evaluated model's own answer — its greedy continuation
+    (generation tasks) or its highest-scoring choice (multiple choice); never the task's answers.
+    Aligning over these positions too trains the adapters where the answers are produced."""
+    items = list(task.items)
+    if task.kind == "choice":
+        scores = task.choice_scores(evaluator.loglikelihoods(task.choice_requests(items)), items)
+        return [task.format_prompt(it) + task.choice_delimiter + it.choices[max(range(len(s)), key=lambda j: s[j])]
+                for s, it in zip(scores, items)]
+    prompts = task.prompts(items)
+    return [p + o for p, o in zip(prompts, evaluator.generate(prompts, task.max_new_tokens))]
 
 
 def _check_arguments(experts: Sequence[ExpertTask], granularity: str, meta_steps: int, inner_steps: int,
@@ -235,6 +253,6 @@ def _check_arguments(experts: Sequence[ExpertTask], granularity: str, meta_steps
         if ex.task in seen:
             raise EvomergeError(f"task {ex.task!r} is given twice (one adapter per task: one fine-tune per task)")
         seen.add(ex.task)
-        if len(ex.prompts) < 2:
-            raise EvomergeError(f"task {ex.task!r}: {len(ex.prompts)} prompt(s); MetaMerging needs at least 2 "
+        if len(ex.texts) < 2:
+            raise EvomergeError(f"task {ex.task!r}: {len(ex.texts)} input(s); MetaMerging needs at least 2 "
                                 "(one for the inner step, one held apart)")
