@@ -294,3 +294,14 @@ def test_metamerge_cli_and_eval_with_adapters(zoo, tmp_path, capsys):
         assert code != 0 and re.search(message, err.strip().splitlines()[-1]), err
     code, _, err = _run(["metamerge", "zoo:base", "-m", "zoo:lang", "-t", "zoo:lang", "--out", out], capsys)
     assert code != 0 and "exists" in err
+
+
+def test_a_diverging_meta_learning_stops_with_a_clear_error():
+    from evomerge.learned.metamerging import meta_learn
+
+    features_at, support, query, phi0 = _linear_problem()
+    lam = torch.tensor([[0.7], [1.3]], dtype=torch.float64, requires_grad=True)
+    phis = {"t": {k: v.clone().requires_grad_(True) for k, v in phi0.items()}}
+    with pytest.raises(EvomergeError, match="diverged at meta-step"):
+        meta_learn(lam, phis, {"t": ([support], [query])}, lambda lam_: features_at(lam_[:, 0]), steps=50,
+                   lr=0.01, inner_lr=1e200, first_order=True)

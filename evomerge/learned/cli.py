@@ -26,13 +26,14 @@ def metamerge_command(
     granularity: str = typer.Option("task", "--granularity", help="task (one λ per model) or layer "
                                     "(one per model and decoder layer, plus one outside the layers)"),
     meta_steps: int = typer.Option(30, "--meta-steps", help="meta-steps of λ (0: task arithmetic)"),
-    lr: float = typer.Option(1e-2, "--lr", help="Adam learning rate of λ (and the adapters' initialisation)"),
+    lr: float = typer.Option(1e-2, "--lr", help="Adam learning rate of λ"),
     inner_lr: float = typer.Option(1.0, "--inner-lr", help="SGD learning rate of the inner adapter step"),
     inner_steps: int = typer.Option(1, "--inner-steps", help="inner adapter steps per meta-step"),
     first_order: bool = typer.Option(False, "--first-order", help="FOMAML: do not differentiate "
                                      "through the inner step (less memory and time)"),
     learn_init: bool = typer.Option(True, "--learn-init/--no-learn-init", help="also meta-learn the "
                                     "adapters' initialisation (MAML)"),
+    init_lr: float = typer.Option(1e-3, "--init-lr", help="Adam learning rate of the adapters' initialisation"),
     adapter_steps: int = typer.Option(300, "--adapter-steps", help="Adam steps of each adapter on the "
                                       "final merged model"),
     adapter_lr: float = typer.Option(1e-3, "--adapter-lr", help="their learning rate"),
@@ -65,11 +66,11 @@ def metamerge_command(
     experts = [ExpertTask(p, name, _inputs(p, t, continuations, batch_size)) for p, (name, t) in zip(paths, tasks)]
     result = metamerge(base_path, experts, granularity=granularity, meta_steps=meta_steps, lr=lr,
                        inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
-                       learn_init=learn_init, adapter_steps=adapter_steps, adapter_lr=adapter_lr,
+                       learn_init=learn_init, init_lr=init_lr, adapter_steps=adapter_steps, adapter_lr=adapter_lr,
                        width=width, batch_size=batch_size, seed=seed)
     wall = time.time() - t0
     settings = {"granularity": granularity, "meta_steps": meta_steps, "lr": lr, "inner_lr": inner_lr,
-                "inner_steps": inner_steps, "first_order": first_order, "learn_init": learn_init,
+                "inner_steps": inner_steps, "first_order": first_order, "learn_init": learn_init, "init_lr": init_lr,
                 "adapter_steps": adapter_steps, "adapter_lr": adapter_lr, "width": width,
                 "batch_size": batch_size, "seed": seed,
                 "inputs": "prompt + the fine-tune's own answer" if continuations else "prompt"}

@@ -105,12 +105,15 @@ def task_meta_loss(features: Features, phi: dict[str, torch.Tensor], support: Ba
 def meta_learn(lam: torch.Tensor, phis: dict[str, dict[str, torch.Tensor]],
                pools: dict[str, tuple[list[Batch], list[Batch]]], features_at: Callable[[torch.Tensor], Features], *,
                steps: int, lr: float, inner_lr: float, inner_steps: int = 1, first_order: bool = False,
-               learn_init: bool = True, log=None) -> list[float]:
-    """Meta-learn ``lam`` (and, with ``learn_init``, the adapters ``phis``) in place: ``steps`` Adam
-    steps on the sum over tasks of :func:`task_meta_loss`; meta-step ``s`` uses each task's support
-    and query batches number ``s`` (cycling). Returns the mean outer loss before each step and at the end."""
-    leaves = [lam] + ([p for phi in phis.values() for p in phi.values()] if learn_init else [])
-    opt = torch.optim.Adam(leaves, lr=lr)
+               learn_init: bool = True, init_lr: float = 1e-3, log=None) -> list[float]:
+    """Meta-learn ``lam`` (learning rate ``lr``) and, with ``learn_init``, the adapters ``phis``
+    (``init_lr``) in place: ``steps`` Adam steps on the sum over tasks of :func:`task_meta_loss`;
+    meta-step ``s`` uses each task's support and query batches number ``s`` (cycling). Returns the
+    mean outer loss before each step and at the end."""
+    groups = [{"params": [lam], "lr": lr}]
+    if learn_init:
+        groups.append({"params": [p for phi in phis.values() for p in phi.values()], "lr": init_lr})
+    opt = torch.optim.Adam(groups)
     history = []
     for step in range(steps + 1):
         features = features_at(lam)
@@ -120,6 +123,10 @@ def meta_learn(lam: torch.Tensor, phis: dict[str, dict[str, torch.Tensor]],
                                            query[step % len(query)], inner_lr=inner_lr,
                                            inner_steps=inner_steps, first_order=first_order)
         history.append(float(total.detach()) / len(pools))
+        if not torch.isfinite(total):
+            raise EvomergeError(f"meta-learning diverged at meta-step {step} (outer loss {history[-1]}); lower "
+                                "the inner learning rate or the adapters' init learning rate, or keep their "
+                                "initialisation fixed (learn_init off)")
         if log is not None:
             log(step, history[-1], lam.detach().clone())
         if step == steps:
@@ -156,7 +163,8 @@ def train_adapter(phi: dict[str, torch.Tensor], batches: Sequence[Batch], *, ste
 
 def metamerge(base: str | Path, experts: Sequence[ExpertTask], *, granularity: str = "task",
               init: float | Sequence[float] = 1.0, meta_steps: int = 30, lr: float = 1e-2, inner_lr: float = 1.0,
-              inner_steps: int = 1, first_order: bool = False, learn_init: bool = True, adapter_steps: int = 300,
+              inner_steps: int = 1, first_order: bool = False, learn_init: bool = True, init_lr: float = 1e-3,
+              adapter_steps: int = 300,
               adapter_lr: float = 1e-3, width: int = 128, batch_size: int = 32, seed: int = 0,
               num_threads: int | str | None = "auto", log=None) -> MetaMergingResult:
     """MetaMerging of the fine-tunes ``experts`` over ``base`` (see the module). ``meta_steps = 0``
@@ -213,7 +221,8 @@ def metamerge(base: str | Path, experts: Sequence[ExpertTask], *, granularity: s
     phis = {ex.task: {k: v.requires_grad_(True) for k, v in init_adapter(hidden, width, gen).items()}
             for ex in experts}
     history = meta_learn(lam, phis, pools, features_at, steps=meta_steps, lr=lr, inner_lr=inner_lr,
-                         inner_steps=inner_steps, first_order=first_order, learn_init=learn_init, log=log)
+                         inner_steps=inner_steps, first_order=first_order, learn_init=learn_init,
+                         init_lr=init_lr, log=log)
     adapters, adapter_loss = {}, {}
     with torch.no_grad():
         merged = features_at(lam.detach())
