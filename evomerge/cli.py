@@ -46,9 +46,9 @@ _stats_cli.register(app)
 from evomerge import align_cli as _align_cli  # noqa: E402
 
 _align_cli.register(app)
-from evomerge.learned import cli as _learned_cli  # noqa: E402
+from evomerge import metamerge_cli as _metamerge_cli  # noqa: E402
 
-_learned_cli.register(app)
+_metamerge_cli.register(app)
 
 
 def _version() -> str:
