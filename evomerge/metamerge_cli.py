@@ -51,12 +51,13 @@ def metamerge_command(
 
     from evomerge.errors import EvomergeError
     from evomerge.eval_cli import load_task_refs, resolve_checkpoint
-    from evomerge.learned.metamerging import ExpertTask, metamerge
+    from evomerge.learned.metamerging import ExpertTask, check_settings, metamerge
 
     if len(model) != len(task):
         raise EvomergeError(f"give one --task per --model ({len(model)} --model, {len(task)} --task)")
     if limit is not None and limit < 2:
         raise EvomergeError(f"--limit {limit}: must be >= 2 (an inner and a held-apart prompt per task)")
+    check_settings(granularity, meta_steps, inner_steps, adapter_steps, width, batch_size)
     if out.exists():
         raise EvomergeError(f"--out {out} exists; give a new folder")
     base_path = resolve_checkpoint(base)

@@ -305,3 +305,15 @@ def test_a_diverging_meta_learning_stops_with_a_clear_error():
     with pytest.raises(EvomergeError, match="diverged at meta-step"):
         meta_learn(lam, phis, {"t": ([support], [query])}, lambda lam_: features_at(lam_[:, 0]), steps=50,
                    lr=0.01, inner_lr=1e200, first_order=True)
+
+
+def test_metamerge_cli_bad_input(zoo, tmp_path, capsys):
+    base = ["metamerge", "zoo:base", "--out", tmp_path / "o"]
+    for extra, message in ((["-m", "zoo:lang", "-m", "zoo:cipher", "-t", "zoo:lang"], "one --task per --model"),
+                           (["-m", "zoo:lang", "-t", "zoo:lang", "--limit", "1"], "--limit 1: must be >= 2"),
+                           (["-m", "zoo:nope", "-t", "zoo:lang"], "zoo:nope"),
+                           (["-m", "zoo:lang", "-t", "zoo:nope"], "the zoo has no task"),
+                           (["-m", "zoo:lang", "-t", "zoo:lang", "--granularity", "block"], "granularity")):
+        code, _, err = _run(base + extra + ["--limit", "4"] * ("--limit" not in extra), capsys)
+        assert code != 0 and message in err.strip().splitlines()[-1], err
+        assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []

@@ -164,8 +164,7 @@ def train_adapter(phi: dict[str, torch.Tensor], batches: Sequence[Batch], *, ste
 def metamerge(base: str | Path, experts: Sequence[ExpertTask], *, granularity: str = "task",
               init: float | Sequence[float] = 1.0, meta_steps: int = 30, lr: float = 1e-2, inner_lr: float = 1.0,
               inner_steps: int = 1, first_order: bool = False, learn_init: bool = True, init_lr: float = 1e-3,
-              adapter_steps: int = 300,
-              adapter_lr: float = 1e-3, width: int = 128, batch_size: int = 32, seed: int = 0,
+              adapter_steps: int = 300, adapter_lr: float = 1e-3, width: int = 128, batch_size: int = 32, seed: int = 0,
               num_threads: int | str | None = "auto", log=None) -> MetaMergingResult:
     """MetaMerging of the fine-tunes ``experts`` over ``base`` (see the module). ``meta_steps = 0``
     keeps ``λ = init`` (task arithmetic); ``adapter_steps = 0`` keeps the adapters as meta-learned.
@@ -174,7 +173,12 @@ def metamerge(base: str | Path, experts: Sequence[ExpertTask], *, granularity: s
     from torch.func import functional_call
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_arguments(experts, granularity, meta_steps, inner_steps, adapter_steps, width, batch_size)
+    check_settings(granularity, meta_steps, inner_steps, adapter_steps, width, batch_size)
+    _check_experts(experts)
+    init_t = torch.tensor([float(init)] * len(experts) if isinstance(init, (int, float)) else list(init),
+                          dtype=torch.float32)
+    if init_t.shape != (len(experts),):
+        raise EvomergeError(f"init: give one value or one per model ({len(experts)}), not {len(init_t)}")
     skeleton = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     skeleton.eval()
     if num_threads == "auto":
@@ -184,20 +188,10 @@ def metamerge(base: str | Path, experts: Sequence[ExpertTask], *, granularity: s
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     body, prefix = skeleton.base_model, skeleton.base_model_prefix + "."
     base_sd = {n: p.detach() for n, p in skeleton.named_parameters() if n.startswith(prefix)}
-    vectors = []
-    for ex in experts:
-        sd = _read_state(Path(ex.model))
-        missing = [n for n in base_sd if n not in sd]
-        if missing:
-            raise EvomergeError(f"{ex.model}: no tensor {missing[0]!r} (not a fine-tune of {base}?)")
-        vectors.append({n: sd[n].float() - base_sd[n] for n in base_sd})
+    vectors = _task_vectors(base, experts, base_sd)
     n_layers = int(skeleton.config.num_hidden_layers)
     groups = {n: coefficient_group(n, n_layers, granularity) for n in base_sd}
     n_groups = 1 if granularity == "task" else n_layers + 1
-    init_t = torch.tensor([float(init)] * len(experts) if isinstance(init, (int, float)) else list(init),
-                          dtype=torch.float32)
-    if init_t.shape != (len(experts),):
-        raise EvomergeError(f"init: give one value or one per model ({len(experts)}), not {len(init_t)}")
     lam = init_t[:, None].repeat(1, n_groups).clone().requires_grad_(True)
 
     def features_of(params: dict[str, torch.Tensor]) -> Features:
@@ -233,6 +227,18 @@ def metamerge(base: str | Path, experts: Sequence[ExpertTask], *, granularity: s
     return MetaMergingResult(lam.detach().clone(), adapters, granularity, history, adapter_loss)
 
 
+def _task_vectors(base, experts: Sequence[ExpertTask], base_sd: dict[str, torch.Tensor]) -> list[dict]:
+    """``τ_k = θ_k − θ0`` (float32) of every expert over the tensors of ``base_sd``."""
+    vectors = []
+    for ex in experts:
+        sd = _read_state(Path(ex.model))
+        missing = [n for n in base_sd if n not in sd]
+        if missing:
+            raise EvomergeError(f"{ex.model}: no tensor {missing[0]!r} (not a fine-tune of {base}?)")
+        vectors.append({n: sd[n].float() - base_sd[n] for n in base_sd})
+    return vectors
+
+
 def self_continued(evaluator, task) -> list[str]:
     """``task``'s prompts, each followed by the evaluated model's own answer — its greedy continuation
     (generation tasks) or its highest-scoring choice (multiple choice); never the task's answers.
@@ -246,17 +252,21 @@ def self_continued(evaluator, task) -> list[str]:
     return [p + o for p, o in zip(prompts, evaluator.generate(prompts, task.max_new_tokens))]
 
 
-def _check_arguments(experts: Sequence[ExpertTask], granularity: str, meta_steps: int, inner_steps: int,
-                     adapter_steps: int, width: int, batch_size: int) -> None:
+def check_settings(granularity: str, meta_steps: int, inner_steps: int, adapter_steps: int, width: int,
+                   batch_size: int) -> None:
+    """Raise naming the setting unless every one is valid (before anything is loaded)."""
     if granularity not in ("task", "layer"):
         raise EvomergeError(f"granularity {granularity!r}: use task or layer")
-    if not experts:
-        raise EvomergeError("MetaMerging needs at least one fine-tune with its task")
     for name, value, least in (("meta_steps", meta_steps, 0), ("inner_steps", inner_steps, 1),
                                ("adapter_steps", adapter_steps, 0), ("width", width, 1),
                                ("batch_size", batch_size, 1)):
         if int(value) < least:
             raise EvomergeError(f"{name} {value}: must be >= {least}")
+
+
+def _check_experts(experts: Sequence[ExpertTask]) -> None:
+    if not experts:
+        raise EvomergeError("MetaMerging needs at least one fine-tune with its task")
     seen: set[str] = set()
     for ex in experts:
         if ex.task in seen:
