@@ -52,6 +52,9 @@ _learned_cli.register(app)
 from evomerge import route_cli as _route_cli  # noqa: E402
 
 _route_cli.register(app)
+from evomerge import metamerge_cli as _metamerge_cli  # noqa: E402
+
+_metamerge_cli.register(app)
 
 
 def _version() -> str:

@@ -8,6 +8,10 @@ or a plain recipe dict). A recipe is merged in memory into the evaluator (its ba
 resident, the recipe's models as the merge sources), as the search does for a candidate;
 nothing is written to disk.
 
+``--adapters DIR`` (the ``adapters/`` folder of ``evomerge metamerge``): each task is answered with
+the adapter of that task in front of the model's ``lm_head`` (a task-routed model); tasks without
+an adapter in DIR are answered by the model alone (the output says which).
+
 Import-light: torch, transformers and the engine are imported inside the command.
 """
 
@@ -179,6 +183,9 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N items of each task"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON "
                                             "to this file (written atomically)"),
+    adapters: Optional[Path] = typer.Option(None, "--adapters", help="a folder of per-task adapters "
+                                            "(evomerge metamerge's adapters/): each task is answered "
+                                            "with its own adapter (hf backend)"),
 ) -> None:
     """Accuracy of a model (or of a merge recipe, merged in memory) on tasks, as the search
     measures it: a table of task, items, accuracy and the average."""
@@ -208,6 +215,8 @@ def eval_command(
         check_output_target(json_out, "--json")
     if device != "cpu":
         check_device(device, "--device")
+    if adapters is not None and backend != "hf":
+        raise EvomergeError(f"--adapters needs --backend hf (the {backend} backend cannot apply adapters)")
 
     # ---- MODEL: a recipe file, or a checkpoint
     mpath = Path(model).expanduser()
@@ -241,6 +250,10 @@ def eval_command(
         inputs = [resident]
 
     tasks = load_task_refs(task, split, limit)
+    if routed and adapters is not None:
+        raise EvomergeError(f"MODEL {model} is a routed model (evomerge route); --adapters applies to a "
+                            "single model or recipe (evomerge metamerge's recipe.yaml)")
+    task_adapters = _task_adapters(adapters, [n for n, _ in tasks]) if adapters is not None else {}
 
     if json_out is not None:
         from evomerge.fsutil import refuse_input
@@ -288,7 +301,9 @@ def eval_command(
         accuracy: dict[str, float] = {}
         n_items: dict[str, int] = {}
         for name, t in tasks:
-            correct = evaluator.answer(t)
+            where = f"--adapters {adapters}: the adapter of task {name}"
+            with _adapter_for(evaluator, task_adapters.get(name), where):
+                correct = evaluator.answer(t)
             accuracy[name] = float(sum(int(c) for c in correct)) / len(correct)
             n_items[name] = len(correct)
             if routed:
@@ -299,6 +314,10 @@ def eval_command(
 
     typer.echo(f"{model} ({'merged in memory, ' if recipe_dict is not None else ''}{split} items, "
                f"backend {backend}, {time.time() - t0:.1f}s)")
+    if adapters is not None:
+        none = [n for n, _ in tasks if n not in task_adapters]
+        typer.echo(f"adapters from {adapters}: {', '.join(task_adapters) or 'none'}"
+                   + (f"; no adapter for {', '.join(none)} (answered by the model alone)" if none else ""))
     typer.echo(format_table(accuracy, n_items, average))
     for name, shares in routing.items():
         typer.echo(f"routed {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
@@ -306,11 +325,31 @@ def eval_command(
         from evomerge.fsutil import write_text_atomic
 
         doc = {"model": model, "split": split, "backend": backend, "accuracy": accuracy,
-               "average": average, "items": n_items, "dtype": dtype, "limit": limit}
+               "average": average, "items": n_items, "dtype": dtype, "limit": limit,
+               "adapters": None if adapters is None else {n: n in task_adapters for n, _ in tasks}}
         if routed:
             doc["routing"] = routing
         write_text_atomic(json_out, json.dumps(doc, indent=2) + "\n", "--json")
         typer.echo(f"wrote {json_out}")
+
+
+def _task_adapters(folder: Path, names: list[str]) -> dict:
+    """``{task: adapter}`` for the tasks in ``names`` that have an adapter in ``folder``."""
+    from evomerge.learned.adapters import load_adapter_dir
+
+    found = load_adapter_dir(folder)
+    return {n: found[n] for n in names if n in found}
+
+
+def _adapter_for(evaluator, params, where: str):
+    """A context in which ``evaluator``'s model applies the adapter ``params`` (None: none)."""
+    if params is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    from evomerge.learned.adapters import adapted
+
+    return adapted(evaluator.model, params, where)
 
 
 def register(app: typer.Typer) -> None:

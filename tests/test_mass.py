@@ -119,6 +119,9 @@ def test_saved_routed_model_round_trips(zoo, factors, one_thread, tmp_path, caps
     doc = json.loads((tmp_path / "e.json").read_text())
     assert abs(sum(doc["routing"]["cipher"].values()) - 1.0) < 1e-9
     assert "cipher_expert" in next(iter(doc["routing"]["cipher"]))
+    # per-task adapters (evomerge metamerge) do not apply to a routed model
+    code, out = run_cli(["eval", str(tmp_path / "routed"), "--task", "zoo:cipher", "--adapters", str(tmp_path)], capsys)
+    assert code == 2 and "is a routed model" in out and "--adapters" in out, out
 
 
 def test_bad_routing_settings_are_refused(zoo, one_thread, tmp_path, capsys):
