@@ -7,7 +7,7 @@ of each method (statistics / learning / search, not the held-out evaluation), ho
 - base, each expert, task arithmetic λ = 1 (no data);
 - Fisher merging and RegMean (``evomerge stats`` on ``--prompts`` search prompts per expert's task);
 - AdaMerging, task-wise and layer-wise (``--prompts`` per task, ``--steps`` Adam steps);
-- MetaMerging without and with its per-task adapters, when evomerge.learned.metamerging exists;
+- MetaMerging (its defaults) without and with its per-task adapters (each task answered with its own);
 - the evolutionary search of ``--config`` (default configs/demo.yaml: CMA-ES, IRT fitness), its best
   held-out (configs/demo_strengths.yaml: the cipher endpoint is base + 2 τ_cipher, so λ = 1 is wrong).
 
@@ -17,7 +17,7 @@ of each method (statistics / learning / search, not the held-out evaluation), ho
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -83,6 +83,25 @@ def _adamerging(zoo, prompts: int, steps: int) -> list[tuple[str, dict, float]]:
     return out
 
 
+def _metamerging(zoo, prompts: int) -> tuple[dict, dict, float]:
+    """(recipe, adapters per task, seconds): MetaMerging with its defaults on ``prompts`` per task."""
+    from evomerge.backends.hf import HFEvaluator
+    from evomerge.learned.metamerging import ExpertTask, metamerge, self_continued
+    from evomerge.tasks import load_task_dir
+
+    t0 = time.perf_counter()
+    experts = []
+    for t in TASKS:
+        task = load_task_dir(zoo.task_dir(t), "search")
+        task.items = task.items[:prompts]
+        ev = HFEvaluator(zoo.model(ENDPOINTS[t]), num_threads="auto")
+        experts.append(ExpertTask(zoo.model(ENDPOINTS[t]), t, self_continued(ev, task)))
+        ev.close()
+    res = metamerge(zoo.base, experts)
+    models = [zoo.model(ENDPOINTS[t]) for t in TASKS]
+    return res.recipe(zoo.base, models), res.adapters, time.perf_counter() - t0
+
+
 def _search(config: Path, seed: int) -> dict:
     import yaml
 
@@ -124,6 +143,7 @@ def main() -> None:
 
     from evomerge.backends.evaluator import MergeSources, make_evaluator
     from evomerge.config import EvaluatorConfig
+    from evomerge.learned.adapters import adapted
     from evomerge.models import demo_zoo
     from evomerge.tasks import load_task_dir
 
@@ -142,8 +162,9 @@ def main() -> None:
     n_inputs = args.prompts * len(TASKS)
     rows += [(label, rec, s, n_inputs, 0) for label, rec, s in _stats_recipes(zoo, args.prompts, tmp)]
     rows += [(label, rec, s, n_inputs, 0) for label, rec, s in _adamerging(zoo, args.prompts, args.steps)]
-    if importlib.util.find_spec("evomerge.learned.metamerging") is None:
-        print("(MetaMerging: evomerge.learned.metamerging is not built yet; left out)")
+    mm_recipe, mm_adapters, mm_s = _metamerging(zoo, args.prompts)
+    rows.append(("MetaMerging, λ only", mm_recipe, mm_s, n_inputs, 0))
+    rows.append(("MetaMerging, + adapters", mm_recipe, mm_s, n_inputs, 0))
 
     tasks = {t: load_task_dir(zoo.task_dir(t), "heldout") for t in TASKS}
     paths = [str(zoo.base)] + [str(zoo.model(ENDPOINTS[t])) for t in TASKS]
@@ -153,7 +174,11 @@ def main() -> None:
     try:
         for label, rec, secs, inputs, labelled in rows:
             ev.apply_recipe(rec)
-            acc = {t: statistics.fmean(int(c) for c in ev.answer(tasks[t])) for t in TASKS}
+            acc = {}
+            for t in TASKS:
+                adapter = mm_adapters.get(t) if label.endswith("+ adapters") else None
+                with adapted(ev.model, adapter) if adapter is not None else contextlib.nullcontext():
+                    acc[t] = statistics.fmean(int(c) for c in ev.answer(tasks[t]))
             results.append((label, acc, statistics.fmean(acc.values()), secs, inputs, labelled))
             print(f"{label:<26} " + "  ".join(f"{t} {a:.3f}" for t, a in acc.items()) + f"  avg {results[-1][2]:.3f}",
                   flush=True)
