@@ -21,6 +21,7 @@ name)``: reproducible, and independent of the order tensors are processed in.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -303,6 +304,14 @@ def job_params(recipe: MergeRecipe, plan: MergePlan, job: TensorJob) -> dict[str
 
 # ----------------------------------------------------------------------------- per-tensor math
 
+ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic", "passthrough"})
+"""Methods whose output at a position depends only on the inputs at that position (scalar
+parameters, no randomness, no statistic of the whole tensor): :func:`merge_one` runs them chunk
+by chunk on the CPU (the same bits as one call on the whole tensors)."""
+MERGE_CHUNK = 1 << 18
+"""Entries per chunk of an elementwise merge on the CPU: a chunk's inputs and temporaries stay in
+the CPU caches, so memory sees each input read once and the output written once."""
+
 
 def tensor_seed(seed: int | None, name: str) -> int:
     """Stable 63-bit seed from the recipe seed and a tensor name."""
@@ -324,30 +333,73 @@ def merge_one(
     job: TensorJob,
     inputs: list[torch.Tensor],
     base: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    *,
+    subtract_base: bool = False,
 ) -> torch.Tensor:
-    """The one per-tensor function both paths call: float32 inputs (task vectors when the method
-    ``takes_deltas`` and the job has a base) → float32 merged tensor, checked for NaN/inf."""
+    """The one per-tensor function both paths call; returns the merged tensor, checked for NaN/inf.
+
+    ``inputs`` / ``base``: the source tensors on the compute device, in any float dtype (widened
+    to float32 here, exactly): task vectors when the method ``takes_deltas`` and the job has a
+    base, or, with ``subtract_base``, the model tensors, whose task vectors
+    (``x.float() - base.float()``) are computed here. The method always sees float32.
+    ``out``: a contiguous tensor of the job's shape (any float dtype) to write the result into
+    (rounded to its dtype) instead of returning a new float32 tensor. Methods in
+    :data:`ELEMENTWISE_METHODS` run :data:`MERGE_CHUNK` entries at a time on the CPU.
+    """
     spec = plan.spec
     params = job_params(recipe, plan, job)
+    device = (inputs[0] if inputs else base).device
     gen = None
     if spec.randomized:
-        dev = (inputs[0] if inputs else base).device
-        gen = torch.Generator(device=dev)
+        gen = torch.Generator(device=device)
         gen.manual_seed(tensor_seed(recipe.seed, job.name))
+    n = math.prod(job.shape)
+    chunked = spec.name in ELEMENTWISE_METHODS and device.type == "cpu" and n > MERGE_CHUNK
+    # whole tensors go in as they are (a resident task vector keeps its cache attributes)
+    pieces = [(0, n, inputs, base)] if not chunked else _chunks(inputs, base, n)
+    if out is None and chunked:
+        out = torch.empty(job.shape, dtype=torch.float32, device=device)
+    extremes = []
     with torch.no_grad():
-        out = spec.fn(inputs, base, generator=gen, **params)
-    if tuple(out.shape) != job.shape:
-        raise EvomergeError(f"merge_method {spec.name!r} returned shape {list(out.shape)} for tensor {job.name!r}, expected {list(job.shape)}")
-    if not is_finite(out):
-        bad = [plan.labels.get(k, k) for (k, _), x in zip(job.sources, inputs) if not is_finite(x)]
-        if base is not None and not is_finite(base):
-            bad.append(plan.labels.get(job.base[0], job.base[0]) + " (base)")
-        why = (f"the input model(s) {bad} already hold NaN/inf there" if bad
-               else "check the recipe's parameters (weights, lambda, normalize with weights summing to ~0)")
-        raise EvomergeError(
-            f"merge produced NaN/inf in tensor {job.name!r} (merge_method {spec.name!r}): {why}"
-        )
+        for s, e, xs, b in pieces:
+            b = None if b is None else b.float()
+            xs = [x.float() for x in xs]
+            if subtract_base:
+                xs = [x - b for x in xs]
+            res = spec.fn(xs, b, generator=gen, **params)
+            expected = (e - s,) if chunked else job.shape
+            if tuple(res.shape) != expected:
+                raise EvomergeError(f"merge_method {spec.name!r} returned shape {list(res.shape)} for tensor "
+                                    f"{job.name!r}, expected {list(expected)}")
+            if res.numel():
+                extremes.append(torch.aminmax(res.reshape(-1)))
+            if out is None:
+                out = res  # one whole tensor, returned as the method made it
+            else:
+                out.view(-1)[s:e].copy_(res.reshape(-1))
+    if extremes and not bool(torch.isfinite(torch.stack([v for pair in extremes for v in pair])).all()):
+        _raise_not_finite(plan, job, inputs, base)
     return out
+
+
+def _chunks(inputs: list[torch.Tensor], base: torch.Tensor | None, n: int):
+    """``(start, end, inputs, base)`` for each :data:`MERGE_CHUNK` entries of the flattened tensors."""
+    flat_in = [x.reshape(-1) for x in inputs]
+    flat_base = None if base is None else base.reshape(-1)
+    for s in range(0, n, MERGE_CHUNK):
+        e = min(n, s + MERGE_CHUNK)
+        yield s, e, [x[s:e] for x in flat_in], None if flat_base is None else flat_base[s:e]
+
+
+def _raise_not_finite(plan: MergePlan, job: TensorJob, inputs, base) -> None:
+    """The NaN/inf error of one tensor, naming the input models that already hold NaN/inf."""
+    bad = [plan.labels.get(k, k) for (k, _), x in zip(job.sources, inputs) if not is_finite(x)]
+    if base is not None and not is_finite(base):
+        bad.append(plan.labels.get(job.base[0], job.base[0]) + " (base)")
+    why = (f"the input model(s) {bad} already hold NaN/inf there" if bad
+           else "check the recipe's parameters (weights, lambda, normalize with weights summing to ~0)")
+    raise EvomergeError(f"merge produced NaN/inf in tensor {job.name!r} (merge_method {plan.spec.name!r}): {why}")
 
 
 def _f32(t: torch.Tensor, device) -> torch.Tensor:
@@ -373,15 +425,32 @@ def merge_to_disk(
     An existing ``out_dir`` is replaced only if it holds nothing but a model evomerge could have
     written, or with ``overwrite=True`` (see :class:`CheckpointWriter`); never when it is, or
     holds, one of the inputs. Streams tensor by tensor: memory holds one output tensor's inputs
-    plus the output. Returns the output folder.
+    (memory-mapped) plus the output. Returns the output folder.
     """
-    from evomerge.checkpoint.io import check_output_folder
-
     if not isinstance(recipe, MergeRecipe):
         recipe = load_recipe(recipe)
     device = torch.device(device)
     plan = build_plan(recipe, allow_pickle=allow_pickle)
-    spec = plan.spec
+    _check_out_dir(plan, out_dir, overwrite)
+    specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
+    tok = plan.tokenizer_from if copy_tokenizer else None
+    scratch: dict[torch.dtype, torch.Tensor] = {}  # one output buffer per dtype, reused tensor after tensor
+    with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes, overwrite=overwrite) as writer:
+        for i, job in enumerate(plan.jobs):
+            if job.copy_from is not None:
+                k, n = job.copy_from
+                writer.write(job.name, plan.readers[k].get(n))
+            else:
+                writer.write(job.name, _merge_from_disk(plan, recipe, job, device, scratch))
+            if progress is not None:
+                progress(i + 1, len(plan.jobs), job.name)
+        return writer.commit()
+
+
+def _check_out_dir(plan: MergePlan, out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an output folder that is, or holds, an input (or that holds foreign files)."""
+    from evomerge.checkpoint.io import check_output_folder
+
     target = os.path.realpath(out_dir)
     inputs = [(key, f"model {label!r}") for key, label in plan.labels.items()]
     if plan.tokenizer_from is not None:
@@ -394,29 +463,30 @@ def merge_to_disk(
             raise EvomergeError(f"--out {out_dir} holds the input {label}; replacing it would delete that "
                                 "model — write the merge to another folder")
     check_output_folder(out_dir, overwrite=overwrite)  # before any tensor is read (headers only so far)
-    specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
-    tok = plan.tokenizer_from if copy_tokenizer else None
-    with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes, overwrite=overwrite) as writer:
-        for i, job in enumerate(plan.jobs):
-            if job.copy_from is not None:
-                k, n = job.copy_from
-                writer.write(job.name, plan.readers[k].get(n))
-            else:
-                base = _f32(plan.readers[job.base[0]].get(job.base[1]), device) if job.base else None
-                inputs = []
-                for k, n in job.sources:
-                    x = _f32(plan.readers[k].get(n), device)
-                    inputs.append(x - base if (spec.takes_deltas and base is not None) else x)
-                out = merge_one(plan, recipe, job, inputs, base)
-                del inputs, base
-                res = out.to(job.out_dtype)
-                if job.out_dtype == torch.float16 and not is_finite(res):
-                    raise EvomergeError(f"tensor {job.name!r} overflows float16; use dtype bfloat16 or float32")
-                writer.write(job.name, res)
-                del out, res
-            if progress is not None:
-                progress(i + 1, len(plan.jobs), job.name)
-        return writer.commit()
+
+
+def _merge_from_disk(plan: MergePlan, recipe: MergeRecipe, job: TensorJob, device: torch.device,
+                     scratch: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
+    """One merged tensor, at the output dtype, in a reused buffer (valid until the next call).
+
+    The sources are read in their stored dtype (memory-mapped on the CPU) and widened by
+    :func:`merge_one`, which also computes the task vectors: an elementwise method then reads each
+    source once, chunk by chunk."""
+    def read(key_name: tuple[str, str]) -> torch.Tensor:
+        t = plan.readers[key_name[0]].get(key_name[1])
+        return t if device.type == "cpu" else t.to(device)
+
+    base = read(job.base) if job.base else None
+    inputs = [read(src) for src in job.sources]
+    numel = math.prod(job.shape)
+    buf = scratch.get(job.out_dtype)
+    if buf is None or buf.numel() < numel:
+        buf = scratch[job.out_dtype] = torch.empty(numel, dtype=job.out_dtype, device=device)
+    out = buf[:numel].view(job.shape)
+    merge_one(plan, recipe, job, inputs, base, out, subtract_base=plan.spec.takes_deltas and base is not None)
+    if job.out_dtype == torch.float16 and not is_finite(out):
+        raise EvomergeError(f"tensor {job.name!r} overflows float16; use dtype bfloat16 or float32")
+    return out
 
 
 # ----------------------------------------------------------------------------- in memory
@@ -549,15 +619,13 @@ class InMemoryMerger:
         return self._on_compute(self._resident(key, name)).to(dtype=torch.float32)
 
     def _inputs(self, plan: MergePlan, job: TensorJob):
-        base = self._tensor(*job.base) if job.base else None
-        if plan.spec.takes_deltas and job.base is not None:
-            if self.resident == "native":
-                inputs = [self._tensor(k, n) - base for k, n in job.sources]
-            else:
-                inputs = [self._on_compute(self._resident_delta(k, n, job.base)) for k, n in job.sources]
-        else:
-            inputs = [self._tensor(k, n) for k, n in job.sources]
-        return inputs, base
+        """One job's sources on the compute device, its base, and whether :func:`merge_one` is to
+        subtract the base (resident="native": task vectors are computed per apply)."""
+        base = self._on_compute(self._resident(*job.base)) if job.base else None
+        deltas = plan.spec.takes_deltas and job.base is not None
+        if deltas and self.resident == "float32":
+            return [self._on_compute(self._resident_delta(k, n, job.base)) for k, n in job.sources], base, False
+        return [self._on_compute(self._resident(k, n)) for k, n in job.sources], base, deltas
 
     def plan(self, recipe: MergeRecipe) -> MergePlan:
         """The (cached) plan of ``recipe``'s structure."""
@@ -614,8 +682,8 @@ class InMemoryMerger:
             if job.copy_from is not None:
                 yield job.name, self._tensor(*job.copy_from)
                 continue
-            inputs, base = self._inputs(plan, job)
-            yield job.name, merge_one(plan, recipe, job, inputs, base)
+            inputs, base, subtract = self._inputs(plan, job)
+            yield job.name, merge_one(plan, recipe, job, inputs, base, subtract_base=subtract)
 
     def _targets(self, model) -> dict[str, torch.Tensor]:
         if self._model_params is not None and self._model_params[0]() is model:
@@ -657,7 +725,18 @@ class InMemoryMerger:
         """
         self.check_fits(recipe, model)
         targets = self._targets(model)
+        plan = self.plan(recipe)
         with torch.no_grad():
-            for name, out in self.merged_tensors(recipe):
-                targets[name].data.copy_(out)
+            for job in plan.jobs:
+                target = targets[job.name].data
+                if job.copy_from is not None:
+                    target.copy_(self._tensor(*job.copy_from))
+                    continue
+                inputs, base, subtract = self._inputs(plan, job)
+                # straight into the parameter's storage when it can take the result in place
+                direct = (target.is_floating_point() and target.is_contiguous()
+                          and target.device == (inputs[0] if inputs else base).device)
+                out = merge_one(plan, recipe, job, inputs, base, target if direct else None, subtract_base=subtract)
+                if not direct:
+                    target.copy_(out)
         return model
