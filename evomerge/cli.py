@@ -12,31 +12,70 @@ import typer
 
 from evomerge.errors import EvomergeError
 
-app = typer.Typer(
-    name="evomerge",
-    help="Evolutionary model merging with IRT-estimated fitness.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
-# --- command registration (one line per module that owns a command) ---
-# (registered below)
-from evomerge import merge_cli as _merge_cli  # noqa: E402
+def _register_merge(app: typer.Typer) -> None:
+    from evomerge import merge_cli
 
-_merge_cli.register(app)
-from evomerge.zoo.cli import app as _zoo_app  # noqa: E402
+    merge_cli.register(app)
 
-app.add_typer(_zoo_app, name="zoo")
-from evomerge import irt_cli as _irt_cli  # noqa: E402
 
-_irt_cli.register(app)
-from evomerge.search import cli as _search_cli  # noqa: E402
+def _register_zoo(app: typer.Typer) -> None:
+    from evomerge.zoo.cli import app as zoo_app
 
-_search_cli.register(app)
-from evomerge import eval_cli as _eval_cli  # noqa: E402
+    app.add_typer(zoo_app, name="zoo")
 
-_eval_cli.register(app)
+
+def _register_irt(app: typer.Typer) -> None:
+    from evomerge import irt_cli
+
+    irt_cli.register(app)
+
+
+def _register_search(app: typer.Typer) -> None:
+    from evomerge.search import cli as search_cli
+
+    search_cli.register(app)
+
+
+def _register_eval(app: typer.Typer) -> None:
+    from evomerge import eval_cli
+
+    eval_cli.register(app)
+
+
+# --- command registration: top-level command name -> the function that registers it (one per
+# module that owns commands; a module registering several is listed under each name)
+_COMMANDS = {
+    "merge": _register_merge,
+    "zoo": _register_zoo,
+    "irt": _register_irt,
+    "search": _register_search,
+    "report": _register_search,
+    "eval": _register_eval,
+}
+
+
+def build_app(command: str | None = None) -> typer.Typer:
+    """The CLI app: with ``command`` (a top-level command name) only the module that owns it is
+    imported (``evomerge merge`` does not pay for the search / IRT / zoo modules); otherwise all."""
+    app = typer.Typer(
+        name="evomerge",
+        help="Evolutionary model merging with IRT-estimated fitness.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.callback()(_root)
+    registers = [_COMMANDS[command]] if command in _COMMANDS else list(dict.fromkeys(_COMMANDS.values()))
+    for register in registers:
+        register(app)
+    return app
+
+
+def __getattr__(name: str):
+    if name == "app":  # the full app, built on first use
+        return build_app()
+    raise AttributeError(name)
 
 
 def _version() -> str:
@@ -54,7 +93,6 @@ def _version_option(value: bool) -> None:
         raise typer.Exit(0)
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", help="print the version and exit",
                                  callback=_version_option, is_eager=True),
@@ -140,8 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     error (a bug: one line asking to report it; the traceback only with EVOMERGE_DEBUG=1);
     130 interrupted."""
     _sigterm_as_interrupt()
+    args = sys.argv[1:] if argv is None else list(argv)
+    # the command is the first argument when no root option precedes it (else: build them all)
+    app = build_app(args[0] if args and not args[0].startswith("-") else None)
     try:
-        rv = app(args=argv, prog_name="evomerge", standalone_mode=False)
+        rv = app(args=args, prog_name="evomerge", standalone_mode=False)
     except SystemExit:
         raise
     except KeyboardInterrupt:
