@@ -114,104 +114,138 @@ def build_plan(
     readers between plans). Raises :class:`EvomergeError` for missing models or tensors,
     architecture / shape mismatches and bad layer ranges.
     """
-    spec = get_method(recipe.merge_method)
-    readers = readers if readers is not None else {}
-    labels: dict[str, str] = {}
-
-    def key_of(ref: str) -> str:
-        path = resolve_model(ref, base_dir=recipe.source_dir)
-        key = str(path)
-        if key not in readers:
-            readers[key] = CheckpointReader(path, allow_pickle=allow_pickle)
-        labels[key] = ref
-        return key
-
-    base_key = key_of(recipe.base_model) if recipe.base_model else None
+    planner = _Planner(recipe, get_method(recipe.merge_method), readers if readers is not None else {}, allow_pickle)
+    base_key = planner.key_of(recipe.base_model) if recipe.base_model else None
     # vocabulary hook (issue 6): when the models' vocabularies differ, readers become VocabReaders
     # that return embedding / lm_head rows already mapped by token to the output vocabulary.
-    vocab = prepare_vocab(recipe, readers, key_of)
+    vocab = prepare_vocab(recipe, planner.readers, planner.key_of)
+    if recipe.models is not None:
+        groups, jobs, ref_key, num_layers = planner.plan_models(base_key)
+    else:
+        groups, jobs, ref_key, num_layers = planner.plan_slices(base_key)
+    config = _output_config(recipe, planner.readers[ref_key].config, num_layers)
+    tok_dir = _tokenizer_dir(recipe, vocab, planner.readers[ref_key].path)
+    return MergePlan(recipe.structure_key(), planner.spec, planner.readers, groups, jobs, config, ref_key,
+                     num_layers, tok_dir, planner.labels)
 
-    def split(entries: list[ModelEntry], slice_base: str | None):
-        bkey = key_of(slice_base) if slice_base else base_key
+
+@dataclass
+class _Planner:
+    """The state :func:`build_plan` builds up: open readers and the reference each key came from."""
+
+    recipe: MergeRecipe
+    spec: MergeMethod
+    readers: dict[str, CheckpointReader]
+    allow_pickle: bool
+    labels: dict[str, str] = field(default_factory=dict)  # reader key -> model ref as written
+
+    def key_of(self, ref: str) -> str:
+        """The reader key of a model reference (its resolved path), opening its reader once."""
+        path = resolve_model(ref, base_dir=self.recipe.source_dir)
+        key = str(path)
+        if key not in self.readers:
+            self.readers[key] = CheckpointReader(path, allow_pickle=self.allow_pickle)
+        self.labels[key] = ref
+        return key
+
+    def group(self, entries: list[ModelEntry], slice_idx: int | None, base_key: str | None) -> Group:
+        """The method's input models among ``entries`` (a model that is the base is left out)."""
         used, keys = [], []
         for i, e in enumerate(entries):
-            k = key_of(e.model)
-            if bkey is not None and spec.uses_base(True) and k == bkey:
+            k = self.key_of(e.model)
+            if base_key is not None and self.spec.uses_base(True) and k == base_key:
                 continue
             used.append(i)
             keys.append(k)
-        return used, keys, bkey
+        return Group(used, keys, slice_idx, base_key if self.spec.uses_base(base_key is not None) else None)
 
-    jobs: list[TensorJob] = []
-    groups: list[Group] = []
-    if recipe.models is not None:
-        used, keys, bkey = split(recipe.models, None)
-        groups.append(Group(used, keys, None, bkey if spec.uses_base(bkey is not None) else None))
-        ref_key = bkey or keys[0]
-        ref = readers[ref_key]
+    def compatible(self, keys: list[str], names: list[str]) -> None:
+        check_compatible([(self.labels.get(k, k), self.readers[k]) for k in keys], names)
+
+    def plan_models(self, base_key: str | None):
+        """``models:``: every tensor of the reference model (the base, else the first model)."""
+        g = self.group(self.recipe.models, None, base_key)
+        ref_key = base_key or g.keys[0]
+        ref = self.readers[ref_key]
         names = ref.tensor_names()
-        participants = [ref_key] + [k for k in keys if k != ref_key]
-        check_compatible([(labels.get(k, k), readers[k]) for k in participants], names)
+        self.compatible([ref_key] + [k for k in g.keys if k != ref_key], names)
         nl = ref.num_layers
+        jobs = []
         for name in names:
             li = layer_index(name)
             t = None if li is None else (li / (nl - 1) if nl > 1 else 0.0)
-            jobs.append(_job(recipe, spec, readers, ref_key, name, name, t, 0, keys, bkey))
-        num_layers = nl
-    else:
-        slices = recipe.slices or []
+            jobs.append(_job(self.recipe, self.spec, self.readers, ref_key, name, name, t, 0, g.keys, base_key))
+        return [g], jobs, ref_key, nl
+
+    def plan_slices(self, base_key: str | None):
+        """``slices:``: each slice's layers, renumbered into one stack, then the non-layer tensors."""
+        slices = self.recipe.slices or []
+        groups = []
         for si, s in enumerate(slices):
-            used, keys, bkey = split(s.sources, s.base_model)
-            groups.append(Group(used, keys, si,
-                                bkey if spec.uses_base(bkey is not None) else None))
+            bkey = self.key_of(s.base_model) if s.base_model else base_key
+            groups.append(self.group(s.sources, si, bkey))
         ref_key = base_key or groups[0].keys[0]
-        ref = readers[ref_key]
         num_layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices)
-        # pre-layer tensors (embeddings) come from the first slice's models, the others (final
-        # norm, lm_head) from the last slice's, as mergekit does.
-        non_layer = [n for n in ref.tensor_names() if layer_index(n) is None]
-        pre = [n for n in non_layer if "embed" in n]
-        post = [n for n in non_layer if "embed" not in n]
+        jobs: list[TensorJob] = []
         out_layer = 0
         for gi, s in enumerate(slices):
-            g = groups[gi]
-            ranges = {}
-            for src in s.sources:
-                k = key_of(src.model)
-                lo, hi = src.layer_range
-                n_avail = readers[k].num_layers
-                if hi > n_avail:
-                    raise EvomergeError(
-                        f"slices[{gi}]: layer_range {[lo, hi]} of model {src.model!r} goes past its {n_avail} layers"
-                    )
-                ranges.setdefault(k, (lo, hi))
-            first_key = key_of(s.sources[0].model)
-            base_range = ranges.get(g.base_key, ranges[first_key]) if g.base_key else None
-            lo0 = ranges[first_key][0]
-            length = ranges[first_key][1] - lo0
-            tmpl_reader = readers[first_key]
-            for k_local in range(length):
-                j = out_layer + k_local
-                t = j / (num_layers - 1) if num_layers > 1 else 0.0
-                src_layer0 = lo0 + k_local
-                for name in tmpl_reader.tensor_names():
-                    if layer_index(name) != src_layer0:
-                        continue
-                    out_name = set_layer_index(name, j)
-                    srcs = [(k, set_layer_index(name, ranges[k][0] + k_local)) for k in g.keys]
-                    base = None
-                    if g.base_key is not None:
-                        base = (g.base_key, set_layer_index(name, base_range[0] + k_local))
-                    jobs.append(_slice_job(recipe, spec, readers, labels, out_name, srcs, base, t, gi, tmpl_reader, name))
-            out_layer += length
+            out_layer = self._slice_layer_jobs(gi, s, groups[gi], out_layer, num_layers, jobs)
+        jobs += self._non_layer_jobs(groups, ref_key)
+        jobs.sort(key=lambda j: _order_key(j.name))
+        return groups, jobs, ref_key, num_layers
+
+    def _slice_layer_jobs(self, gi: int, s, g: Group, out_layer: int, num_layers: int,
+                          jobs: list[TensorJob]) -> int:
+        """Append the jobs of slice ``gi``'s layers (output layers from ``out_layer`` on); returns
+        the next free output layer."""
+        ranges = {}
+        for src in s.sources:
+            k = self.key_of(src.model)
+            lo, hi = src.layer_range
+            n_avail = self.readers[k].num_layers
+            if hi > n_avail:
+                raise EvomergeError(
+                    f"slices[{gi}]: layer_range {[lo, hi]} of model {src.model!r} goes past its {n_avail} layers"
+                )
+            ranges.setdefault(k, (lo, hi))
+        first_key = self.key_of(s.sources[0].model)
+        base_range = ranges.get(g.base_key, ranges[first_key]) if g.base_key else None
+        lo0 = ranges[first_key][0]
+        length = ranges[first_key][1] - lo0
+        tmpl_reader = self.readers[first_key]
+        for k_local in range(length):
+            j = out_layer + k_local
+            t = j / (num_layers - 1) if num_layers > 1 else 0.0
+            for name in tmpl_reader.tensor_names():
+                if layer_index(name) != lo0 + k_local:
+                    continue
+                srcs = [(k, set_layer_index(name, ranges[k][0] + k_local)) for k in g.keys]
+                base = None
+                if g.base_key is not None:
+                    base = (g.base_key, set_layer_index(name, base_range[0] + k_local))
+                jobs.append(_slice_job(self.recipe, self.spec, self.readers, self.labels, set_layer_index(name, j),
+                                       srcs, base, t, gi, tmpl_reader, name))
+        return out_layer + length
+
+    def _non_layer_jobs(self, groups: list[Group], ref_key: str) -> list[TensorJob]:
+        """Pre-layer tensors (embeddings) from the first slice's models, the others (final norm,
+        lm_head) from the last slice's, as mergekit does."""
+        non_layer = [n for n in self.readers[ref_key].tensor_names() if layer_index(n) is None]
+        pre = [n for n in non_layer if "embed" in n]
+        post = [n for n in non_layer if "embed" not in n]
+        jobs = []
         for name in pre + post:
             gi = 0 if name in pre else len(groups) - 1
             g = groups[gi]
-            participants = ([g.base_key] if g.base_key else []) + g.keys
-            check_compatible([(labels.get(k, k), readers[k]) for k in [ref_key, *participants]], [name])
-            jobs.append(_job(recipe, spec, readers, ref_key, name, name, None, gi, g.keys, g.base_key))
-        jobs.sort(key=lambda j: _order_key(j.name))
-    config = dict(ref.config)
+            self.compatible([ref_key, *([g.base_key] if g.base_key else []), *g.keys], [name])
+            jobs.append(_job(self.recipe, self.spec, self.readers, ref_key, name, name, None, gi, g.keys, g.base_key))
+        return jobs
+
+
+def _output_config(recipe: MergeRecipe, ref_config: dict, num_layers: int) -> dict:
+    """The merged model's config.json: the reference model's, with the layer count of a slices
+    recipe and the output dtype."""
+    config = dict(ref_config)
     if recipe.slices is not None:
         for k in ("num_hidden_layers", "n_layer", "num_layers"):
             if isinstance(config.get(k), int):
@@ -221,14 +255,17 @@ def build_plan(
         config["dtype"] = dt
         if "torch_dtype" in config:
             config["torch_dtype"] = dt
+    return config
+
+
+def _tokenizer_dir(recipe: MergeRecipe, vocab, ref_path: Path) -> Path:
+    """Where the merged model's tokenizer comes from (``tokenizer_source``)."""
     tok = recipe.tokenizer_source
     if vocab is not None and vocab.tokenizer_dir is not None:
-        tok_dir = vocab.tokenizer_dir  # tokenizer_source: union
-    elif tok in (None, "base"):
-        tok_dir = readers[ref_key].path
-    else:
-        tok_dir = resolve_model(tok, base_dir=recipe.source_dir, what="tokenizer_source")
-    return MergePlan(recipe.structure_key(), spec, readers, groups, jobs, config, ref_key, num_layers, tok_dir, labels)
+        return vocab.tokenizer_dir  # tokenizer_source: union
+    if tok in (None, "base"):
+        return ref_path
+    return resolve_model(tok, base_dir=recipe.source_dir, what="tokenizer_source")
 
 
 def _order_key(name: str):
