@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -345,7 +346,7 @@ ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic", "passthrough"})
 """Methods whose output at a position depends only on the inputs at that position (scalar
 parameters, no randomness, no statistic of the whole tensor): :func:`merge_one` runs them chunk
 by chunk on the CPU (the same bits as one call on the whole tensors)."""
-MERGE_CHUNK = 1 << 18
+MERGE_CHUNK = 1 << 20
 """Entries per chunk of an elementwise merge on the CPU: a chunk's inputs and temporaries stay in
 the CPU caches, so memory sees each input read once and the output written once."""
 
@@ -471,16 +472,25 @@ def merge_to_disk(
     _check_out_dir(plan, out_dir, overwrite)
     specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
     tok = plan.tokenizer_from if copy_tokenizer else None
-    scratch: dict[torch.dtype, torch.Tensor] = {}  # one output buffer per dtype, reused tensor after tensor
-    with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes, overwrite=overwrite) as writer:
+    # two sets of output buffers (one per dtype each), alternated: one tensor is written to disk
+    # by a writer thread while the next is merged (the thread releases the GIL inside write)
+    scratch: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+    with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes, overwrite=overwrite) as writer, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-writer") as write_thread:
+        pending = None  # the write in flight
         for i, job in enumerate(plan.jobs):
             if job.copy_from is not None:
                 k, n = job.copy_from
-                writer.write(job.name, plan.readers[k].get(n))
+                tensor = plan.readers[k].get(n)
             else:
-                writer.write(job.name, _merge_from_disk(plan, recipe, job, device, scratch))
+                tensor = _merge_from_disk(plan, recipe, job, device, scratch[i % 2])
+            if pending is not None:
+                pending.result()  # in order, and the other buffer is free again
+            pending = write_thread.submit(writer.write, job.name, tensor)
             if progress is not None:
                 progress(i + 1, len(plan.jobs), job.name)
+        if pending is not None:
+            pending.result()
         return writer.commit()
 
 
