@@ -142,22 +142,24 @@ def find_mergekit(given: str | None) -> str | None:
     return str(beside) if beside.exists() else shutil.which("mergekit-yaml")
 
 
-def disk_rows(work: Path, paths: list[Path], repeat: int, mergekit: str | None) -> list[tuple]:
+def disk_rows(work: Path, paths: list[Path], repeat: int, mergekit: str | None, threads: int | None) -> list[tuple]:
     """Wall-clock seconds of ``mergekit-yaml`` and ``evomerge merge`` on the same recipe, alternating."""
     import yaml
 
     recipe_file = work / "task_arithmetic.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe_dict(paths, "task_arithmetic"), sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    outs = {"evomerge merge": work / "out-evomerge", "mergekit-yaml": work / "out-mergekit"}
     commands = {"evomerge merge": [sys.executable, "-m", "evomerge.cli", "merge", str(recipe_file),
-                                   "--out", str(work / "out-evomerge"), "--overwrite", "-q"]}
+                                   "--out", str(outs["evomerge merge"]), "-q"]}
     if mergekit:
-        commands["mergekit-yaml"] = [mergekit, str(recipe_file), str(work / "out-mergekit")]
+        commands["mergekit-yaml"] = [mergekit, str(recipe_file), str(outs["mergekit-yaml"])]
     times: dict[str, list[float]] = {k: [] for k in commands}
     for _ in range(repeat):
         for label, cmd in commands.items():
-            if label == "mergekit-yaml":
-                shutil.rmtree(work / "out-mergekit", ignore_errors=True)
+            shutil.rmtree(outs[label], ignore_errors=True)  # each writes a fresh folder (untimed)
             t = time.perf_counter()
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             times[label].append(time.perf_counter() - t)
@@ -213,7 +215,11 @@ def main() -> None:
     ap.add_argument("--no-disk", action="store_true", help="only the in-memory merges")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench" / "merge_speed"),
                     help="folder for the generated models and outputs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in this process (in-memory "
+                    "merges, copy bandwidth) and OMP_NUM_THREADS of the disk-to-disk subprocesses (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA GPU here")
     mergekit = None if args.no_disk else find_mergekit(args.mergekit)
@@ -228,7 +234,7 @@ def main() -> None:
         n_params = sum(math.prod(ref.shape(n)) for n in ref.tensor_names())
         label = f"{size} ({n_params / 1e6:.0f}M)"
         if not args.no_disk:
-            rows += [(label, *r) for r in disk_rows(work, paths, args.repeat, mergekit)]
+            rows += [(label, *r) for r in disk_rows(work, paths, args.repeat, mergekit, args.threads)]
         rows += [(label, *r) for r in memory_rows(paths, args.repeat, args.device, bandwidth)]
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, device "
