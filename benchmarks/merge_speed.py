@@ -14,10 +14,14 @@ float32 safetensors) at two sizes, cached under ``--cache`` (made once), then fo
 
 The floor is the bytes an apply must move (base + task vectors read, the model written) divided
 by this machine's copy bandwidth (a 1 GiB tensor copy counted as read + write, best of 5). With
-``--device cuda`` the models and inputs live on the GPU and the floor uses the GPU's copy
-bandwidth. Prints one table; ``uptime``'s load is printed with it (the machine may be shared).
+``--device cuda`` the sources and the model live on the GPU and the floor uses the GPU's copy
+bandwidth (the disk-to-disk runs get ``--device cuda`` / ``--cuda``); with ``--device cpu
+--compute cuda`` (a search's ``merge_compute: cuda``) the sources stay in host memory and the
+floor counts them at the measured host-to-device bandwidth. Prints one table with ``uptime``'s
+load (the machine may be shared: on an oversubscribed CPU, ``--threads 1`` gives steadier numbers).
 
-    .venv/bin/python benchmarks/merge_speed.py [--sizes small,large] [--mergekit PATH] [--device cpu]
+    .venv/bin/python benchmarks/merge_speed.py [--sizes small,large] [--threads N] [--mergekit PATH]
+                                               [--device cpu|cuda] [--compute cuda] [--no-disk]
 """
 
 from __future__ import annotations
@@ -115,6 +119,20 @@ def copy_bandwidth(device: str, mib: int = 1024, repeat: int = 5) -> float:
     return 2 * src.numel() * 4 / best
 
 
+def host_to_device_bandwidth(device: str, mib: int = 1024, repeat: int = 5) -> float:
+    """Bytes per second of a large float32 copy from (pageable) host memory to ``device``."""
+    src = torch.randn(mib * 2**20 // 4)
+    dst = torch.empty(src.shape, device=device)
+    best = float("inf")
+    for _ in range(repeat + 1):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return src.numel() * 4 / best
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -142,7 +160,8 @@ def find_mergekit(given: str | None) -> str | None:
     return str(beside) if beside.exists() else shutil.which("mergekit-yaml")
 
 
-def disk_rows(work: Path, paths: list[Path], repeat: int, mergekit: str | None, threads: int | None) -> list[tuple]:
+def disk_rows(work: Path, paths: list[Path], repeat: int, mergekit: str | None, threads: int | None,
+              device: str) -> list[tuple]:
     """Wall-clock seconds of ``mergekit-yaml`` and ``evomerge merge`` on the same recipe, alternating."""
     import yaml
 
@@ -153,9 +172,11 @@ def disk_rows(work: Path, paths: list[Path], repeat: int, mergekit: str | None, 
         env["OMP_NUM_THREADS"] = str(threads)
     outs = {"evomerge merge": work / "out-evomerge", "mergekit-yaml": work / "out-mergekit"}
     commands = {"evomerge merge": [sys.executable, "-m", "evomerge.cli", "merge", str(recipe_file),
-                                   "--out", str(outs["evomerge merge"]), "-q"]}
+                                   "--out", str(outs["evomerge merge"]), "-q", "--device", device]}
     if mergekit:
         commands["mergekit-yaml"] = [mergekit, str(recipe_file), str(outs["mergekit-yaml"])]
+        if device.startswith("cuda"):
+            commands["mergekit-yaml"].append("--cuda")
     times: dict[str, list[float]] = {k: [] for k in commands}
     for _ in range(repeat):
         for label, cmd in commands.items():
@@ -177,30 +198,41 @@ def disk_rows(work: Path, paths: list[Path], repeat: int, mergekit: str | None, 
     return rows
 
 
-def memory_rows(paths: list[Path], repeat: int, device: str, bandwidth: float) -> list[tuple]:
-    """Median seconds of ``InMemoryMerger.apply`` into a live model, and the ratio to the floor."""
+def memory_rows(paths: list[Path], repeat: int, device: str, compute: str) -> list[tuple]:
+    """Median seconds of ``InMemoryMerger.apply`` into a live model, and the ratio to the floor.
+
+    The floor: the base and each task vector read and the model written, at ``compute``'s copy
+    bandwidth; when the sources stay on ``device`` (the host) and the math runs on ``compute`` (a
+    GPU: ``merge_compute: cuda``), the sources cross at the host-to-device bandwidth instead."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(paths[0]), dtype=torch.float32).to(device)
+    model = LlamaForCausalLM.from_pretrained(str(paths[0]), dtype=torch.float32).to(compute)
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    # what must move: the base and each task vector read, the model written
-    floor = (N_FINETUNES + 2) * model_bytes / bandwidth
+    bandwidth = copy_bandwidth(compute)
+    if device == compute:
+        floor = (N_FINETUNES + 2) * model_bytes / bandwidth
+        how = f"{bandwidth / 1e9:.1f} GB/s copy"
+    else:
+        h2d = host_to_device_bandwidth(compute)
+        floor = (N_FINETUNES + 1) * model_bytes / h2d + model_bytes / bandwidth
+        how = f"{h2d / 1e9:.1f} GB/s host to device, {bandwidth / 1e9:.0f} GB/s copy"
     rows = []
     for method in ("task_arithmetic", "ties", "dare_ties"):
         merger = InMemoryMerger(MergeRecipe.from_dict(recipe_dict(paths, method)), device=device,
-                                magnitude_cache=(method == "ties"))
+                                compute_device=compute, magnitude_cache=(method == "ties"))
         merger.apply(MergeRecipe.from_dict(recipe_dict(paths, method)), model)  # warm-up (and TIES' sort)
         times = []
         for i in range(repeat):
             r = MergeRecipe.from_dict(recipe_dict(paths, method, [w + 0.01 * (i + 1) for w in WEIGHTS]))
-            sync(device)
+            sync(compute)
             t = time.perf_counter()
             merger.apply(r, model)
-            sync(device)
+            sync(compute)
             times.append(time.perf_counter() - t)
         med = statistics.median(times)
-        note = f"floor {floor:.3f}s" + (" (magnitude cache)" if method == "ties" else "")
-        rows.append((method, "in memory", med, med / floor, note))
+        note = f"floor {floor:.3f}s ({how})" + ("; magnitude cache" if method == "ties" else "")
+        place = "in memory" if device == compute else f"in memory, {device} -> {compute}"
+        rows.append((method, place, med, med / floor, note))
         del merger
     return rows
 
@@ -209,7 +241,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="small,large", help=f"comma-separated, of {sorted(SIZES)}")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (the median is reported)")
-    ap.add_argument("--device", default="cpu", help="in-memory merges on this device (cpu, cuda)")
+    ap.add_argument("--device", default="cpu", help="where the in-memory sources live (cpu, cuda) and the "
+                    "disk-to-disk merges compute")
+    ap.add_argument("--compute", default=None, help="where the in-memory merge math runs (default: --device; "
+                    "--device cpu --compute cuda is a search's merge_compute: cuda)")
     ap.add_argument("--mergekit", default=None, help="mergekit-yaml to compare with (default: beside this "
                     "python, else on PATH; skipped when absent)")
     ap.add_argument("--no-disk", action="store_true", help="only the in-memory merges")
@@ -220,10 +255,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: torch sees no CUDA GPU here")
+    compute = args.compute or args.device
+    if "cuda" in args.device + compute and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} / --compute {compute}: torch sees no CUDA GPU here")
     mergekit = None if args.no_disk else find_mergekit(args.mergekit)
-    bandwidth = copy_bandwidth(args.device)
     rows = []
     for size in args.sizes.split(","):
         if size not in SIZES:
@@ -234,11 +269,12 @@ def main() -> None:
         n_params = sum(math.prod(ref.shape(n)) for n in ref.tensor_names())
         label = f"{size} ({n_params / 1e6:.0f}M)"
         if not args.no_disk:
-            rows += [(label, *r) for r in disk_rows(work, paths, args.repeat, mergekit, args.threads)]
-        rows += [(label, *r) for r in memory_rows(paths, args.repeat, args.device, bandwidth)]
+            rows += [(label, *r) for r in disk_rows(work, paths, args.repeat, mergekit, args.threads, args.device)]
+        rows += [(label, *r) for r in memory_rows(paths, args.repeat, args.device, compute)]
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, device "
-          f"{args.device}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); mergekit: {mergekit or 'absent'}")
+    gpu = f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; device {args.device}, "
+          f"compute {compute}{gpu}; mergekit: {mergekit or 'absent'}")
     print(f"uptime: {load}")
     print()
     print(f"| model | method | path | median s | x floor | notes |")
