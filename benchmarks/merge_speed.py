@@ -6,7 +6,8 @@ float32 safetensors) at two sizes, cached under ``--cache`` (made once), then fo
 - disk to disk: ``mergekit-yaml`` (when installed) and ``evomerge merge`` as subprocesses on the
   same task_arithmetic recipe (base + 3 fine-tunes, float32), alternating, median of
   ``--repeat`` wall-clock seconds, start-up included; the two outputs are compared tensor by
-  tensor (``bits``: identical, or the largest absolute difference);
+  tensor (``bits``: identical, or the largest absolute difference); ``sync`` runs, untimed, after
+  each run (evomerge fsyncs its output, mergekit leaves it to the kernel's writeback);
 - in memory: ``InMemoryMerger.apply`` into a live ``LlamaForCausalLM`` (inputs resident, task
   vectors computed once; the warm-up apply is not timed), median of ``--repeat`` applies that
   differ in their weights, for task_arithmetic, ties (``magnitude_cache=True``, as the search
@@ -186,6 +187,9 @@ def disk_rows(work: Path, paths: list[Path], repeat: int, mergekit: str | None, 
             times[label].append(time.perf_counter() - t)
             if done.returncode != 0:
                 raise SystemExit(f"{label} failed:\n{done.stderr[-2000:]}")
+            # untimed: flush what the run left dirty in the page cache (evomerge fsyncs its output,
+            # mergekit does not), so that no run pays for the previous one's writeback
+            os.sync()
     rows = []
     evo = statistics.median(times["evomerge merge"])
     for label, ts in times.items():
@@ -206,6 +210,7 @@ def memory_rows(paths: list[Path], repeat: int, device: str, compute: str) -> li
     GPU: ``merge_compute: cuda``), the sources cross at the host-to-device bandwidth instead."""
     from transformers import LlamaForCausalLM
 
+    os.sync()  # no writeback of the disk runs during the timings
     model = LlamaForCausalLM.from_pretrained(str(paths[0]), dtype=torch.float32).to(compute)
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     bandwidth = copy_bandwidth(compute)
