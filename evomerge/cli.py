@@ -12,49 +12,63 @@ import typer
 
 from evomerge.errors import EvomergeError
 
-app = typer.Typer(
-    name="evomerge",
-    help="Evolutionary model merging with IRT-estimated fitness.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
-# --- command registration (one line per module that owns a command) ---
-# (registered below)
-from evomerge import merge_cli as _merge_cli  # noqa: E402
+def _register_zoo(app: typer.Typer) -> None:
+    from evomerge.zoo.cli import app as zoo_app
 
-_merge_cli.register(app)
-from evomerge.zoo.cli import app as _zoo_app  # noqa: E402
+    app.add_typer(zoo_app, name="zoo")
 
-app.add_typer(_zoo_app, name="zoo")
-from evomerge import irt_cli as _irt_cli  # noqa: E402
 
-_irt_cli.register(app)
-from evomerge.search import cli as _search_cli  # noqa: E402
+def _module(name: str):
+    """The registration of a module that owns commands: its ``register(app)``, imported when called."""
+    def register(app: typer.Typer) -> None:
+        import importlib
 
-_search_cli.register(app)
-from evomerge import eval_cli as _eval_cli  # noqa: E402
+        importlib.import_module(name).register(app)
+    return register
 
-_eval_cli.register(app)
-from evomerge import nino_cli as _nino_cli  # noqa: E402
 
-_nino_cli.register(app)
-from evomerge import stats_cli as _stats_cli  # noqa: E402
+_SEARCH = _module("evomerge.search.cli")
 
-_stats_cli.register(app)
-from evomerge import align_cli as _align_cli  # noqa: E402
+# --- command registration: top-level command name -> the function that registers it (one per
+# module that owns commands; a module registering several is listed under each name)
+_COMMANDS = {
+    "merge": _module("evomerge.merge_cli"),
+    "zoo": _register_zoo,
+    "irt": _module("evomerge.irt_cli"),
+    "search": _SEARCH,
+    "report": _SEARCH,
+    "eval": _module("evomerge.eval_cli"),
+    "stats": _module("evomerge.stats_cli"),
+    "nino-convert": _module("evomerge.nino_cli"),
+    "align": _module("evomerge.align_cli"),
+    "adamerge": _module("evomerge.learned_cli"),
+    "metamerge": _module("evomerge.metamerge_cli"),
+    "route": _module("evomerge.route_cli"),
+}
 
-_align_cli.register(app)
-from evomerge import learned_cli as _learned_cli  # noqa: E402
 
-_learned_cli.register(app)
-from evomerge import route_cli as _route_cli  # noqa: E402
+def build_app(command: str | None = None) -> typer.Typer:
+    """The CLI app: with ``command`` (a top-level command name) only the module that owns it is
+    imported (``evomerge merge`` does not pay for the search / IRT / zoo modules); otherwise all."""
+    app = typer.Typer(
+        name="evomerge",
+        help="Evolutionary model merging with IRT-estimated fitness.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.callback()(_root)
+    registers = [_COMMANDS[command]] if command in _COMMANDS else list(dict.fromkeys(_COMMANDS.values()))
+    for register in registers:
+        register(app)
+    return app
 
-_route_cli.register(app)
-from evomerge import metamerge_cli as _metamerge_cli  # noqa: E402
 
-_metamerge_cli.register(app)
+def __getattr__(name: str):
+    if name == "app":  # the full app, built on first use
+        return build_app()
+    raise AttributeError(name)
 
 
 def _version() -> str:
@@ -72,7 +86,6 @@ def _version_option(value: bool) -> None:
         raise typer.Exit(0)
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", help="print the version and exit",
                                  callback=_version_option, is_eager=True),
@@ -158,8 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     error (a bug: one line asking to report it; the traceback only with EVOMERGE_DEBUG=1);
     130 interrupted."""
     _sigterm_as_interrupt()
+    args = sys.argv[1:] if argv is None else list(argv)
+    # the command is the first argument when no root option precedes it (else: build them all)
+    app = build_app(args[0] if args and not args[0].startswith("-") else None)
     try:
-        rv = app(args=argv, prog_name="evomerge", standalone_mode=False)
+        rv = app(args=args, prog_name="evomerge", standalone_mode=False)
     except SystemExit:
         raise
     except KeyboardInterrupt:

@@ -21,8 +21,10 @@ name)``: reproducible, and independent of the order tensors are processed in.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -113,104 +115,138 @@ def build_plan(
     readers between plans). Raises :class:`EvomergeError` for missing models or tensors,
     architecture / shape mismatches and bad layer ranges.
     """
-    spec = get_method(recipe.merge_method)
-    readers = readers if readers is not None else {}
-    labels: dict[str, str] = {}
-
-    def key_of(ref: str) -> str:
-        path = resolve_model(ref, base_dir=recipe.source_dir)
-        key = str(path)
-        if key not in readers:
-            readers[key] = CheckpointReader(path, allow_pickle=allow_pickle)
-        labels[key] = ref
-        return key
-
-    base_key = key_of(recipe.base_model) if recipe.base_model else None
+    planner = _Planner(recipe, get_method(recipe.merge_method), readers if readers is not None else {}, allow_pickle)
+    base_key = planner.key_of(recipe.base_model) if recipe.base_model else None
     # vocabulary hook (issue 6): when the models' vocabularies differ, readers become VocabReaders
     # that return embedding / lm_head rows already mapped by token to the output vocabulary.
-    vocab = prepare_vocab(recipe, readers, key_of)
+    vocab = prepare_vocab(recipe, planner.readers, planner.key_of)
+    if recipe.models is not None:
+        groups, jobs, ref_key, num_layers = planner.plan_models(base_key)
+    else:
+        groups, jobs, ref_key, num_layers = planner.plan_slices(base_key)
+    config = _output_config(recipe, planner.readers[ref_key].config, num_layers)
+    tok_dir = _tokenizer_dir(recipe, vocab, planner.readers[ref_key].path)
+    return MergePlan(recipe.structure_key(), planner.spec, planner.readers, groups, jobs, config, ref_key,
+                     num_layers, tok_dir, planner.labels)
 
-    def split(entries: list[ModelEntry], slice_base: str | None):
-        bkey = key_of(slice_base) if slice_base else base_key
+
+@dataclass
+class _Planner:
+    """The state :func:`build_plan` builds up: open readers and the reference each key came from."""
+
+    recipe: MergeRecipe
+    spec: MergeMethod
+    readers: dict[str, CheckpointReader]
+    allow_pickle: bool
+    labels: dict[str, str] = field(default_factory=dict)  # reader key -> model ref as written
+
+    def key_of(self, ref: str) -> str:
+        """The reader key of a model reference (its resolved path), opening its reader once."""
+        path = resolve_model(ref, base_dir=self.recipe.source_dir)
+        key = str(path)
+        if key not in self.readers:
+            self.readers[key] = CheckpointReader(path, allow_pickle=self.allow_pickle)
+        self.labels[key] = ref
+        return key
+
+    def group(self, entries: list[ModelEntry], slice_idx: int | None, base_key: str | None) -> Group:
+        """The method's input models among ``entries`` (a model that is the base is left out)."""
         used, keys = [], []
         for i, e in enumerate(entries):
-            k = key_of(e.model)
-            if bkey is not None and spec.uses_base(True) and k == bkey:
+            k = self.key_of(e.model)
+            if base_key is not None and self.spec.uses_base(True) and k == base_key:
                 continue
             used.append(i)
             keys.append(k)
-        return used, keys, bkey
+        return Group(used, keys, slice_idx, base_key if self.spec.uses_base(base_key is not None) else None)
 
-    jobs: list[TensorJob] = []
-    groups: list[Group] = []
-    if recipe.models is not None:
-        used, keys, bkey = split(recipe.models, None)
-        groups.append(Group(used, keys, None, bkey if spec.uses_base(bkey is not None) else None))
-        ref_key = bkey or keys[0]
-        ref = readers[ref_key]
+    def compatible(self, keys: list[str], names: list[str]) -> None:
+        check_compatible([(self.labels.get(k, k), self.readers[k]) for k in keys], names)
+
+    def plan_models(self, base_key: str | None):
+        """``models:``: every tensor of the reference model (the base, else the first model)."""
+        g = self.group(self.recipe.models, None, base_key)
+        ref_key = base_key or g.keys[0]
+        ref = self.readers[ref_key]
         names = ref.tensor_names()
-        participants = [ref_key] + [k for k in keys if k != ref_key]
-        check_compatible([(labels.get(k, k), readers[k]) for k in participants], names)
+        self.compatible([ref_key] + [k for k in g.keys if k != ref_key], names)
         nl = ref.num_layers
+        jobs = []
         for name in names:
             li = layer_index(name)
             t = None if li is None else (li / (nl - 1) if nl > 1 else 0.0)
-            jobs.append(_job(recipe, spec, readers, ref_key, name, name, t, 0, keys, bkey))
-        num_layers = nl
-    else:
-        slices = recipe.slices or []
+            jobs.append(_job(self.recipe, self.spec, self.readers, ref_key, name, name, t, 0, g.keys, base_key))
+        return [g], jobs, ref_key, nl
+
+    def plan_slices(self, base_key: str | None):
+        """``slices:``: each slice's layers, renumbered into one stack, then the non-layer tensors."""
+        slices = self.recipe.slices or []
+        groups = []
         for si, s in enumerate(slices):
-            used, keys, bkey = split(s.sources, s.base_model)
-            groups.append(Group(used, keys, si,
-                                bkey if spec.uses_base(bkey is not None) else None))
+            bkey = self.key_of(s.base_model) if s.base_model else base_key
+            groups.append(self.group(s.sources, si, bkey))
         ref_key = base_key or groups[0].keys[0]
-        ref = readers[ref_key]
         num_layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices)
-        # pre-layer tensors (embeddings) come from the first slice's models, the others (final
-        # norm, lm_head) from the last slice's, as mergekit does.
-        non_layer = [n for n in ref.tensor_names() if layer_index(n) is None]
-        pre = [n for n in non_layer if "embed" in n]
-        post = [n for n in non_layer if "embed" not in n]
+        jobs: list[TensorJob] = []
         out_layer = 0
         for gi, s in enumerate(slices):
-            g = groups[gi]
-            ranges = {}
-            for src in s.sources:
-                k = key_of(src.model)
-                lo, hi = src.layer_range
-                n_avail = readers[k].num_layers
-                if hi > n_avail:
-                    raise EvomergeError(
-                        f"slices[{gi}]: layer_range {[lo, hi]} of model {src.model!r} goes past its {n_avail} layers"
-                    )
-                ranges.setdefault(k, (lo, hi))
-            first_key = key_of(s.sources[0].model)
-            base_range = ranges.get(g.base_key, ranges[first_key]) if g.base_key else None
-            lo0 = ranges[first_key][0]
-            length = ranges[first_key][1] - lo0
-            tmpl_reader = readers[first_key]
-            for k_local in range(length):
-                j = out_layer + k_local
-                t = j / (num_layers - 1) if num_layers > 1 else 0.0
-                src_layer0 = lo0 + k_local
-                for name in tmpl_reader.tensor_names():
-                    if layer_index(name) != src_layer0:
-                        continue
-                    out_name = set_layer_index(name, j)
-                    srcs = [(k, set_layer_index(name, ranges[k][0] + k_local)) for k in g.keys]
-                    base = None
-                    if g.base_key is not None:
-                        base = (g.base_key, set_layer_index(name, base_range[0] + k_local))
-                    jobs.append(_slice_job(recipe, spec, readers, labels, out_name, srcs, base, t, gi, tmpl_reader, name))
-            out_layer += length
+            out_layer = self._slice_layer_jobs(gi, s, groups[gi], out_layer, num_layers, jobs)
+        jobs += self._non_layer_jobs(groups, ref_key)
+        jobs.sort(key=lambda j: _order_key(j.name))
+        return groups, jobs, ref_key, num_layers
+
+    def _slice_layer_jobs(self, gi: int, s, g: Group, out_layer: int, num_layers: int,
+                          jobs: list[TensorJob]) -> int:
+        """Append the jobs of slice ``gi``'s layers (output layers from ``out_layer`` on); returns
+        the next free output layer."""
+        ranges = {}
+        for src in s.sources:
+            k = self.key_of(src.model)
+            lo, hi = src.layer_range
+            n_avail = self.readers[k].num_layers
+            if hi > n_avail:
+                raise EvomergeError(
+                    f"slices[{gi}]: layer_range {[lo, hi]} of model {src.model!r} goes past its {n_avail} layers"
+                )
+            ranges.setdefault(k, (lo, hi))
+        first_key = self.key_of(s.sources[0].model)
+        base_range = ranges.get(g.base_key, ranges[first_key]) if g.base_key else None
+        lo0 = ranges[first_key][0]
+        length = ranges[first_key][1] - lo0
+        tmpl_reader = self.readers[first_key]
+        for k_local in range(length):
+            j = out_layer + k_local
+            t = j / (num_layers - 1) if num_layers > 1 else 0.0
+            for name in tmpl_reader.tensor_names():
+                if layer_index(name) != lo0 + k_local:
+                    continue
+                srcs = [(k, set_layer_index(name, ranges[k][0] + k_local)) for k in g.keys]
+                base = None
+                if g.base_key is not None:
+                    base = (g.base_key, set_layer_index(name, base_range[0] + k_local))
+                jobs.append(_slice_job(self.recipe, self.spec, self.readers, self.labels, set_layer_index(name, j),
+                                       srcs, base, t, gi, tmpl_reader, name))
+        return out_layer + length
+
+    def _non_layer_jobs(self, groups: list[Group], ref_key: str) -> list[TensorJob]:
+        """Pre-layer tensors (embeddings) from the first slice's models, the others (final norm,
+        lm_head) from the last slice's, as mergekit does."""
+        non_layer = [n for n in self.readers[ref_key].tensor_names() if layer_index(n) is None]
+        pre = [n for n in non_layer if "embed" in n]
+        post = [n for n in non_layer if "embed" not in n]
+        jobs = []
         for name in pre + post:
             gi = 0 if name in pre else len(groups) - 1
             g = groups[gi]
-            participants = ([g.base_key] if g.base_key else []) + g.keys
-            check_compatible([(labels.get(k, k), readers[k]) for k in [ref_key, *participants]], [name])
-            jobs.append(_job(recipe, spec, readers, ref_key, name, name, None, gi, g.keys, g.base_key))
-        jobs.sort(key=lambda j: _order_key(j.name))
-    config = dict(ref.config)
+            self.compatible([ref_key, *([g.base_key] if g.base_key else []), *g.keys], [name])
+            jobs.append(_job(self.recipe, self.spec, self.readers, ref_key, name, name, None, gi, g.keys, g.base_key))
+        return jobs
+
+
+def _output_config(recipe: MergeRecipe, ref_config: dict, num_layers: int) -> dict:
+    """The merged model's config.json: the reference model's, with the layer count of a slices
+    recipe and the output dtype."""
+    config = dict(ref_config)
     if recipe.slices is not None:
         for k in ("num_hidden_layers", "n_layer", "num_layers"):
             if isinstance(config.get(k), int):
@@ -220,14 +256,17 @@ def build_plan(
         config["dtype"] = dt
         if "torch_dtype" in config:
             config["torch_dtype"] = dt
+    return config
+
+
+def _tokenizer_dir(recipe: MergeRecipe, vocab, ref_path: Path) -> Path:
+    """Where the merged model's tokenizer comes from (``tokenizer_source``)."""
     tok = recipe.tokenizer_source
     if vocab is not None and vocab.tokenizer_dir is not None:
-        tok_dir = vocab.tokenizer_dir  # tokenizer_source: union
-    elif tok in (None, "base"):
-        tok_dir = readers[ref_key].path
-    else:
-        tok_dir = resolve_model(tok, base_dir=recipe.source_dir, what="tokenizer_source")
-    return MergePlan(recipe.structure_key(), spec, readers, groups, jobs, config, ref_key, num_layers, tok_dir, labels)
+        return vocab.tokenizer_dir  # tokenizer_source: union
+    if tok in (None, "base"):
+        return ref_path
+    return resolve_model(tok, base_dir=recipe.source_dir, what="tokenizer_source")
 
 
 def _order_key(name: str):
@@ -303,6 +342,14 @@ def job_params(recipe: MergeRecipe, plan: MergePlan, job: TensorJob) -> dict[str
 
 # ----------------------------------------------------------------------------- per-tensor math
 
+ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic", "passthrough"})
+"""Methods whose output at a position depends only on the inputs at that position (scalar
+parameters, no randomness, no statistic of the whole tensor): :func:`merge_one` runs them chunk
+by chunk on the CPU (the same bits as one call on the whole tensors)."""
+MERGE_CHUNK = 1 << 20
+"""Entries per chunk of an elementwise merge on the CPU: a chunk's inputs and temporaries stay in
+the CPU caches, so memory sees each input read once and the output written once."""
+
 
 def tensor_seed(seed: int | None, name: str) -> int:
     """Stable 63-bit seed from the recipe seed and a tensor name."""
@@ -324,32 +371,75 @@ def merge_one(
     job: TensorJob,
     inputs: list[torch.Tensor],
     base: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    *,
+    subtract_base: bool = False,
 ) -> torch.Tensor:
-    """The one per-tensor function both paths call: float32 inputs (task vectors when the method
-    ``takes_deltas`` and the job has a base) → float32 merged tensor, checked for NaN/inf."""
+    """The one per-tensor function both paths call; returns the merged tensor, checked for NaN/inf.
+
+    ``inputs`` / ``base``: the source tensors on the compute device, in any float dtype (widened
+    to float32 here, exactly): task vectors when the method ``takes_deltas`` and the job has a
+    base, or, with ``subtract_base``, the model tensors, whose task vectors
+    (``x.float() - base.float()``) are computed here. The method always sees float32.
+    ``out``: a contiguous tensor of the job's shape (any float dtype) to write the result into
+    (rounded to its dtype) instead of returning a new float32 tensor. Methods in
+    :data:`ELEMENTWISE_METHODS` run :data:`MERGE_CHUNK` entries at a time on the CPU.
+    """
     spec = plan.spec
     params = job_params(recipe, plan, job)
+    device = (inputs[0] if inputs else base).device
     gen = None
     if spec.randomized:
-        dev = (inputs[0] if inputs else base).device
-        gen = torch.Generator(device=dev)
+        gen = torch.Generator(device=device)
         gen.manual_seed(tensor_seed(recipe.seed, job.name))
     if spec.takes_name:
         params["tensor_name"] = job.name
+    n = math.prod(job.shape)
+    chunked = spec.name in ELEMENTWISE_METHODS and device.type == "cpu" and n > MERGE_CHUNK
+    # whole tensors go in as they are (a resident task vector keeps its cache attributes)
+    pieces = [(0, n, inputs, base)] if not chunked else _chunks(inputs, base, n)
+    if out is None and chunked:
+        out = torch.empty(job.shape, dtype=torch.float32, device=device)
+    extremes = []
     with torch.no_grad():
-        out = spec.fn(inputs, base, generator=gen, **params)
-    if tuple(out.shape) != job.shape:
-        raise EvomergeError(f"merge_method {spec.name!r} returned shape {list(out.shape)} for tensor {job.name!r}, expected {list(job.shape)}")
-    if not is_finite(out):
-        bad = [plan.labels.get(k, k) for (k, _), x in zip(job.sources, inputs) if not is_finite(x)]
-        if base is not None and not is_finite(base):
-            bad.append(plan.labels.get(job.base[0], job.base[0]) + " (base)")
-        why = (f"the input model(s) {bad} already hold NaN/inf there" if bad
-               else "check the recipe's parameters (weights, lambda, normalize with weights summing to ~0)")
-        raise EvomergeError(
-            f"merge produced NaN/inf in tensor {job.name!r} (merge_method {spec.name!r}): {why}"
-        )
+        for s, e, xs, b in pieces:
+            b = None if b is None else b.float()
+            xs = [x.float() for x in xs]
+            if subtract_base:
+                xs = [x - b for x in xs]
+            res = spec.fn(xs, b, generator=gen, **params)
+            expected = (e - s,) if chunked else job.shape
+            if tuple(res.shape) != expected:
+                raise EvomergeError(f"merge_method {spec.name!r} returned shape {list(res.shape)} for tensor "
+                                    f"{job.name!r}, expected {list(expected)}")
+            if res.numel():
+                extremes.append(torch.aminmax(res.reshape(-1)))
+            if out is None:
+                out = res  # one whole tensor, returned as the method made it
+            else:
+                out.view(-1)[s:e].copy_(res.reshape(-1))
+    if extremes and not bool(torch.isfinite(torch.stack([v for pair in extremes for v in pair])).all()):
+        _raise_not_finite(plan, job, inputs, base)
     return out
+
+
+def _chunks(inputs: list[torch.Tensor], base: torch.Tensor | None, n: int):
+    """``(start, end, inputs, base)`` for each :data:`MERGE_CHUNK` entries of the flattened tensors."""
+    flat_in = [x.reshape(-1) for x in inputs]
+    flat_base = None if base is None else base.reshape(-1)
+    for s in range(0, n, MERGE_CHUNK):
+        e = min(n, s + MERGE_CHUNK)
+        yield s, e, [x[s:e] for x in flat_in], None if flat_base is None else flat_base[s:e]
+
+
+def _raise_not_finite(plan: MergePlan, job: TensorJob, inputs, base) -> None:
+    """The NaN/inf error of one tensor, naming the input models that already hold NaN/inf."""
+    bad = [plan.labels.get(k, k) for (k, _), x in zip(job.sources, inputs) if not is_finite(x)]
+    if base is not None and not is_finite(base):
+        bad.append(plan.labels.get(job.base[0], job.base[0]) + " (base)")
+    why = (f"the input model(s) {bad} already hold NaN/inf there" if bad
+           else "check the recipe's parameters (weights, lambda, normalize with weights summing to ~0)")
+    raise EvomergeError(f"merge produced NaN/inf in tensor {job.name!r} (merge_method {plan.spec.name!r}): {why}")
 
 
 def _f32(t: torch.Tensor, device) -> torch.Tensor:
@@ -375,15 +465,41 @@ def merge_to_disk(
     An existing ``out_dir`` is replaced only if it holds nothing but a model evomerge could have
     written, or with ``overwrite=True`` (see :class:`CheckpointWriter`); never when it is, or
     holds, one of the inputs. Streams tensor by tensor: memory holds one output tensor's inputs
-    plus the output. Returns the output folder.
+    (memory-mapped) plus the output. Returns the output folder.
     """
-    from evomerge.checkpoint.io import check_output_folder
-
     if not isinstance(recipe, MergeRecipe):
         recipe = load_recipe(recipe)
     device = torch.device(device)
     plan = build_plan(recipe, allow_pickle=allow_pickle)
-    spec = plan.spec
+    _check_out_dir(plan, out_dir, overwrite)
+    specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
+    tok = plan.tokenizer_from if copy_tokenizer else None
+    # two sets of output buffers (one per dtype each), alternated: one tensor is written to disk
+    # by a writer thread while the next is merged (the thread releases the GIL inside write)
+    scratch: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+    with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes, overwrite=overwrite) as writer, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-writer") as write_thread:
+        pending = None  # the write in flight
+        for i, job in enumerate(plan.jobs):
+            if job.copy_from is not None:
+                k, n = job.copy_from
+                tensor = plan.readers[k].get(n)
+            else:
+                tensor = _merge_from_disk(plan, recipe, job, device, scratch[i % 2])
+            if pending is not None:
+                pending.result()  # in order, and the other buffer is free again
+            pending = write_thread.submit(writer.write, job.name, tensor)
+            if progress is not None:
+                progress(i + 1, len(plan.jobs), job.name)
+        if pending is not None:
+            pending.result()
+        return writer.commit()
+
+
+def _check_out_dir(plan: MergePlan, out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an output folder that is, or holds, an input (or that holds foreign files)."""
+    from evomerge.checkpoint.io import check_output_folder
+
     target = os.path.realpath(out_dir)
     inputs = [(key, f"model {label!r}") for key, label in plan.labels.items()]
     if plan.tokenizer_from is not None:
@@ -396,29 +512,30 @@ def merge_to_disk(
             raise EvomergeError(f"--out {out_dir} holds the input {label}; replacing it would delete that "
                                 "model — write the merge to another folder")
     check_output_folder(out_dir, overwrite=overwrite)  # before any tensor is read (headers only so far)
-    specs = [(j.name, j.shape, j.out_dtype) for j in plan.jobs]
-    tok = plan.tokenizer_from if copy_tokenizer else None
-    with CheckpointWriter(out_dir, specs, plan.config, tok, max_shard_bytes, overwrite=overwrite) as writer:
-        for i, job in enumerate(plan.jobs):
-            if job.copy_from is not None:
-                k, n = job.copy_from
-                writer.write(job.name, plan.readers[k].get(n))
-            else:
-                base = _f32(plan.readers[job.base[0]].get(job.base[1]), device) if job.base else None
-                inputs = []
-                for k, n in job.sources:
-                    x = _f32(plan.readers[k].get(n), device)
-                    inputs.append(x - base if (spec.takes_deltas and base is not None) else x)
-                out = merge_one(plan, recipe, job, inputs, base)
-                del inputs, base
-                res = out.to(job.out_dtype)
-                if job.out_dtype == torch.float16 and not is_finite(res):
-                    raise EvomergeError(f"tensor {job.name!r} overflows float16; use dtype bfloat16 or float32")
-                writer.write(job.name, res)
-                del out, res
-            if progress is not None:
-                progress(i + 1, len(plan.jobs), job.name)
-        return writer.commit()
+
+
+def _merge_from_disk(plan: MergePlan, recipe: MergeRecipe, job: TensorJob, device: torch.device,
+                     scratch: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
+    """One merged tensor, at the output dtype, in a reused buffer (valid until the next call).
+
+    The sources are read in their stored dtype (memory-mapped on the CPU) and widened by
+    :func:`merge_one`, which also computes the task vectors: an elementwise method then reads each
+    source once, chunk by chunk."""
+    def read(key_name: tuple[str, str]) -> torch.Tensor:
+        t = plan.readers[key_name[0]].get(key_name[1])
+        return t if device.type == "cpu" else t.to(device)
+
+    base = read(job.base) if job.base else None
+    inputs = [read(src) for src in job.sources]
+    numel = math.prod(job.shape)
+    buf = scratch.get(job.out_dtype)
+    if buf is None or buf.numel() < numel:
+        buf = scratch[job.out_dtype] = torch.empty(numel, dtype=job.out_dtype, device=device)
+    out = buf[:numel].view(job.shape)
+    merge_one(plan, recipe, job, inputs, base, out, subtract_base=plan.spec.takes_deltas and base is not None)
+    if job.out_dtype == torch.float16 and not is_finite(out):
+        raise EvomergeError(f"tensor {job.name!r} overflows float16; use dtype bfloat16 or float32")
+    return out
 
 
 # ----------------------------------------------------------------------------- in memory
@@ -548,15 +665,13 @@ class InMemoryMerger:
         return self._on_compute(self._resident(key, name)).to(dtype=torch.float32)
 
     def _inputs(self, plan: MergePlan, job: TensorJob):
-        base = self._tensor(*job.base) if job.base else None
-        if plan.spec.takes_deltas and job.base is not None:
-            if self.resident == "native":
-                inputs = [self._tensor(k, n) - base for k, n in job.sources]
-            else:
-                inputs = [self._on_compute(self._resident_delta(k, n, job.base)) for k, n in job.sources]
-        else:
-            inputs = [self._tensor(k, n) for k, n in job.sources]
-        return inputs, base
+        """One job's sources on the compute device, its base, and whether :func:`merge_one` is to
+        subtract the base (resident="native": task vectors are computed per apply)."""
+        base = self._on_compute(self._resident(*job.base)) if job.base else None
+        deltas = plan.spec.takes_deltas and job.base is not None
+        if deltas and self.resident == "float32":
+            return [self._on_compute(self._resident_delta(k, n, job.base)) for k, n in job.sources], base, False
+        return [self._on_compute(self._resident(k, n)) for k, n in job.sources], base, deltas
 
     def plan(self, recipe: MergeRecipe) -> MergePlan:
         """The (cached) plan of ``recipe``'s structure."""
@@ -613,8 +728,8 @@ class InMemoryMerger:
             if job.copy_from is not None:
                 yield job.name, self._tensor(*job.copy_from)
                 continue
-            inputs, base = self._inputs(plan, job)
-            yield job.name, merge_one(plan, recipe, job, inputs, base)
+            inputs, base, subtract = self._inputs(plan, job)
+            yield job.name, merge_one(plan, recipe, job, inputs, base, subtract_base=subtract)
 
     def _targets(self, model) -> dict[str, torch.Tensor]:
         if self._model_params is not None and self._model_params[0]() is model:
@@ -656,7 +771,18 @@ class InMemoryMerger:
         """
         self.check_fits(recipe, model)
         targets = self._targets(model)
+        plan = self.plan(recipe)
         with torch.no_grad():
-            for name, out in self.merged_tensors(recipe):
-                targets[name].data.copy_(out)
+            for job in plan.jobs:
+                target = targets[job.name].data
+                if job.copy_from is not None:
+                    target.copy_(self._tensor(*job.copy_from))
+                    continue
+                inputs, base, subtract = self._inputs(plan, job)
+                # straight into the parameter's storage when it can take the result in place
+                direct = (target.is_floating_point() and target.is_contiguous()
+                          and target.device == (inputs[0] if inputs else base).device)
+                out = merge_one(plan, recipe, job, inputs, base, target if direct else None, subtract_base=subtract)
+                if not direct:
+                    target.copy_(out)
         return model
