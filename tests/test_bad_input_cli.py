@@ -261,7 +261,7 @@ def internal_bug(tmp: Path) -> None:
 
 def error_mid_merge(tmp: Path) -> None:
     recipe(tmp)
-    import evomerge.merge.engine as eng
+    import evomerge.merge.disk as eng  # the merge_one that merge_to_disk calls
 
     real, calls = eng.merge_one, [0]
 

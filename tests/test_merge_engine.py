@@ -423,7 +423,7 @@ def test_chunked_elementwise_merge_matches_whole_tensors(fam, fam16, tmp_path, m
     """Elementwise methods run ``MERGE_CHUNK`` entries at a time on the CPU (task vectors computed
     per chunk on disk, written straight into the model in memory): the same bits as one call of
     the method on the whole float32 tensors, also for bf16 sources and an odd chunk size."""
-    import evomerge.merge.engine as eng
+    import evomerge.merge.per_tensor as eng  # where merge_one reads MERGE_CHUNK
 
     keys = ("a",) if method == "passthrough" else ("a", "b", "c")
     for family in (fam, fam16):
