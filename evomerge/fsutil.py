@@ -175,6 +175,57 @@ def atomic_output(path: str | os.PathLike, what: str = "--out") -> Iterator[Path
         raise
 
 
+@contextmanager
+def atomic_folder(out: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
+    """Write one output folder atomically: yields a new empty folder next to ``out``; when the block
+    ends it replaces ``out`` (an existing ``out`` — the caller has checked it may go — is moved aside
+    and removed once replaced, or put back if the rename fails). On any error the temporary folder
+    and the parent folders created for it are removed and ``out`` is left as it was; an ``OSError``
+    becomes an :class:`EvomergeError` naming ``out``."""
+    import shutil
+
+    out = Path(out)
+    created: list[Path] = []
+    tmp: Path | None = None
+    done = False
+    try:
+        created = make_dirs(out.parent)
+        tmp = mkdir_sibling(out, "tmp")
+        yield tmp
+        old = None
+        if out.exists():
+            old = unique_sibling(out, "old")
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if old is not None:
+                os.rename(old, out)  # put the previous folder back
+            raise
+        tmp, done = None, True
+        fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise output_error(out, exc, what) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            remove_dirs(created)
+
+
+def write_json_synced(path: str | os.PathLike, doc) -> None:
+    """``doc`` as indented JSON in ``path``, flushed to disk (inside a folder written atomically)."""
+    import json
+
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_text_atomic(path: str | os.PathLike, text: str, what: str = "--out") -> Path:
     """Write ``text`` to ``path`` through :func:`atomic_output` (fsync before the rename)."""
     with atomic_output(path, what) as tmp:

@@ -100,20 +100,12 @@ def _inputs(model: Path, task, continuations: bool, batch_size: int) -> list[str
 def write_result(out: Path, result, base: str, models: list[str], info: dict) -> None:
     """``out/recipe.yaml``, ``out/adapters/TASK.safetensors`` and ``out/metamerging.json``, built in a
     folder next to ``out`` and renamed to it (nothing is left behind on errors)."""
-    import json
-    import os
-    import shutil
-
     from evomerge.errors import EvomergeError
-    from evomerge.fsutil import fsync_dir, make_dirs, mkdir_sibling, output_error, remove_dirs
+    from evomerge.fsutil import atomic_folder, write_json_synced
     from evomerge.learned.adapters import save_adapter
     from evomerge.merge.recipe import MergeRecipe
 
-    created = []
-    tmp = None
-    try:
-        created = make_dirs(out.parent)
-        tmp = mkdir_sibling(out, "tmp")
+    with atomic_folder(out) as tmp:
         (tmp / "recipe.yaml").write_text(MergeRecipe.from_dict(result.recipe(base, models)).to_yaml(),
                                          encoding="utf-8")
         for task, params in result.adapters.items():
@@ -125,16 +117,7 @@ def write_result(out: Path, result, base: str, models: list[str], info: dict) ->
         doc = {"coefficients": result.coefficients.tolist(), "granularity": result.granularity,
                "base": base, "models": models, "tasks": list(result.adapters),
                "outer_loss": result.outer_loss, "adapter_loss": result.adapter_loss, **info}
-        (tmp / "metamerging.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        remove_dirs(created)
-        if isinstance(exc, OSError):
-            raise output_error(out, exc) from None
-        raise
+        write_json_synced(tmp / "metamerging.json", doc)
 
 
 def _file_name(task: str) -> str:

@@ -11,9 +11,7 @@ model's squared weight distance to the reference before and after alignment).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,15 +23,7 @@ from evomerge.align.matching import squared_distance, weight_matching
 from evomerge.align.symmetries import LlamaLayout, Permutations, identity_permutations, llama_layout, permute_model
 from evomerge.checkpoint import CheckpointReader, check_compatible, write_checkpoint
 from evomerge.errors import EvomergeError
-from evomerge.fsutil import (
-    check_output_target,
-    fsync_dir,
-    make_dirs,
-    mkdir_sibling,
-    output_error,
-    remove_dirs,
-    unique_sibling,
-)
+from evomerge.fsutil import atomic_folder, check_output_target, write_json_synced
 
 METHODS = ("rebasin", "c2m3")
 _LAYOUT_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
@@ -164,38 +154,8 @@ def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "
 
 
 def _write_all(out: Path, readers, results, aligned, record: dict) -> None:
-    created: list[Path] = []
-    tmp = None
-    done = False
-    try:
-        created = make_dirs(out.parent)
-        tmp = mkdir_sibling(out, "tmp")
+    with atomic_folder(out) as tmp:
         for reader, r, tensors in zip(readers, results, aligned):
             ordered = [(n, tensors[n]) for n in reader.tensor_names()]
             write_checkpoint(tmp / r.output, ordered, reader.config, tokenizer_from=reader.path)
-        with open(tmp / "alignment.json", "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        old = None
-        if out.exists():  # --overwrite (checked before any work): moved aside, removed once replaced
-            old = unique_sibling(out, "old")
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if old is not None:
-                os.rename(old, out)  # put the previous folder back
-            raise
-        tmp, done = None, True
-        fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        raise output_error(out, exc, "--out") from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not done:
-            remove_dirs(created)
+        write_json_synced(tmp / "alignment.json", record)

@@ -51,3 +51,17 @@ def decode_until_eos(tokenizer, ids: Sequence[int], eos: Sequence[int]) -> str:
             break
         out.append(int(t))
     return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad: int = 0):
+    """Token id lists as one right-padded batch: ``(ids, attention_mask)``, long tensors of shape
+    ``(len(sequences), longest)`` (the mask is 1 on real tokens)."""
+    import torch
+
+    n = max(len(q) for q in sequences)
+    ids = torch.full((len(sequences), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), n), dtype=torch.long)
+    for r, q in enumerate(sequences):
+        ids[r, :len(q)] = torch.tensor(list(q), dtype=torch.long)
+        mask[r, :len(q)] = 1
+    return ids, mask

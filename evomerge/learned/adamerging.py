@@ -67,18 +67,15 @@ def last_token_entropy(logits: torch.Tensor, last: torch.Tensor) -> torch.Tensor
     return -(logp.exp() * logp).sum(-1).mean()
 
 
-def _batches(tokenizer, prompts: Sequence[str], batch_size: int):
-    from evomerge.backends.tokens import encode_prompt
+def prompt_batches(tokenizer, prompts: Sequence[str], batch_size: int):
+    """``(ids, mask, last)`` per batch of ``prompts``: right-padded ids and mask, and each row's last
+    prompt position."""
+    from evomerge.backends.tokens import encode_prompt, pad_right
 
     enc = [encode_prompt(tokenizer, p) for p in prompts]
     for s in range(0, len(enc), batch_size):
         chunk = enc[s:s + batch_size]
-        n = max(len(e) for e in chunk)
-        ids = torch.zeros((len(chunk), n), dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for r, e in enumerate(chunk):
-            ids[r, :len(e)] = torch.tensor(e, dtype=torch.long)
-            mask[r, :len(e)] = 1
+        ids, mask = pad_right(chunk)
         yield ids, mask, torch.tensor([len(e) - 1 for e in chunk])
 
 
@@ -101,7 +98,7 @@ def adamerge(base: str | Path, models: Sequence[str | Path], prompts: Sequence[s
     base_sd = {n: p.detach() for n, p in skeleton.named_parameters()}
     vectors = []
     for m in models:
-        sd = _read_state(Path(m))
+        sd = read_state(Path(m))
         missing = [n for n in base_sd if n not in sd]
         if missing:
             raise EvomergeError(f"{m}: no tensor {missing[0]!r} (not a fine-tune of {base}?)")
@@ -113,7 +110,7 @@ def adamerge(base: str | Path, models: Sequence[str | Path], prompts: Sequence[s
                           dtype=torch.float32)
     lam = init_t[:, None].repeat(1, n_groups).clone().requires_grad_(True)
     opt = torch.optim.Adam([lam], lr=lr)
-    data = list(_batches(tokenizer, prompts, batch_size))
+    data = list(prompt_batches(tokenizer, prompts, batch_size))
 
     def entropy() -> torch.Tensor:
         params = {n: base_sd[n] + sum(lam[k, groups[n]] * v[n] for k, v in enumerate(vectors)) for n in base_sd}
@@ -137,7 +134,8 @@ def adamerge(base: str | Path, models: Sequence[str | Path], prompts: Sequence[s
     return AdaMergingResult(lam.detach().clone(), history, granularity)
 
 
-def _read_state(folder: Path) -> dict[str, torch.Tensor]:
+def read_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder."""
     from evomerge.checkpoint.io import CheckpointReader
 
     reader = CheckpointReader(folder)

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.learned.adamerging import AdaMergingResult, _batches, _read_state, coefficient_group
+from evomerge.learned.adamerging import AdaMergingResult, coefficient_group, prompt_batches, read_state
 from evomerge.learned.adapters import ADAPTER_KEYS, apply_adapter, init_adapter
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -207,7 +207,7 @@ def metamerge(base: str | Path, experts: Sequence[ExpertTask], *, granularity: s
     for k, ex in enumerate(experts):
         expert = features_of({n: base_sd[n] + vectors[k][n] for n in base_sd})
         with torch.no_grad():
-            halves = [[(ids, mask, expert(ids, mask)) for ids, mask, _ in _batches(tokenizer, part, batch_size)]
+            halves = [[(ids, mask, expert(ids, mask)) for ids, mask, _ in prompt_batches(tokenizer, part, batch_size)]
                       for part in (list(ex.texts[0::2]), list(ex.texts[1::2]))]
         pools[ex.task] = (halves[0], halves[1])
     hidden = int(skeleton.config.hidden_size)
@@ -231,7 +231,7 @@ def _task_vectors(base, experts: Sequence[ExpertTask], base_sd: dict[str, torch.
     """``τ_k = θ_k − θ0`` (float32) of every expert over the tensors of ``base_sd``."""
     vectors = []
     for ex in experts:
-        sd = _read_state(Path(ex.model))
+        sd = read_state(Path(ex.model))
         missing = [n for n in base_sd if n not in sd]
         if missing:
             raise EvomergeError(f"{ex.model}: no tensor {missing[0]!r} (not a fine-tune of {base}?)")

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.fsutil import check_output_target, fsync_dir, make_dirs, mkdir_sibling, output_error, remove_dirs
+from evomerge.fsutil import atomic_folder, check_output_target, write_json_synced
 from evomerge.routing.factors import TaskFactors, factors_from_checkpoints
 from evomerge.routing.router import RoutingSettings
 
@@ -80,42 +79,12 @@ def save_routed(out: str | os.PathLike, base: Path, experts: Sequence[Path], set
               "sources": {"base": str(Path(base).absolute()),
                           **{n: str(Path(p).absolute()) for n, p in zip(names, experts)}},
               "rank_fraction": rank_fraction, "routing": settings.to_dict()}
-    created: list[Path] = []
-    tmp = None
-    done = False
-    try:
-        created = make_dirs(out.parent)
-        tmp = mkdir_sibling(out, "tmp")
+    with atomic_folder(out) as tmp:
         write_checkpoint(tmp / "base", [(n, reader.get(n)) for n in reader.tensor_names()], reader.config,
                          tokenizer_from=reader.path)
         save_file(_factor_tensors(tf), str(tmp / FACTORS_FILE), metadata={"format": FORMAT})
         os.chmod(tmp / FACTORS_FILE, (tmp / "base" / "config.json").stat().st_mode & 0o777)  # as the others
-        with open(tmp / SETTINGS_FILE, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        old = None
-        if out.exists():  # --overwrite (checked before any work)
-            old = out.with_name(tmp.name.replace(".tmp-", ".old-"))
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if old is not None:
-                os.rename(old, out)
-            raise
-        tmp, done = None, True
-        fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        raise output_error(out, exc, "--out") from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not done:
-            remove_dirs(created)
+        write_json_synced(tmp / SETTINGS_FILE, record)
     return tf
 
 

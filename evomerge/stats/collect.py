@@ -93,6 +93,8 @@ def input_grams(model, seqs: Sequences, batch_size: int = 32) -> dict[str, torch
     """``Σ Xᵀ X`` of the inputs of every linear layer, keyed by the layer's weight name (float32).
 
     Batches are right-padded; padded positions are left out of the sums."""
+    from evomerge.backends.tokens import pad_right
+
     grams: dict[str, torch.Tensor] = {}
     keep: list[torch.Tensor] = []  # the current batch's real (not padding) positions, flattened
     hooks = []
@@ -112,13 +114,7 @@ def input_grams(model, seqs: Sequences, batch_size: int = 32) -> dict[str, torch
     try:
         with torch.no_grad():
             for s in range(0, len(seq_ids), batch_size):
-                batch = seq_ids[s:s + batch_size]
-                n = max(len(q) for q in batch)
-                ids = torch.zeros((len(batch), n), dtype=torch.long)
-                mask = torch.zeros((len(batch), n), dtype=torch.long)
-                for r, q in enumerate(batch):
-                    ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
-                    mask[r, :len(q)] = 1
+                ids, mask = pad_right(seq_ids[s:s + batch_size])
                 keep[:] = [mask.reshape(-1).bool().to(device)]
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:
