@@ -291,12 +291,12 @@ class RacingConfig(_Strict):
 
 
 class FitnessConfig(_Strict):
-    estimator: Literal["mean", "pirt", "gpirt", "mpirt", "gmpirt", "full", "auto"] = Field(
+    estimator: Literal["mean", "cmean", "pirt", "gpirt", "mpirt", "gmpirt", "full", "auto"] = Field(
         "mpirt", description="auto: per task, the few-item procedure (estimator x anchor design x rounds x "
         "bank dimension) with the smallest error cross-fitted on the calibration models "
         "(irt.choose_procedure); it must beat mpirt with this anchor_method and rounds, else that is kept")
     anchors: Int = Field(20, ge=1, description="anchor items per task (ignored by 'full')")
-    anchor_method: Literal["random", "correctness", "irt", "info"] = "info"
+    anchor_method: Literal["random", "correctness", "irt", "info", "strata"] = "info"
     rounds: Int = Field(1, ge=1, description="1: the same anchors for every candidate; R > 1: an "
                         "adaptive test -- the anchors are asked in R rounds, round 1 chosen by "
                         "anchor_method, later rounds picked per candidate from its answers so far "

@@ -136,7 +136,7 @@ def fit_cmd(
 def anchors_cmd(
     bank_path: Path = typer.Argument(..., metavar="BANK", help="item bank (.safetensors)"),
     n: int = typer.Option(20, "-n", "--n", min=1, help="number of anchor items"),
-    method: str = typer.Option("info", "--method", "-m", help="random | correctness | irt | info (default: info, "
+    method: str = typer.Option("info", "--method", "-m", help="random | correctness | irt | info | strata (default: info, "
                                "as the search)"),
     seed: int = typer.Option(0, "--seed"),
     stratify: bool = typer.Option(False, "--stratify", help="split anchors over the items' subgroups"),
@@ -166,7 +166,7 @@ def estimate_cmd(
     answers: Path = typer.Argument(..., help="answers of the subject(s) to estimate: .csv / .jsonl / .npz"),
     anchors: Optional[Path] = typer.Option(None, "--anchors", "-a",
                                            help="anchors JSON (default: every item in ANSWERS, uniform weights)"),
-    estimator: str = typer.Option("pirt", "--estimator", "-e", help="mean | pirt | gpirt | mpirt | gmpirt (default: "
+    estimator: str = typer.Option("pirt", "--estimator", "-e", help="mean | cmean | pirt | gpirt | mpirt | gmpirt (default: "
                                   "pirt; the search uses mpirt, which needs --endpoints)"),
     endpoints: Optional[str] = typer.Option(None, "--endpoints",
                                             help="comma-separated calibration subjects of the bank that are the endpoints"),
@@ -256,9 +256,9 @@ def check_cmd(
     responses: Path = typer.Argument(..., help=RESPONSES_HELP),
     task: Optional[str] = typer.Option(None, "--task", help="for a run directory: the task whose answers to check"),
     n: int = typer.Option(20, "-n", "--n", min=1, help="items each subject answers"),
-    estimator: str = typer.Option("pirt", "--estimator", "-e", help="mean | pirt | gpirt | mpirt | gmpirt (default: "
+    estimator: str = typer.Option("pirt", "--estimator", "-e", help="mean | cmean | pirt | gpirt | mpirt | gmpirt (default: "
                                   "pirt; mpirt needs --endpoints, which a run directory brings)"),
-    method: str = typer.Option("info", "--method", "-m", help="anchor selection: random | correctness | irt | info"),
+    method: str = typer.Option("info", "--method", "-m", help="anchor selection: random | correctness | irt | info | strata"),
     rounds: int = typer.Option(1, "--rounds", "-r", min=1, help="1 = fixed anchors; R > 1 = adaptive test in R "
                                                                    "rounds (pirt / mpirt)"),
     endpoints: Optional[str] = typer.Option(None, "--endpoints", help="comma-separated subject names mp-IRT "

@@ -19,6 +19,15 @@ Methods (``select_anchors(method=...)``):
     max Σ_m log det F_m, is ``_info_anchors(target="theta")``). Weights: the share of items whose
     nearest anchor (in standardised (a, b) space) is that item.
 
+``strata``
+    Difficulty strata: the items sorted by their share of correct answers over the calibration
+    subjects (the bank's responses; a bank saved without them: the model's mean P_i over the
+    calibration abilities), cut into n strata of (nearly) equal size, one item drawn at random
+    (seeded) from each; its weight is its stratum's share of the items. Classic stratified
+    sampling: it removes the spread of item difficulties from the estimate's variance, which a
+    plain random sample keeps. With the ``cmean`` estimator it is the procedure that stayed at or
+    below the plain mean of random items on every public matrix measured (docs/irt_real.md).
+
 ``stratify=True`` splits n over the items' subgroups in proportion to their sizes (largest
 remainder; every subgroup gets one anchor when n allows), selects within each subgroup and
 scales the weights by the subgroup's share, so weights always sum to 1.
@@ -37,7 +46,7 @@ from irt.estimators import gp_lambda
 
 __all__ = ["Anchors", "select_anchors", "METHODS"]
 
-METHODS = ("random", "correctness", "irt", "info")
+METHODS = ("random", "correctness", "irt", "info", "strata")
 
 
 @dataclass
@@ -196,6 +205,26 @@ def _allocate(sizes: np.ndarray, n: int) -> np.ndarray:
     return alloc
 
 
+def item_easiness(bank) -> np.ndarray:
+    """Each item's share of correct answers over the calibration subjects (the bank's responses;
+    without them, the model's mean probability over the calibration abilities)."""
+    if bank.responses is not None:
+        R = bank.responses
+        seen = (~np.isnan(R)).sum(0)
+        return np.where(seen > 0, np.nansum(R, 0) / np.maximum(seen, 1), 0.5)
+    return bank.predict_proba(bank.theta).mean(0)
+
+
+def _strata_anchors(easiness: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One random item from each of n equal-size difficulty strata; weights = stratum shares."""
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(easiness)), easiness))  # ties broken at random
+    strata = np.array_split(order, n)
+    loc = np.array([rng.choice(s) for s in strata])
+    w = np.array([len(s) for s in strata], dtype=np.float64) / len(easiness)
+    return loc, w
+
+
 def _select(bank, items: np.ndarray, n: int, method: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Select n anchors among bank positions ``items``; weights sum to 1 within them."""
     N = len(items)
@@ -206,6 +235,8 @@ def _select(bank, items: np.ndarray, n: int, method: str, seed: int) -> tuple[np
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(N, n, replace=False))
         return items[pick], np.full(n, 1.0 / n)
+    if method == "strata":
+        return _select_strata(bank, items, n, seed)
     ab = np.column_stack([a, b])
     if method == "irt":
         loc, w = _kmeans_anchors(ab, n, seed)
@@ -225,6 +256,12 @@ def _select(bank, items: np.ndarray, n: int, method: str, seed: int) -> tuple[np
     else:
         raise IRTError(f"anchors: unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return items[loc], w
+
+
+def _select_strata(bank, items, n, seed):
+    loc, w = _strata_anchors(item_easiness(bank)[items], n, seed)
+    order = np.argsort(loc)
+    return items[loc[order]], w[order]
 
 
 def select_anchors(

@@ -69,6 +69,8 @@ DEFAULT_OPTIONS = (
     Procedure("pirt", "info", 4, dim=1),
     Procedure("mean", "random", 1),
     Procedure("mean", "irt", 1),
+    Procedure("mean", "strata", 1),
+    Procedure("cmean", "strata", 1),
 )
 ENDPOINT_OPTIONS = (
     Procedure("mpirt", "info", 1),

@@ -5,6 +5,15 @@ i ∈ A, item parameters (a_i, b_i), P_i(θ) = σ(a_i·θ − b_i).
 
 ``mean``
     Weighted mean of the anchor answers: Σ_{i∈A} w_i y_i.
+``cmean`` (calibrated mean)
+    The weighted anchor mean x = Σ_{i∈A} w_i y_i mapped to the full accuracy by the straight
+    line that fits the calibration subjects: Ẑ = α + β x, (α, β) by least squares of A_m on x_m
+    over the bank's calibration subjects m (A_m their full accuracy, x_m their weighted mean on
+    the same anchors); β = 1 (a difference estimator) when the x_m do not vary; clipped to
+    [0, 1]. It corrects what the anchors over- or under-represent, using no IRT model at all --
+    with the ``strata`` anchors the robust choice when the calibration population is a dozen
+    unrelated models (docs/irt_real.md). Needs the calibration responses (a bank saved without
+    them uses the model's probabilities at the calibration abilities instead).
 ``pirt`` (p-IRT; Polo et al., "tinyBenchmarks", ICML 2024, Sec. 3.2)
     θ̂ = MAP ability from the anchor answers (:func:`irt.model.fit_ability`), then
     Ẑ = (1/N) [Σ_{i∈A} y_i + Σ_{i∉A} P_i(θ̂)] = λ ȳ_A + (1 − λ) mean_{i∉A} P_i(θ̂), λ = n/N.
@@ -52,7 +61,7 @@ from irt.model import _sigmoid, map_logistic
 
 __all__ = ["ESTIMATORS", "estimate_accuracy", "estimate_accuracy_batch", "gp_lambda"]
 
-ESTIMATORS = ("mean", "pirt", "gpirt", "mpirt", "gmpirt")
+ESTIMATORS = ("mean", "cmean", "pirt", "gpirt", "mpirt", "gmpirt")
 
 
 @runtime_checkable
@@ -196,6 +205,30 @@ def gp_lambda(bank, anchor_idx, weights=None, random: bool = False) -> float:
     return lam
 
 
+def _weighted_mean(R, w):
+    obs = ~np.isnan(R)
+    out = np.where(obs, R, 0.0) @ w / np.maximum(obs @ w, 1e-300)
+    return np.where(obs.any(1), out, np.nan)
+
+
+def calibrated_mean(bank, idx, w, wmean) -> np.ndarray:
+    """The ``cmean`` estimate for each weighted anchor mean in ``wmean`` (module docstring)."""
+    R = bank.responses if bank.responses is not None else bank.predict_proba(bank.theta)
+    x = _weighted_mean(R[:, idx], w)
+    with np.errstate(all="ignore"):
+        full = np.nanmean(R, axis=1)
+    ok = np.isfinite(x) & np.isfinite(full)
+    x, full = x[ok], full[ok]
+    if len(x) == 0:
+        return wmean
+    slope = 1.0
+    if len(x) >= 3 and x.std() > 1e-12:
+        slope = float(np.cov(x, full, bias=True)[0, 1] / x.var())
+    icpt = full.mean() - slope * x.mean()
+    est = np.where(np.isnan(wmean), full.mean(), icpt + slope * wmean)  # no answers: the population's mean
+    return np.clip(est, 0.0, 1.0)
+
+
 def _pirt_from_theta(bank, idx, Y, theta):
     """(1/N)[Σ_{observed anchors} y_i + Σ_{other items} P_i(θ̂)] for each row."""
     P = _sigmoid(theta @ bank.a.T - bank.b)  # S × N
@@ -228,6 +261,8 @@ def estimate_accuracy_batch(
     wmean = np.where(obs.any(1), wmean, np.nan)
     if name == "mean":
         return wmean
+    if name == "cmean":
+        return calibrated_mean(bank, idx, w, wmean)
     if name in ("pirt", "gpirt"):
         mu, prec = ability_prior(bank, ability_prior_kind)
         theta = map_logistic(bank.a[idx], -bank.b[idx], Y2, mu, prec)
@@ -277,7 +312,7 @@ def estimate_accuracy(
 ) -> float:
     """Estimated full accuracy of one subject from its answers to the anchors.
 
-    ``name``: one of ``mean | pirt | gpirt | mpirt | gmpirt`` (formulas in the module docstring).
+    ``name``: one of ``mean | cmean | pirt | gpirt | mpirt | gmpirt`` (formulas in the module docstring).
     ``anchor_idx``: positions in ``bank`` (or an :class:`irt.anchors.Anchors`, which then also
     supplies weights, ``gp_lambda`` and whether it is random); ``anchor_weights``: n weights
     (None = uniform); ``anchor_answers``: n answers 0/1 (NaN = not answered).

@@ -206,7 +206,7 @@ def test_bad_estimator_inputs(bank):
 
 
 # ------------------------------------------------------------------ anchors
-@pytest.mark.parametrize("method", ["random", "correctness", "irt", "info"])
+@pytest.mark.parametrize("method", ["random", "correctness", "irt", "info", "strata"])
 def test_anchor_methods(bank, method):
     anc = select_anchors(bank, 12, method, seed=1)
     assert len(anc) == 12 == len(set(anc.idx.tolist()))
@@ -232,7 +232,7 @@ def test_anchors_file_round_trip(tmp_path, bank):
 
 
 # ------------------------------------------------------------------ estimators
-@pytest.mark.parametrize("method", ["random", "irt", "info", "correctness"])
+@pytest.mark.parametrize("method", ["random", "irt", "info", "correctness", "strata"])
 def test_estimators_exact_with_all_items(bank, sim, method):
     Y = sim[0]
     anc = select_anchors(bank, bank.n_items, method)

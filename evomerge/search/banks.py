@@ -118,7 +118,8 @@ def choose_task_procedure(cfg: RunConfig, Y: np.ndarray, item_ids: list[str], na
                           dim: int | None = None) -> dict:
     """``fitness.estimator: auto`` on one task: :func:`irt.choose_procedure` on the calibration
     answers ``Y`` (4-fold cross-fit over the sampled models, endpoints always in training; the
-    default kept unless clearly beaten, :data:`AUTO_SE`).
+    default kept unless clearly beaten, :data:`AUTO_SE`; then the calibrated stratified mean,
+    ``cmean/strata``, the robust fallback, unless it too is clearly beaten).
     Returns what the bank records as ``meta["procedure"]`` (``ProcedureChoice.to_dict()`` plus
     ``chosen: True``; with ``_check``, the chosen procedure's :class:`EstimateCheck`, to pop).
     Where no choice can be made (fewer than 2 sampled models) the default is recorded, with
@@ -132,7 +133,7 @@ def choose_task_procedure(cfg: RunConfig, Y: np.ndarray, item_ids: list[str], na
     try:
         ch = irt.choose_procedure(Y, item_ids, names, n=min(cfg.fitness.anchors, len(item_ids)), options=opts,
                                   endpoints=eps if has_eps else [], folds=4, seed=cfg.seed, default=default,
-                                  se=AUTO_SE)
+                                  se=AUTO_SE, prefer=[p for p in opts if p.estimator == "cmean"][:1])
     except irt.IRTError as exc:
         log(f"    procedure: not chosen ({exc}); the default {default.name} is used")
         return {"estimator": default.estimator, "anchor_method": default.anchor_method,
