@@ -274,8 +274,9 @@ def check_cmd(
                                                     "default it must beat"),
     se: float = typer.Option(0.0, "--se", min=0.0, help="with --auto: keep the default unless a candidate "
                                                        "beats it by more than this many standard errors of the "
-                                                       "paired per-subject difference (1 = the one-standard-error "
-                                                       "rule that fitness.estimator auto uses; 0 = smallest error)"),
+                                                       "paired per-subject difference, then cmean/strata likewise (1 = the "
+                                                       "one-standard-error rule that fitness.estimator auto uses; 0 = "
+                                                       "smallest error)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """How accurate would N-item estimates be on this data? Cross-fits the whole procedure
@@ -296,7 +297,8 @@ def check_cmd(
 
             eps = _csv_list(endpoints)
             ch = choose_procedure(Y, item_ids, names, n=n, endpoints=eps, folds=folds, seed=seed,
-                                  default=Procedure(estimator, method, rounds, dim), se=se)
+                                  default=Procedure(estimator, method, rounds, dim), se=se,
+                                  prefer=[Procedure("cmean", "strata", 1)] if se > 0 else [])
             if as_json:
                 typer.echo(json.dumps(ch.to_dict()))
                 return
