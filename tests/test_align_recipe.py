@@ -182,7 +182,7 @@ def test_search_setup_aligns_once_records_it_and_resume_reuses_it(zoo, tmp_path,
     ctx = build_context(cfg, None, log=lines.append)
     try:
         rd = ctx.rd = new_run_dir(cfg)
-        record_alignment(ctx)
+        record_alignment(rd, ctx.alignment)
     finally:
         ctx.evaluator.close()
     assert any(line.startswith("aligning 3 models (rebasin)") for line in lines), lines
@@ -200,6 +200,10 @@ def test_search_setup_aligns_once_records_it_and_resume_reuses_it(zoo, tmp_path,
     ctx.evaluator.close()
     assert any(line.startswith("reusing the aligned models") for line in lines), lines
     assert (folder / "alignment.json").stat().st_mtime_ns == stamp
+
+    (rd.root / "alignment.json").unlink()  # stopped before it was recorded: a resume records it
+    build_context(cfg, rd, log=lines.append).evaluator.close()
+    assert json.loads((rd.root / "alignment.json").read_text()) == record
 
     (rd.root / "alignment.json").write_text(json.dumps({**record, "folder": "/elsewhere"}))
     with pytest.raises(EvomergeError, match="models.align: this run's models were aligned into /elsewhere"):

@@ -62,6 +62,16 @@ def _task_refs(data: Sequence[str], base_dir: str | Path | None, where: str) -> 
     return [d if d.startswith("zoo:") else str(task_folder(d, where, base_dir)) for d in data]
 
 
+def aligned_folder(paths: Sequence[Path], method: str, reference: int, data: Sequence[str], seed: int, where: str,
+                   base_dir: str | Path | None = None) -> Path:
+    """The cache folder of aligning ``paths`` with these settings (nothing is computed; the
+    models are checked to be Llama-style and the data tasks to exist)."""
+    paths = [Path(p) for p in paths]
+    _check_llama_style(paths, where)
+    data = _task_refs(data, base_dir, where)
+    return cache_root() / "aligned" / alignment_key(paths, method, reference, data, seed)
+
+
 def align_models(paths: Sequence[Path], method: str, reference: int, data: Sequence[str], seed: int, where: str,
                  base_dir: str | Path | None = None, log: Callable[[str], None] | None = None
                  ) -> tuple[Path, list[Path]]:
@@ -70,9 +80,7 @@ def align_models(paths: Sequence[Path], method: str, reference: int, data: Seque
     from evomerge.align.disk import align_to_disk, output_names
 
     paths = [Path(p) for p in paths]
-    _check_llama_style(paths, where)
-    data = _task_refs(data, base_dir, where)
-    folder = cache_root() / "aligned" / alignment_key(paths, method, reference, data, seed)
+    folder = aligned_folder(paths, method, reference, data, seed, where, base_dir)
     names = output_names(paths)
     if (folder / "alignment.json").is_file() and all((folder / n).is_dir() for n in names):
         if log is not None:
@@ -82,7 +90,7 @@ def align_models(paths: Sequence[Path], method: str, reference: int, data: Seque
         log(f"aligning {len(paths)} models ({method}) into {folder}")
     try:
         align_to_disk(paths, folder, method=method, reference=reference, seed=seed, overwrite=True,
-                      data=data, names=names)
+                      data=_task_refs(data, base_dir, where), names=names)
     except EvomergeError as exc:
         raise EvomergeError(f"{where}: {exc}") from None
     return folder, [folder / n for n in names]

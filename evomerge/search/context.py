@@ -160,36 +160,39 @@ def aligned_inputs(cfg: RunConfig, base: Path, endpoints: dict[str, Path], rd: R
     """``models.align``: the base and endpoints aligned into the reference's coordinates (computed
     once into the content-addressed cache, reused after). A resumed run must find the alignment
     its ``alignment.json`` records (same inputs and settings); the caller records a new run's."""
-    from evomerge.align.recipe_step import align_models
+    import json
+
+    from evomerge.align.recipe_step import align_models, aligned_folder
 
     spec = cfg.models.align
     refs = ["base", *endpoints]
     reference = refs.index(spec.reference or "base")
-    folder, aligned = align_models([base, *endpoints.values()], spec.method, reference, spec.tasks, spec.seed,
-                                   "models.align", log=log)
-    record = {"folder": str(folder), "reference": refs[reference],
-              "models": {ref: str(p) for ref, p in zip(refs, aligned)}}
+    paths = [base, *endpoints.values()]
     recorded = rd.root / "alignment.json" if rd is not None else None
     if recorded is not None and recorded.is_file():
-        import json
-
         before = json.loads(recorded.read_text())["folder"]
-        if before != record["folder"]:
+        now = aligned_folder(paths, spec.method, reference, spec.tasks, spec.seed, "models.align")
+        if before != str(now):
             raise EvomergeError(f"models.align: this run's models were aligned into {before}, but the models "
-                                f"as they are now align into {record['folder']} (a model's files changed); the "
-                                "logged evaluations belong to the old models: restore them or start a new run")
+                                f"as they are now align into {now} (a model's files changed); the logged "
+                                "evaluations belong to the old models: restore them or start a new run")
+    folder, aligned = align_models(paths, spec.method, reference, spec.tasks, spec.seed, "models.align", log=log)
+    record = {"folder": str(folder), "reference": refs[reference],
+              "models": {ref: str(p) for ref, p in zip(refs, aligned)}}
+    if recorded is not None and not recorded.is_file():
+        record_alignment(rd, record)  # a run stopped before it recorded its alignment
     return aligned[0], dict(zip(endpoints, aligned[1:])), record
 
 
-def record_alignment(ctx: SearchContext) -> None:
+def record_alignment(rd: RunDir, alignment: dict | None) -> None:
     """Write ``alignment.json`` (the aligned folders, and the step's own record) into the run
-    directory once, when ``models.align`` is set."""
-    from evomerge.search.rundir import atomic_write_json
-
-    path = ctx.rd.root / "alignment.json"
-    if ctx.alignment is None or path.is_file():
-        return
+    directory once, when ``models.align`` is set (``alignment``: :attr:`SearchContext.alignment`)."""
     import json
 
-    step = json.loads((Path(ctx.alignment["folder"]) / "alignment.json").read_text())
-    atomic_write_json(path, {**ctx.alignment, "alignment": step})
+    from evomerge.search.rundir import atomic_write_json
+
+    path = rd.root / "alignment.json"
+    if alignment is None or path.is_file():
+        return
+    step = json.loads((Path(alignment["folder"]) / "alignment.json").read_text())
+    atomic_write_json(path, {**alignment, "alignment": step})

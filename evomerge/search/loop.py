@@ -53,7 +53,7 @@ def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None
     try:
         if resume is None:
             rd = ctx.rd = new_run_dir(cfg, str(target.root))
-            record_alignment(ctx)  # models.align: which aligned models this run merges
+            record_alignment(rd, ctx.alignment)  # models.align: which aligned models this run merges
             log(f"run directory: {rd.root}")
         try:
             return _run_stages(ctx, cfg, rd, log)
