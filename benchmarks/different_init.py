@@ -119,9 +119,9 @@ def main() -> None:
     sequences = [row[row != enc.pad].tolist() for _ in range(2) for row in align_draw(256)[0]]
     config = cfg.to_dict()
     t1 = time.time()
-    acts = align_activations(experts, layout, config, sequences)
+    acts, act_reports = align_activations(experts, layout, config, sequences)
     t_acts = time.time() - t1
-    bases_acts = align_activations(bases, layout, config, sequences)
+    bases_acts, _ = align_activations(bases, layout, config, sequences)
     distances = {
         "plain": [squared_distance(experts[0], e) for e in experts[1:]],
         "rebasin": [squared_distance(rebasin[0], e) for e in rebasin[1:]],
@@ -168,6 +168,9 @@ def main() -> None:
           f"iterations), activation matching {t_acts:.1f}s ({len(sequences)} sequences); "
           f"squared distance of experts 1, 2 to expert 0: " + "; ".join(
               f"{k} " + ", ".join(f"{d:.1f}" for d in v) for k, v in distances.items()))
+    print("activation matching, mean correlation of matched units (experts 1, 2 to expert 0), identity -> "
+          "matched: " + "; ".join(f"{kind} " + ", ".join(f"{b:.2f} -> {a:.2f}" for b, a in pairs)
+                                  for kind, pairs in matched_correlations(act_reports).items()))
     print("\n| model | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for label, acc in rows:
         print(f"| {label} | " + " | ".join(f"{acc[c]:.3f}" for c in cols) + " |")
@@ -192,10 +195,23 @@ def align_rebasin(models, layout):
 
 
 def align_activations(models, layout, config, sequences):
-    """Every model permuted into model 0's coordinates by activation matching on ``sequences``."""
+    """Every model permuted into model 0's coordinates by activation matching on ``sequences``,
+    and per model the matched correlations (:func:`activation_matching`)."""
     decoders = [decoder_from_tensors(config, m) for m in models]
-    perms, _ = activation_matching(decoders, 0, layout, token_batches(sequences, batch_size=64))
-    return [permute_model(m, layout, p) for m, p in zip(models, perms)]
+    perms, reports = activation_matching(decoders, 0, layout, token_batches(sequences, batch_size=64))
+    return [permute_model(m, layout, p) for m, p in zip(models, perms)], reports
+
+
+def matched_correlations(reports) -> dict[str, list[tuple[float, float]]]:
+    """Per group kind (residual, mlp, attention), per aligned model: the mean correlation of
+    matched units over the kind's groups, before (identity) and after matching."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for kind in ("residual", "mlp", "attention"):
+        for report in reports[1:]:
+            groups = [r for g, r in report.items() if g.split(".")[0] == kind]
+            out.setdefault(kind, []).append((sum(r["before"] for r in groups) / len(groups),
+                                             sum(r["after"] for r in groups) / len(groups)))
+    return out
 
 
 def mixture_loss(model, batches) -> float:

@@ -208,3 +208,31 @@ def test_search_setup_aligns_once_records_it_and_resume_reuses_it(zoo, tmp_path,
     (rd.root / "alignment.json").write_text(json.dumps({**record, "folder": "/elsewhere"}))
     with pytest.raises(EvomergeError, match="models.align: this run's models were aligned into /elsewhere"):
         build_context(cfg, rd, log=lines.append)
+
+
+def test_a_search_on_permuted_fine_tunes_with_models_align(zoo, tmp_path, align_cache, one_thread):
+    """End to end: endpoints are permuted copies of the zoo's experts (as if trained from other
+    inits); with models.align the search merges them as fine-tunes of the base again."""
+    from test_search import short_heldout_tasks, small_config
+
+    from evomerge.search.loop import run_search
+
+    cfg = small_config(tmp_path / "run", **{"optimizer.generations": 1})
+    cfg["tasks"] = short_heldout_tasks(tmp_path / "tasks", names=("lang", "cipher"), heldout=30)
+    for task in cfg["tasks"]:
+        task["search_limit"] = 60
+    endpoints = [_permuted_copy(zoo.experts[t], tmp_path / f"{t}_p", seed=i) for i, t in enumerate(("lang", "cipher"))]
+    cfg["models"] = {"base": "zoo:base", "endpoints": [str(e) for e in endpoints], "align": {"method": "rebasin"}}
+    cfg["final"]["write_model"] = False
+    lines: list[str] = []
+    rd = run_search(parse_config(cfg), log=lines.append)
+    (folder,) = align_cache.iterdir()
+    assert sum(line.startswith("aligning 3 models") for line in lines) == 1
+    assert json.loads((rd.root / "alignment.json").read_text())["folder"] == str(folder)
+    best = json.loads((rd.best / "recipe.json").read_text())
+    assert {Path(m["model"]).parent for m in best["recipe_resolved"]["models"]} == {folder}
+    assert best["heldout_average"] > 0.8  # task arithmetic of the permuted copies themselves scores ~0
+    lines.clear()
+    run_search(None, resume=rd.root, log=lines.append)
+    assert any(line.startswith("reusing the aligned models") for line in lines)
+    assert not any(line.startswith("aligning") for line in lines)
