@@ -21,12 +21,13 @@ import torch
 
 from evomerge.align.c2m3 import c2m3
 from evomerge.align.matching import squared_distance, weight_matching
+from evomerge.align.spec import ALIGN_METHODS
 from evomerge.align.symmetries import LlamaLayout, Permutations, identity_permutations, llama_layout, permute_model
 from evomerge.checkpoint import CheckpointReader, check_compatible, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.fsutil import atomic_folder, check_output_target, write_json_synced
 
-METHODS = ("rebasin", "c2m3", "activations")
+METHODS = ALIGN_METHODS
 _LAYOUT_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
 
 

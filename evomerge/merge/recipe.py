@@ -48,6 +48,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from evomerge.align.spec import AlignSpec
 from evomerge.devices import DTYPE_CHOICES, dtype_name
 from evomerge.errors import EvomergeError, yaml_error_message
 
@@ -175,39 +176,6 @@ class SliceEntry(_Strict):
         if len(set(lens)) > 1:
             raise ValueError(f"all sources of a slice must span the same number of layers, got {lens}")
         return self
-
-
-ALIGN_METHODS = ("rebasin", "c2m3", "activations")
-
-
-class AlignSpec(_Strict):
-    """The ``align:`` step of a recipe (see the module docstring)."""
-
-    method: str = "rebasin"
-    reference: Union[int, str, None] = None
-    data: Union[str, list[str], None] = None
-    seed: int = 0
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v):
-        if v not in ALIGN_METHODS:
-            raise ValueError(f"unknown method {v!r}; use one of {', '.join(ALIGN_METHODS)}")
-        return v
-
-    @model_validator(mode="after")
-    def _data(self):
-        if self.method == "activations" and not self.data:
-            raise ValueError("method activations needs 'data': a task (zoo:NAME or a task folder) or a list of "
-                             "them, whose items the models are run on")
-        if self.method != "activations" and self.data is not None:
-            raise ValueError(f"'data' is read by method activations only (not {self.method}); remove it")
-        return self
-
-    @property
-    def tasks(self) -> list[str]:
-        """``data`` as a list."""
-        return [] if self.data is None else [self.data] if isinstance(self.data, str) else list(self.data)
 
 
 class MergeRecipe(_Strict):
