@@ -39,7 +39,7 @@ def align_command(
 ) -> None:
     """Align models trained from different initialisations (permutation symmetries of a
     Llama-style decoder: residual stream, MLP units, attention heads) and write the aligned
-    checkpoints. Partial: alignment only; merge the outputs with `evomerge merge`."""
+    checkpoints; merge them with `evomerge merge` (or put `align:` in the recipe instead)."""
     import contextlib
     import sys
     import time

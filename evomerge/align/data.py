@@ -69,5 +69,7 @@ def alignment_sequences(refs: Sequence[str], tokenizer_dir: Path, where: str, it
     except (OSError, ValueError) as exc:
         raise EvomergeError(f"{where}: cannot load the tokenizer of the reference model {tokenizer_dir} "
                             f"({exc}); activation matching tokenises the data with it") from None
-    seqs = [encode_prompt(tokenizer, t)[:max_length] for t in texts]
-    return [s for s in seqs if s]
+    seqs = [s for s in (encode_prompt(tokenizer, t)[:max_length] for t in texts) if s]
+    if not seqs:
+        raise EvomergeError(f"{where}: the tasks' items tokenise to no tokens; give tasks with text")
+    return seqs
