@@ -236,3 +236,39 @@ def test_a_search_on_permuted_fine_tunes_with_models_align(zoo, tmp_path, align_
     run_search(None, resume=rd.root, log=lines.append)
     assert any(line.startswith("reusing the aligned models") for line in lines)
     assert not any(line.startswith("aligning") for line in lines)
+
+
+def _gpt2_folder(tmp: Path) -> None:
+    (tmp / "gpt").mkdir(parents=True)
+    (tmp / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+
+
+def _align_cases():
+    from tests._bad_input import Case
+    from tests.test_bad_input_config import _cfg, _check, _merge, _recipe, _run
+
+    def models(**align):
+        return lambda d, t: d["models"].update(align=align)
+
+    return [
+        Case("recipe-align-method", **_merge(_recipe(extra="align: {method: zipit}\n"), ["align.method", "zipit"])),
+        Case("recipe-align-no-data", **_merge(_recipe(extra="align: {method: activations}\n"),
+                                              ["align", "needs 'data'"])),
+        Case("recipe-align-reference", **_merge(_recipe(extra="align: {reference: other/}\n"),
+                                                ["align.reference", "other/", "not one of the recipe's models"])),
+        Case("cfg-align-reference", **_check(_cfg(models(reference="zoo:upper")),
+                                             ["models.align.reference", "zoo:upper"])),
+        Case("cfg-align-no-data", **_check(_cfg(models(method="activations")), ["models.align.data", "needs data"])),
+        Case("run-align-unknown-task", **_run(_cfg(models(method="activations", data="zoo:nope")),
+                                              ["models.align", "no task 'nope'"])),
+        Case("run-align-not-llama", **_run(_cfg(lambda d, t: (_gpt2_folder(t), d["models"].update(
+            endpoints=[str(t / "gpt")], align={"method": "rebasin"}))), ["models.align", "model_type 'gpt2'"])),
+    ]
+
+
+@pytest.mark.parametrize("case", _align_cases(), ids=lambda c: c.id)
+def test_align_bad_input_cli(case, tmp_path, capsys, monkeypatch, zoo, align_cache):
+    from tests._bad_input import check_case
+
+    check_case(case, tmp_path / "case", capsys, monkeypatch, zoo.root)
+    assert not align_cache.exists()  # nothing aligned, nothing half-written
