@@ -136,6 +136,19 @@ def test_recipe_align_bad_input_names_the_field(zoo, tmp_path, capsys):
     assert code == 2 and "field 'align'" in text and "no task 'nope'" in text, text
 
 
+def test_the_engine_refuses_a_recipe_whose_align_was_not_carried_out(zoo, tmp_path):
+    from evomerge.align.recipe_step import resolve_alignment
+    from evomerge.merge.engine import merge_to_disk
+
+    recipe = MergeRecipe.from_dict({"merge_method": "linear", "models": [str(zoo.base), str(zoo.experts["lang"])],
+                                    "parameters": {"weight": 1.0}, "align": {"method": "rebasin"}})
+    with pytest.raises(EvomergeError, match="field 'align': the merge engine merges the models as given"):
+        merge_to_disk(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    merge_to_disk(resolve_alignment(recipe), tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_mergekit_export_refuses_align(zoo):
     from evomerge.merge.mergekit_io import to_mergekit_yaml
 

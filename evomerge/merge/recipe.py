@@ -385,7 +385,13 @@ class MergeRecipe(_Strict):
         return seen
 
     def structure_key(self) -> tuple:
-        """What the merge plan depends on (everything but parameter values and seed)."""
+        """What the merge plan depends on (everything but parameter values and seed). Every merge
+        (on disk or in memory) plans through it, so a recipe whose ``align`` was not carried out
+        is refused here rather than merged unaligned."""
+        if self.align is not None:
+            raise EvomergeError("field 'align': the merge engine merges the models as given; align them first "
+                                "with evomerge.align.recipe_step.resolve_alignment(recipe) (evomerge merge and "
+                                "evomerge eval do)")
         if self.slices is not None:
             sl = tuple((s.base_model, tuple((x.model, x.layer_range) for x in s.sources)) for s in self.slices)
         else:
