@@ -147,6 +147,11 @@ def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "
     if method not in METHODS:
         raise EvomergeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     check_align_output(out, paths, overwrite)
+    if method == "activations":  # an unknown task is named before any model is read
+        from evomerge.align.data import task_folder
+
+        for ref in data:
+            task_folder(ref, "--data")
     layout, readers, tensors = load_models(paths, allow_pickle)
     sequences = None
     if method == "activations":
