@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from evomerge.align.matching import solve_assignment
-from evomerge.align.symmetries import RESIDUAL, LlamaLayout, Permutations, attention_group, mlp_group
+from evomerge.align.symmetries import (RESIDUAL, LlamaLayout, Permutations, attention_group, identity_permutations,
+                                       mlp_group)
 
 _EPS = 1e-12
 
@@ -152,7 +153,7 @@ def activation_matching(models: Sequence, reference: int, layout: LlamaLayout,
     perms, reports = [], []
     for i in range(len(models)):
         if i == reference:
-            perms.append({g: torch.arange(layout.group_size(g)) for g in layout.groups()})
+            perms.append(identity_permutations(layout))
             reports.append({})
             continue
         p, r = permutations_from_correlations({k: s.correlation() for k, s in stats[i].items()}, layout)
