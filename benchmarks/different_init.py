@@ -5,7 +5,9 @@ Trains, with the zoo's own recipe (same tokenizer, architecture, data stream and
 and fine-tunes one expert per base (lang from base 0, cipher from base 1, upper from base 2;
 independent fine-tunes, 100 Adam steps). Then measures held-out accuracy (the zoo's tasks,
 300 items each) of each expert, of their plain average, and of the average after aligning all
-three into expert 0's coordinates with Git Re-Basin (pairwise to expert 0) and with C²M³.
+three into expert 0's coordinates with Git Re-Basin (pairwise to expert 0), with C²M³ and with
+activation matching (pairwise to expert 0, on 512 fresh sequences of the bases' training
+mixture).
 The same for the three bases themselves, and the midpoint of bases 0 and 1 (Git Re-Basin's
 "linear mode connectivity" test). Besides accuracy, the next-token loss on fresh batches of
 the bases' training mixture (a finer signal than accuracy: where every average scores 0).
@@ -14,7 +16,8 @@ and task arithmetic), and each base alone. Task arithmetic does not apply across
 
     .venv/bin/python benchmarks/different_init.py [--seeds 11 12 13] [--json OUT.json] [--cache DIR]
 
-Needs the built zoo (``$EVOMERGE_ZOO`` or the default root). ~5 min on 2 CPU cores.
+Needs the built zoo (``$EVOMERGE_ZOO`` or the default root). ~5 min on 2 CPU cores (training;
+with ``--cache`` holding the trained models, ~1.5 min).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evomerge.align.activations import activation_matching, decoder_from_tensors, token_batches  # noqa: E402
 from evomerge.align.c2m3 import c2m3  # noqa: E402
 from evomerge.align.matching import squared_distance, weight_matching  # noqa: E402
 from evomerge.align.symmetries import llama_layout, permute_model  # noqa: E402
@@ -111,10 +115,18 @@ def main() -> None:
     base_result = c2m3(bases, layout)
     bases_rebasin = align_rebasin(bases, layout)
     bases_cycle = [permute_model(b, layout, base_result.pairwise_map(i, 0)) for i, b in enumerate(bases)]
+    align_draw = zb._make_drawer(enc, random.Random("different-init-align"), zb.base_mixture(task_names), forbidden)
+    sequences = [row[row != enc.pad].tolist() for _ in range(2) for row in align_draw(256)[0]]
+    config = cfg.to_dict()
+    t1 = time.time()
+    acts, act_reports = align_activations(experts, layout, config, sequences)
+    t_acts = time.time() - t1
+    bases_acts, _ = align_activations(bases, layout, config, sequences)
     distances = {
         "plain": [squared_distance(experts[0], e) for e in experts[1:]],
         "rebasin": [squared_distance(rebasin[0], e) for e in rebasin[1:]],
         "c2m3": [squared_distance(cycle[0], e) for e in cycle[1:]],
+        "activations": [squared_distance(acts[0], e) for e in acts[1:]],
     }
 
     ev = HFEvaluator(zoo.base, batch_size=300)
@@ -136,11 +148,14 @@ def main() -> None:
         ("experts: plain average", accuracy(average(experts))),
         ("experts: Re-Basin to expert 0 + average", accuracy(average(rebasin))),
         ("experts: C²M³ + average", accuracy(average(cycle))),
+        ("experts: activation matching to expert 0 + average", accuracy(average(acts))),
         ("bases: plain average", accuracy(average(bases))),
         ("bases: Re-Basin to base 0 + average", accuracy(average(bases_rebasin))),
         ("bases: C²M³ + average", accuracy(average(bases_cycle))),
+        ("bases: activation matching to base 0 + average", accuracy(average(bases_acts))),
         ("bases 0, 1: plain midpoint", accuracy(average(bases[:2]))),
         ("bases 0, 1: Re-Basin midpoint", accuracy(average(bases_rebasin[:2]))),
+        ("bases 0, 1: activation-matching midpoint", accuracy(average(bases_acts[:2]))),
     ]
     zoo_experts = [torch_load(zoo.experts[t]) for t in EXPERTS]
     zoo_base = torch_load(zoo.base)
@@ -150,14 +165,18 @@ def main() -> None:
     ]
     cols = list(task_names) + ["avg", "base-mix loss"]
     print(f"\nalignment: Re-Basin {t_rebasin:.1f}s, C²M³ {t_c2m3:.1f}s ({result.iterations} Frank-Wolfe "
-          f"iterations); squared distance of experts 1, 2 to expert 0: " + "; ".join(
+          f"iterations), activation matching {t_acts:.1f}s ({len(sequences)} sequences); "
+          f"squared distance of experts 1, 2 to expert 0: " + "; ".join(
               f"{k} " + ", ".join(f"{d:.1f}" for d in v) for k, v in distances.items()))
+    print("activation matching, mean correlation of matched units (experts 1, 2 to expert 0), identity -> "
+          "matched: " + "; ".join(f"{kind} " + ", ".join(f"{b:.2f} -> {a:.2f}" for b, a in pairs)
+                                  for kind, pairs in matched_correlations(act_reports).items()))
     print("\n| model | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for label, acc in rows:
         print(f"| {label} | " + " | ".join(f"{acc[c]:.3f}" for c in cols) + " |")
     if args.json:
         args.json.write_text(json.dumps({"seeds": args.seeds, "rows": rows, "distances": distances,
-                                         "seconds": {"rebasin": t_rebasin, "c2m3": t_c2m3}}, indent=2))
+                                         "seconds": {"rebasin": t_rebasin, "c2m3": t_c2m3, "activations": t_acts}}, indent=2))
 
 
 def torch_load(folder) -> dict:
@@ -173,6 +192,26 @@ def torch_load_file(path: Path) -> dict:
 def align_rebasin(models, layout):
     """Every model permuted into model 0's coordinates by Git Re-Basin."""
     return [models[0]] + [permute_model(m, layout, weight_matching(models[0], m, layout).perms) for m in models[1:]]
+
+
+def align_activations(models, layout, config, sequences):
+    """Every model permuted into model 0's coordinates by activation matching on ``sequences``,
+    and per model the matched correlations (:func:`activation_matching`)."""
+    decoders = [decoder_from_tensors(config, m) for m in models]
+    perms, reports = activation_matching(decoders, 0, layout, token_batches(sequences, batch_size=64))
+    return [permute_model(m, layout, p) for m, p in zip(models, perms)], reports
+
+
+def matched_correlations(reports) -> dict[str, list[tuple[float, float]]]:
+    """Per group kind (residual, mlp, attention), per aligned model: the mean correlation of
+    matched units over the kind's groups, before (identity) and after matching."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for kind in ("residual", "mlp", "attention"):
+        for report in reports[1:]:
+            groups = [r for g, r in report.items() if g.split(".")[0] == kind]
+            out.setdefault(kind, []).append((sum(r["before"] for r in groups) / len(groups),
+                                             sum(r["after"] for r in groups) / len(groups)))
+    return out
 
 
 def mixture_loss(model, batches) -> float:

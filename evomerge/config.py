@@ -45,12 +45,42 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AlignConfig(_Strict):
+    """``models.align``: permute base and endpoints (models from different initialisations) into
+    one model's coordinates once, at run setup (:mod:`evomerge.align.recipe_step`)."""
+
+    method: Literal["rebasin", "c2m3", "activations"] = Field(
+        "rebasin", description="rebasin (weight matching), c2m3 (cycle-consistent) or activations")
+    reference: Optional[str] = Field(None, description="'base' (default) or one of models.endpoints: the "
+                                     "model whose coordinates the others are mapped into")
+    data: Union[str, list[str], None] = Field(None, description="method activations: a task (zoo:NAME or a "
+                                              "task folder) or a list of them, whose search items the models "
+                                              "are run on")
+    seed: Int = Field(0, ge=0, description="seed of weight matching's group order")
+
+    @model_validator(mode="after")
+    def _data(self):
+        if self.method == "activations" and not self.data:
+            raise _field_error("data", "method activations needs data: a task (zoo:NAME or a task folder) or "
+                               "a list of them")
+        if self.method != "activations" and self.data is not None:
+            raise _field_error("data", f"read by method activations only (not {self.method}); remove it")
+        return self
+
+    @property
+    def tasks(self) -> list[str]:
+        """``data`` as a list."""
+        return [] if self.data is None else [self.data] if isinstance(self.data, str) else list(self.data)
+
+
 class ModelsConfig(_Strict):
     base: str = Field(description="base model: folder, hub id or zoo:base")
     endpoints: list[str] = Field(min_length=1, description="fine-tunes of the base to merge")
     tokenizer_source: Optional[str] = Field(
         None, description="base: map embedding rows by token onto the base's vocabulary, for "
         "fine-tunes that added tokens (every candidate keeps the base's tokenizer)")
+    align: Optional[AlignConfig] = Field(None, description="align models from different initialisations "
+                                         "into one model's coordinates before the search")
 
     @model_validator(mode="after")
     def _check_tokenizer_source(self):
@@ -68,6 +98,9 @@ class ModelsConfig(_Strict):
                 "tokenizer_source", f"{self.tokenizer_source!r} cannot be searched: candidates are merged into "
                 "the evaluator's live model, which keeps the base's vocabulary; use 'base' here, and merge the "
                 "best recipe with another tokenizer_source afterwards (`evomerge merge`)")
+        ref = self.align.reference if self.align is not None else None
+        if ref is not None and ref != "base" and ref not in self.endpoints:
+            raise _field_error("align.reference", f"{ref!r} is not 'base' or one of models.endpoints")
         return self
 
 

@@ -227,6 +227,8 @@ def eval_command(
             raise EvomergeError(f"MODEL {model!r} is a file but not a recipe (.yaml, .yml or "
                                 ".json); give a model folder, zoo:NAME or a recipe file")
         recipe = _load_recipe_file(mpath)
+        from evomerge.align.recipe_step import resolve_alignment  # `align:` -> the aligned checkpoints (cached)
+        recipe = resolve_alignment(recipe, log=lambda line: typer.echo(line, err=True))
         try:
             recipe_dict = _absolute_recipe(recipe)
         except EvomergeError as exc:

@@ -43,6 +43,8 @@ def merge_command(
     if rp == op or rp.startswith(op + os.sep):
         raise EvomergeError(f"--out {out} is or holds the recipe {recipe}; write the merge to another folder")
     rec = load_recipe(recipe)
+    from evomerge.align.recipe_step import resolve_alignment  # `align:` -> the aligned checkpoints (cached)
+    rec = resolve_alignment(rec, log=None if quiet else (lambda line: typer.echo(line, err=True)))
     if device != "cpu":  # torch is imported only for another device
         from evomerge.devices import check_device
 

@@ -1,5 +1,6 @@
 """The alignment step on disk: read N Llama-style checkpoints, map every model into the
-coordinates of a reference model (Git Re-Basin per model, or C²M³ for all at once) and write
+coordinates of a reference model (Git Re-Basin weight matching or activation matching per model,
+or C²M³ for all at once) and write
 the aligned checkpoints — same functions, permuted weights — into one output folder,
 atomically (a temporary sibling folder renamed into place; on any error nothing is left).
 
@@ -20,12 +21,13 @@ import torch
 
 from evomerge.align.c2m3 import c2m3
 from evomerge.align.matching import squared_distance, weight_matching
+from evomerge.align.spec import ALIGN_METHODS
 from evomerge.align.symmetries import LlamaLayout, Permutations, identity_permutations, llama_layout, permute_model
 from evomerge.checkpoint import CheckpointReader, check_compatible, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.fsutil import atomic_folder, check_output_target, write_json_synced
 
-METHODS = ("rebasin", "c2m3")
+METHODS = ALIGN_METHODS
 _LAYOUT_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
 
 
@@ -76,9 +78,21 @@ def load_models(paths: Sequence[Path], allow_pickle: bool = False
 
 
 def alignment_permutations(tensors: Sequence[dict[str, torch.Tensor]], layout: LlamaLayout, method: str,
-                           reference: int, seed: int = 0) -> tuple[list[Permutations], dict]:
+                           reference: int, seed: int = 0, config: dict | None = None,
+                           sequences: Sequence[Sequence[int]] | None = None) -> tuple[list[Permutations], dict]:
     """Per model, the permutation into the reference's coordinates (identity for the reference),
-    and a summary of the optimisation for ``alignment.json``."""
+    and a summary of the optimisation for ``alignment.json``. ``activations`` needs the models'
+    ``config`` (config.json) and the token ``sequences`` to run them on."""
+    if method == "activations":
+        from evomerge.align.activations import activation_matching, decoder_from_tensors, token_batches
+
+        if config is None or not sequences:
+            raise EvomergeError("activation matching needs the models' config and token sequences (data)")
+        models = [decoder_from_tensors(config, t) for t in tensors]
+        pad = config.get("pad_token_id") or 0
+        perms, reports = activation_matching(models, reference, layout, token_batches(sequences, pad=pad))
+        return perms, {"sequences": len(sequences), "tokens": sum(len(s) for s in sequences),
+                       "matched_correlation": reports}
     if method == "rebasin":
         perms, passes = [], []
         for i, t in enumerate(tensors):
@@ -118,11 +132,14 @@ def check_align_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> No
 
 def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "rebasin", reference: int = 0,
                   seed: int = 0, overwrite: bool = False, log: Callable[[str], None] | None = None,
-                  names: Sequence[str] | None = None, allow_pickle: bool = False) -> list[AlignedModel]:
+                  names: Sequence[str] | None = None, allow_pickle: bool = False,
+                  data: Sequence[str] = (), data_items: int | None = None) -> list[AlignedModel]:
     """Align ``paths`` (two or more model folders) to ``paths[reference]`` and write the aligned
     checkpoints into ``out`` (see the module docstring); returns what was written. ``names``:
     what to call each model's subfolder (default: its folder's name; made unique either way).
-    ``allow_pickle``: read ``pytorch_model*.bin`` inputs too (the outputs are safetensors)."""
+    ``allow_pickle``: read ``pytorch_model*.bin`` inputs too (the outputs are safetensors).
+    ``data``: tasks (``zoo:NAME`` or folders) whose items ``activations`` runs the models on
+    (:mod:`~evomerge.align.data`; ``data_items`` per task)."""
     paths = [Path(p) for p in paths]
     out = Path(out).absolute()
     if len(paths) < 2:
@@ -130,8 +147,17 @@ def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "
     if method not in METHODS:
         raise EvomergeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     check_align_output(out, paths, overwrite)
+    if method == "activations":  # an unknown task is named before any model is read
+        from evomerge.align.data import task_folder
+
+        for ref in data:
+            task_folder(ref, "--data")
     layout, readers, tensors = load_models(paths, allow_pickle)
-    perms, summary = alignment_permutations(tensors, layout, method, reference, seed)
+    sequences = None
+    if method == "activations":
+        sequences = align_data(paths[reference], readers[reference].config, data, data_items, "--data")
+    perms, summary = alignment_permutations(tensors, layout, method, reference, seed,
+                                            config=readers[reference].config, sequences=sequences)
     aligned, results = [], []
     for path, name, t, p in zip(paths, output_names(paths if names is None else names), tensors, perms):
         a = permute_model(t, layout, p)
@@ -145,12 +171,23 @@ def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "
         "method": method,
         "reference": str(paths[reference]),
         "seed": seed,
+        **({"data": list(data)} if method == "activations" else {}),
         "models": [{"input": str(r.source), "output": r.output, "squared_distance_to_reference":
                     {"before": r.distance_before, "after": r.distance_after}} for r in results],
         method: summary,
     }
     _write_all(out, readers, results, aligned, record)
     return results
+
+
+def align_data(reference: Path, config: dict, data: Sequence[str], items: int | None, where: str,
+               base_dir: str | Path | None = None) -> list[list[int]]:
+    """Token sequences for activation matching: the ``data`` tasks' items tokenised with the
+    reference model's tokenizer, cut to its ``max_position_embeddings`` (``config``)."""
+    from evomerge.align.data import DEFAULT_ITEMS, alignment_sequences
+
+    return alignment_sequences(list(data), Path(reference), where, items or DEFAULT_ITEMS,
+                               max_length=config.get("max_position_embeddings"), base_dir=base_dir)
 
 
 def _write_all(out: Path, readers, results, aligned, record: dict) -> None:

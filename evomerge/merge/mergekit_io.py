@@ -193,6 +193,10 @@ def mergekit_issues(recipe) -> tuple[list[str], list[str]]:
     spec = get_method(m)
     blocking: list[str] = []
     caveats: list[str] = []
+    if recipe.align is not None:
+        blocking.append("'align' (permuting models from different initialisations into one model's coordinates) "
+                        "is not a mergekit step; run `evomerge align MODELS... --out DIR` and export a recipe over "
+                        "the aligned checkpoints instead")
     if m not in MERGEKIT_METHODS:
         blocking.append(f"merge_method '{m}' does not exist in mergekit")
     for p in sorted(_NOT_IN_MERGEKIT_PARAMS.get(m, ())):

@@ -29,6 +29,15 @@ Differences from mergekit: computation is always float32; ``dtype`` (or ``out_dt
 wins) is the output dtype; ``tokenizer_source`` is ``base``, ``union`` or a model folder (differing
 vocabularies are mapped by token in :mod:`evomerge.merge.vocab`); models are local folders only; ``seed`` (not a mergekit key, written only when
 set) seeds randomized methods (DARE) per tensor so that merges are reproducible.
+
+``align`` (not a mergekit key): models from different initialisations are first permuted into
+one model's coordinates (:mod:`evomerge.align.recipe_step`)::
+
+    align: {method: activations, reference: run1/, data: zoo:lang, seed: 0}
+
+``method`` rebasin (default), c2m3 or activations; ``reference`` a model as written in the recipe
+or a 0-based index into its distinct models, base first (default: the first of them); ``data``
+one task or a list (``zoo:NAME`` or a task folder), for activations only.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from evomerge.align.spec import AlignSpec
 from evomerge.devices import DTYPE_CHOICES, dtype_name
 from evomerge.errors import EvomergeError, yaml_error_message
 
@@ -181,6 +191,7 @@ class MergeRecipe(_Strict):
     tokenizer_source: str | None = None
     name: str | None = None
     seed: int | None = None
+    align: AlignSpec | None = None
 
     _recipe_dir: str | None = PrivateAttr(default=None)
 
@@ -275,7 +286,27 @@ class MergeRecipe(_Strict):
                 self.slices and all(p in s.parameters for s in self.slices)
             ):
                 raise EvomergeError(f"field 'parameters.{p}': {spec.name} needs parameter {p!r}")
+        if self.align is not None:
+            self.align_reference()
         return self
+
+    def align_reference(self) -> int:
+        """The index of ``align.reference`` among :meth:`model_paths` (0 when not given)."""
+        refs, ref = self.model_paths(), self.align.reference
+        if len(refs) < 2:
+            raise EvomergeError("field 'align': alignment needs at least two distinct models in the recipe")
+        if ref is None:
+            return 0
+        if isinstance(ref, int):
+            if not 0 <= ref < len(refs):
+                raise EvomergeError(f"field 'align.reference': index {ref} is out of range; the recipe has "
+                                    f"{len(refs)} distinct models (0-based, base first)")
+            return ref
+        for i, r in enumerate(refs):
+            if _same_model(r, ref):
+                return i
+        raise EvomergeError(f"field 'align.reference': {ref!r} is not one of the recipe's models "
+                            f"({', '.join(refs)}); give it as written there, or its 0-based index")
 
     def _is_base(self, model: str, slice_base: str | None = None) -> bool:
         base = slice_base or self.base_model
@@ -305,10 +336,12 @@ class MergeRecipe(_Strict):
             v = getattr(self, key)
             if v is not None:
                 d[key] = v
+        if self.align is not None:
+            d["align"] = self.align.model_dump(exclude_none=True)
         return d
 
     def to_yaml(self) -> str:
-        """mergekit-compatible YAML (``seed`` only when set)."""
+        """mergekit-compatible YAML (``seed`` and ``align`` only when set)."""
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -352,7 +385,13 @@ class MergeRecipe(_Strict):
         return seen
 
     def structure_key(self) -> tuple:
-        """What the merge plan depends on (everything but parameter values and seed)."""
+        """What the merge plan depends on (everything but parameter values and seed). Every merge
+        (on disk or in memory) plans through it, so a recipe whose ``align`` was not carried out
+        is refused here rather than merged unaligned."""
+        if self.align is not None:
+            raise EvomergeError("field 'align': the merge engine merges the models as given; align them first "
+                                "with evomerge.align.recipe_step.resolve_alignment(recipe) (evomerge merge and "
+                                "evomerge eval do)")
         if self.slices is not None:
             sl = tuple((s.base_model, tuple((x.model, x.layer_range) for x in s.sources)) for s in self.slices)
         else:

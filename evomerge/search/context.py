@@ -36,6 +36,7 @@ class SearchContext:
     anchor_positions: dict = field(default_factory=dict)  # task -> positions in the task's items
     log: callable = print
     executor: object = None  # evomerge.search.executor.Executor; None: this process (LocalExecutor)
+    alignment: dict | None = None  # models.align: what was aligned where (the run's alignment.json)
 
     def run_jobs(self, jobs, on_result=None) -> list[dict]:
         """Answer ``jobs`` (:mod:`evomerge.search.executor`) on the run's executor; each result
@@ -121,6 +122,9 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
     check_devices(cfg.evaluator)
     base = resolve_model(cfg.models.base, what="models.base")
     endpoints = {ref: resolve_model(ref, what=f"models.endpoints[{i}]") for i, ref in enumerate(cfg.models.endpoints)}
+    alignment = None
+    if cfg.models.align is not None:
+        base, endpoints, alignment = aligned_inputs(cfg, base, endpoints, rd, log)
     tasks = load_tasks(cfg)
     for line in check_tasks_fit_fitness(cfg, tasks) + check_task_splits(tasks):
         log(line)
@@ -142,10 +146,53 @@ def build_context(cfg: RunConfig, rd: RunDir, log=print) -> SearchContext:
                            device=ev.merge_device or ev.device, compute_device=ev.merge_compute,
                            resident=ev.resident, method=ss.method if ss.kind != "dataflow" else None)
     evaluator = make_evaluator(ev, base, sources)
-    ctx = SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, log=log)
+    ctx = SearchContext(cfg, rd, base, endpoints, tasks, space, evaluator, log=log, alignment=alignment)
     try:
         ctx.check_recipes_fit()
     except BaseException:
         evaluator.close()
         raise
     return ctx
+
+
+def aligned_inputs(cfg: RunConfig, base: Path, endpoints: dict[str, Path], rd: RunDir | None, log
+                   ) -> tuple[Path, dict[str, Path], dict]:
+    """``models.align``: the base and endpoints aligned into the reference's coordinates (computed
+    once into the content-addressed cache, reused after). A resumed run must find the alignment
+    its ``alignment.json`` records (same inputs and settings); the caller records a new run's."""
+    import json
+
+    from evomerge.align.recipe_step import align_models, aligned_folder
+
+    spec = cfg.models.align
+    refs = ["base", *endpoints]
+    reference = refs.index(spec.reference or "base")
+    paths = [base, *endpoints.values()]
+    recorded = rd.root / "alignment.json" if rd is not None else None
+    if recorded is not None and recorded.is_file():
+        before = json.loads(recorded.read_text())["folder"]
+        now = aligned_folder(paths, spec.method, reference, spec.tasks, spec.seed, "models.align")
+        if before != str(now):
+            raise EvomergeError(f"models.align: this run's models were aligned into {before}, but the models "
+                                f"as they are now align into {now} (a model's files changed); the logged "
+                                "evaluations belong to the old models: restore them or start a new run")
+    folder, aligned = align_models(paths, spec.method, reference, spec.tasks, spec.seed, "models.align", log=log)
+    record = {"folder": str(folder), "reference": refs[reference],
+              "models": {ref: str(p) for ref, p in zip(refs, aligned)}}
+    if recorded is not None and not recorded.is_file():
+        record_alignment(rd, record)  # a run stopped before it recorded its alignment
+    return aligned[0], dict(zip(endpoints, aligned[1:])), record
+
+
+def record_alignment(rd: RunDir, alignment: dict | None) -> None:
+    """Write ``alignment.json`` (the aligned folders, and the step's own record) into the run
+    directory once, when ``models.align`` is set (``alignment``: :attr:`SearchContext.alignment`)."""
+    import json
+
+    from evomerge.search.rundir import atomic_write_json
+
+    path = rd.root / "alignment.json"
+    if alignment is None or path.is_file():
+        return
+    step = json.loads((Path(alignment["folder"]) / "alignment.json").read_text())
+    atomic_write_json(path, {**alignment, "alignment": step})

@@ -24,7 +24,7 @@ from pathlib import Path
 from evomerge.config import RunConfig
 from evomerge.search.banks import fit_banks
 from evomerge.search.calibration import run_calibration
-from evomerge.search.context import SearchContext, build_context
+from evomerge.search.context import SearchContext, build_context, record_alignment
 from evomerge.search.executor import LocalExecutor
 from evomerge.search.finish import run_dataflow_stage, run_heldout, write_best
 from evomerge.search.generations import run_generations
@@ -53,6 +53,7 @@ def run_search(cfg: RunConfig | None = None, *, resume: str | Path | None = None
     try:
         if resume is None:
             rd = ctx.rd = new_run_dir(cfg, str(target.root))
+            record_alignment(rd, ctx.alignment)  # models.align: which aligned models this run merges
             log(f"run directory: {rd.root}")
         try:
             return _run_stages(ctx, cfg, rd, log)
