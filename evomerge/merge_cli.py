@@ -42,6 +42,17 @@ def merge_command(
     rp, op = os.path.realpath(recipe), os.path.realpath(out).rstrip(os.sep)
     if rp == op or rp.startswith(op + os.sep):
         raise EvomergeError(f"--out {out} is or holds the recipe {recipe}; write the merge to another folder")
+    from evomerge.routing.recipe import is_routed_recipe
+
+    if is_routed_recipe(recipe):  # merge_method: mass -- a routed folder, not one checkpoint
+        from evomerge.routing.recipe import merge_routed_recipe
+
+        t0 = time.time()
+        tf, tensor = merge_routed_recipe(recipe, out, overwrite=overwrite, allow_pickle=allow_pickle)
+        if not quiet:
+            typer.echo(f"routed model (mass) over {len(tf.tasks)} tasks ({', '.join(tf.tasks)}), routing on "
+                       f"{tensor}: {out} in {time.time() - t0:.1f}s; run it with `evomerge eval {out} --task ...`")
+        return
     rec = load_recipe(recipe)
     from evomerge.align.recipe_step import resolve_alignment  # `align:` -> the aligned checkpoints (cached)
     rec = resolve_alignment(rec, log=None if quiet else (lambda line: typer.echo(line, err=True)))

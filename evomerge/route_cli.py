@@ -60,20 +60,17 @@ def route_command(
         base_path = resolve_model(base, what="--base")
         paths = [resolve_model(m, what="MODEL") for m in models]
 
-    from evomerge.checkpoint import CheckpointReader
-    from evomerge.routing.disk import save_routed
-    from evomerge.routing.router import RoutingSettings, default_routing_tensor
+    from evomerge.routing.recipe import RoutedParameters, write_routed_model
 
-    if routing_tensor is None:
-        routing_tensor = default_routing_tensor(CheckpointReader(base_path, allow_pickle=allow_pickle).num_layers)
-    try:
-        settings = RoutingSettings(routing_tensor, temperature=temperature, threshold=threshold,
-                                   max_tasks=max_tasks, standardize=standardize)
-    except EvomergeError as exc:
-        raise EvomergeError(f"--routing-tensor: {exc}") from None
+    params = RoutedParameters(routing_tensor=routing_tensor, temperature=temperature, threshold=threshold,
+                              max_tasks=max_tasks, standardize=standardize, rank_fraction=rank_fraction)
     t0 = time.time()
-    tf = save_routed(out, base_path, paths, settings, rank_fraction=rank_fraction, overwrite=overwrite,
-                     allow_pickle=allow_pickle)
+    try:
+        tf, routing_tensor = write_routed_model(out, base_path, paths, params, overwrite=overwrite, allow_pickle=allow_pickle)
+    except EvomergeError as exc:
+        msg = str(exc)
+        raise EvomergeError("--routing-tensor" + msg[len("routing_tensor"):] if msg.startswith("routing_tensor:")
+                            else msg) from None
     if not quiet:
         base_numel = sum(t.numel() for t in tf.base.values())
         typer.echo(f"routed model over {len(tf.tasks)} tasks ({', '.join(tf.tasks)}), routing on {routing_tensor}: "

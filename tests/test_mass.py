@@ -145,3 +145,43 @@ def test_bad_routing_settings_are_refused(zoo, one_thread, tmp_path, capsys):
     assert code == 2 and "--threshold 2" in msg and not (tmp_path / "r2").exists()
     code, msg = run_cli(["eval", str(out), "--task", "zoo:lang", "--backend", "vllm"], capsys)
     assert code == 2 and "routed model" in msg and "--backend hf" in msg
+
+
+def test_evomerge_merge_of_a_mass_recipe_writes_the_routed_folder(zoo, one_thread, tmp_path, capsys):
+    # `merge_method: mass` through `evomerge merge` writes the folder `evomerge route` writes (same
+    # settings, same factors), with relative model paths read from the recipe's folder
+    import os
+
+    from safetensors.torch import load_file
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name, path in [("base", zoo.base), *((f"{t}_expert", zoo.model(t)) for t in TASKS[:2])]:
+        os.symlink(path, models / name)
+    recipe = tmp_path / "mass.yaml"
+    recipe.write_text("merge_method: mass\nbase_model: models/base\nmodels:\n  - model: models/lang_expert\n"
+                      "  - model: models/cipher_expert\nparameters:\n  threshold: 0.3\n  max_tasks: 1\n")
+    code, out = run_cli(["merge", str(recipe), "--out", str(tmp_path / "via_merge")], capsys)
+    assert code == 0 and "routed model (mass) over 2 tasks" in out, out
+    code, out = run_cli(["route", str(models / "lang_expert"), str(models / "cipher_expert"), "--base",
+                         str(models / "base"), "--out", str(tmp_path / "via_route"), "--threshold", "0.3",
+                         "--max-tasks", "1", "-q"], capsys)
+    assert code == 0, out
+    a = json.loads((tmp_path / "via_merge" / "routing.json").read_text())
+    b = json.loads((tmp_path / "via_route" / "routing.json").read_text())
+    assert a["routing"] == b["routing"] and a["tasks"] == b["tasks"] == ["lang_expert", "cipher_expert"]
+    assert a["routing"]["threshold"] == 0.3 and a["routing"]["max_tasks"] == 1
+    fa, fb = (load_file(str(tmp_path / d / "factors.safetensors")) for d in ("via_merge", "via_route"))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    # bad fields are named, nothing is written
+    for body, want in [("parameters:\n  threshold: 2\n", "parameters.threshold"),
+                       ("parameters:\n  temprature: 2\n", "unknown key 'temprature'"),
+                       ("parameters:\n  routing_tensor: model.norm.weight\n", "parameters.routing_tensor")]:
+        recipe.write_text("merge_method: mass\nbase_model: models/base\nmodels:\n  - model: models/lang_expert\n"
+                          "  - model: models/cipher_expert\n" + body)
+        code, msg = run_cli(["merge", str(recipe), "--out", str(tmp_path / "bad")], capsys)
+        assert code == 2 and want in msg and "mass.yaml" in msg, (body, msg)
+        assert not (tmp_path / "bad").exists()
+    recipe.write_text("merge_method: mass\nbase_model: models/base\nmodels:\n  - model: models/lang_expert\n")
+    code, msg = run_cli(["merge", str(recipe), "--out", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "models" in msg and "at least 2" in msg, msg
