@@ -16,7 +16,7 @@ ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic", "passthrough"})
 """Methods whose output at a position depends only on the inputs at that position (scalar
 parameters, no randomness, no statistic of the whole tensor): :func:`merge_one` runs them chunk
 by chunk on the CPU (the same bits as one call on the whole tensors)."""
-MERGE_CHUNK = 1 << 20
+MERGE_CHUNK = 1 << 18
 """Entries per chunk of an elementwise merge on the CPU: a chunk's inputs and temporaries stay in
 the CPU caches, so memory sees each input read once and the output written once."""
 
@@ -75,11 +75,14 @@ def merge_one(
     into = (getattr(spec.fn, "writes_into", False) and out is not None and out.dtype == torch.float32
             and out.is_contiguous())
     extremes = []
+    scratch = [torch.empty(MERGE_CHUNK, device=device) for _ in inputs] if chunked and subtract_base else None
     with torch.no_grad():
         for s, e, xs, b in pieces:
             b = None if b is None else b.float()
             xs = [x.float() for x in xs]
-            if subtract_base:
+            if scratch is not None:  # a chunk's task vectors in reused (cache-resident) buffers
+                xs = [torch.sub(x, b, out=t[: e - s]) for x, t in zip(xs, scratch)]
+            elif subtract_base:
                 xs = [x - b for x in xs]
             expected = (e - s,) if chunked else job.shape
             dest = (out.view(-1)[s:e] if chunked else out) if into else None
