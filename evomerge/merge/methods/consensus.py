@@ -163,6 +163,9 @@ def consensus_fused(deltas: Sequence[Tensor], base: Tensor, weights: Sequence[fl
     thresholds = _check(method, len(deltas), thresholds)
     dare = [None] * len(deltas) if dare is None else list(dare)
     ws = [float(w) for w in weights]
+    # scalars as float32 0-dim tensors: the value a Python float is rounded to, ~1 µs less per call
+    wt = [torch.tensor(w, dtype=torch.float32) for w in ws]
+    zero = torch.zeros(())
     flat = [d.reshape(-1) for d in deltas]
     flat_base = base.reshape(-1)
     if out is None:
@@ -170,23 +173,25 @@ def consensus_fused(deltas: Sequence[Tensor], base: Tensor, weights: Sequence[fl
     flat_out = out.view(-1)
     n = flat_out.numel()
     buf = _Buffers(len(deltas), min(FUSED_BLOCK, n))
+    scales = [None if d is None or d.scale is None else torch.tensor(d.scale, dtype=torch.float32) for d in dare]
     for s in range(0, n, FUSED_BLOCK):
         e = min(n, s + FUSED_BLOCK)
         b = buf.block(e - s)
-        vs = [_weighted(x[s:e], w, thr, d, b, i) for i, (x, w, thr, d) in enumerate(zip(flat, ws, thresholds, dare))]
+        b["scales"] = scales  # p = level / 65536: exact in float32
+        vs = [_weighted(x[s:e], w, thr, d, b, i) for i, (x, w, thr, d) in enumerate(zip(flat, wt, thresholds, dare))]
         sign = _elect(vs, method, b)
         mixed = b["mixed"].zero_()  # from +0, as the reference: an all-zero mix stays +0
         divisor = b["divisor"] if normalize else None
         for i, (v, w) in enumerate(zip(vs, ws)):
-            agree = torch.gt(torch.mul(v, sign, out=b["prod"]), 0, out=b["mask"])  # 0 and NaN never agree
+            agree = torch.gt(torch.mul(v, sign, out=b["prod"]), zero, out=b["mask"])  # 0 and NaN never agree
             mixed.addcmul_(v, agree)
             if divisor is not None:
                 if i == 0:
-                    torch.mul(agree, w, out=divisor)
+                    torch.mul(agree, wt[i], out=divisor)
                 else:
                     divisor.add_(agree, alpha=w)
         if divisor is not None:
-            divisor.add_(torch.eq(divisor, 0, out=b["mask"]))  # a zero divisor (or -0) becomes 1
+            divisor.add_(torch.eq(divisor, zero, out=b["mask"]))  # a zero divisor (or -0) becomes 1
             mixed.div_(divisor)
         if lam != 1.0:
             mixed.mul_(lam)
@@ -214,14 +219,14 @@ class _Buffers:
         return b
 
 
-def _weighted(x: Tensor, w: float, thr, dare: DareStream | None, b: dict, i: int) -> Tensor:
+def _weighted(x: Tensor, w: Tensor, thr, dare: DareStream | None, b: dict, i: int) -> Tensor:
     """One model's block, sparsified and weighted, in its buffer."""
     v = b["v"][i]
     if dare is not None:  # DARE: ((τ·keep)/p)·w, as τ * bool_mask, / p, then · w
         dare.mask(x.numel(), b["keep_np"])
         torch.mul(x, b["keep"], out=v)
         if dare.scale is not None:
-            v.div_(dare.scale)
+            v.div_(b["scales"][i])
         return v.mul_(w)
     torch.mul(x, w, out=v)
     if thr is not None:  # TIES trim: (τ·w)·[|τ| ≥ thr]
