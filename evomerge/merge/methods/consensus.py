@@ -173,12 +173,13 @@ def consensus_fused(deltas: Sequence[Tensor], base: Tensor, weights: Sequence[fl
     flat_out = out.view(-1)
     n = flat_out.numel()
     buf = _Buffers(len(deltas), min(FUSED_BLOCK, n))
+    # DARE's p = level / 65536 is exact in float32
     scales = [None if d is None or d.scale is None else torch.tensor(d.scale, dtype=torch.float32) for d in dare]
+    models = list(zip(flat, wt, thresholds, dare, scales))
     for s in range(0, n, FUSED_BLOCK):
         e = min(n, s + FUSED_BLOCK)
         b = buf.block(e - s)
-        b["scales"] = scales  # p = level / 65536: exact in float32
-        vs = [_weighted(x[s:e], w, thr, d, b, i) for i, (x, w, thr, d) in enumerate(zip(flat, wt, thresholds, dare))]
+        vs = [_weighted(x[s:e], w, thr, d, p, b, i) for i, (x, w, thr, d, p) in enumerate(models)]
         sign = _elect(vs, method, b)
         mixed = b["mixed"].zero_()  # from +0, as the reference: an all-zero mix stays +0
         divisor = b["divisor"] if normalize else None
@@ -219,14 +220,14 @@ class _Buffers:
         return b
 
 
-def _weighted(x: Tensor, w: Tensor, thr, dare: DareStream | None, b: dict, i: int) -> Tensor:
+def _weighted(x: Tensor, w: Tensor, thr, dare: DareStream | None, scale: Tensor | None, b: dict, i: int) -> Tensor:
     """One model's block, sparsified and weighted, in its buffer."""
     v = b["v"][i]
     if dare is not None:  # DARE: ((τ·keep)/p)·w, as τ * bool_mask, / p, then · w
         dare.mask(x.numel(), b["keep_np"])
         torch.mul(x, b["keep"], out=v)
-        if dare.scale is not None:
-            v.div_(b["scales"][i])
+        if scale is not None:
+            v.div_(scale)
         return v.mul_(w)
     torch.mul(x, w, out=v)
     if thr is not None:  # TIES trim: (τ·w)·[|τ| ≥ thr]
