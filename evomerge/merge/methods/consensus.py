@@ -9,8 +9,8 @@ Two kernels compute the same bits for finite inputs:
   temporary a preallocated buffer written with ``out=``, the elected sign in one pass
   (``copysign``), each model's masked sum in one pass (``addcmul``) and, for DARE, the keep mask
   drawn block by block (:class:`DareStream`) and fused in instead of a full-size mask per model.
-  In memory at 134M parameters, 1 thread: TIES 1.9x, DARE-TIES 2.5x faster than the reference
-  chain (benchmarks/merge_speed.py; README "Benchmarks").
+  In memory at 134M parameters, 1 thread: TIES 1.9x, DARE-TIES 2.5x faster than the previous
+  engine (benchmarks/merge_speed.py; README "Benchmarks").
 
 A non-finite input gives a non-finite output in both (the engine then raises); which NaN/inf it
 is may differ between them.
