@@ -36,7 +36,7 @@ def merge_command(
 
     import os
 
-    from evomerge.merge.engine import merge_to_disk
+    from evomerge.merge.disk import merge_to_disk
     from evomerge.merge.mergekit_io import load_recipe
 
     rp, op = os.path.realpath(recipe), os.path.realpath(out).rstrip(os.sep)

@@ -86,6 +86,18 @@ def test_import_runs_with_evomerge_merge_cli(fam, tmp_path):
     assert all(torch.equal(cli[n], ref[n]) for n in ref)
 
 
+def test_merge_cli_ends_without_teardown_yet_prints_everything(fam, tmp_path):
+    # `evomerge merge` run as a program ends with os._exit after success: the status, the message
+    # (stdout is a pipe here, so block-buffered) and the output folder must all still be there
+    f = tmp_path / "mergekit.yaml"
+    f.write_text(yaml.safe_dump(mk(fam, GRADIENT)))
+    p = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(f), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("merged (") and str(tmp_path / "o") in p.stdout
+    assert (tmp_path / "o" / "model.safetensors").exists()
+
+
 FILTERS = """
 merge_method: task_arithmetic
 base_model: {base}

@@ -16,7 +16,7 @@ ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic", "passthrough"})
 """Methods whose output at a position depends only on the inputs at that position (scalar
 parameters, no randomness, no statistic of the whole tensor): :func:`merge_one` runs them chunk
 by chunk on the CPU (the same bits as one call on the whole tensors)."""
-MERGE_CHUNK = 1 << 20
+MERGE_CHUNK = 1 << 18
 """Entries per chunk of an elementwise merge on the CPU: a chunk's inputs and temporaries stay in
 the CPU caches, so memory sees each input read once and the output written once."""
 
@@ -52,8 +52,9 @@ def merge_one(
     base, or, with ``subtract_base``, the model tensors, whose task vectors
     (``x.float() - base.float()``) are computed here. The method always sees float32.
     ``out``: a contiguous tensor of the job's shape (any float dtype) to write the result into
-    (rounded to its dtype) instead of returning a new float32 tensor. Methods in
-    :data:`ELEMENTWISE_METHODS` run :data:`MERGE_CHUNK` entries at a time on the CPU.
+    (rounded to its dtype) instead of returning a new float32 tensor; a method whose function has
+    ``writes_into = True`` (the task-arithmetic family) gets a float32 ``out`` as its own ``out=``.
+    Methods in :data:`ELEMENTWISE_METHODS` run :data:`MERGE_CHUNK` entries at a time on the CPU.
     """
     spec = plan.spec
     params = job_params(recipe, plan, job)
@@ -70,15 +71,23 @@ def merge_one(
     pieces = [(0, n, inputs, base)] if not chunked else _chunks(inputs, base, n)
     if out is None and chunked:
         out = torch.empty(job.shape, dtype=torch.float32, device=device)
+    # a method that takes out= writes straight into a float32 output (no copy pass)
+    into = (getattr(spec.fn, "writes_into", False) and out is not None and out.dtype == torch.float32
+            and out.is_contiguous())
     extremes = []
+    scratch = [torch.empty(MERGE_CHUNK, device=device) for _ in inputs] if chunked and subtract_base else None
     with torch.no_grad():
         for s, e, xs, b in pieces:
             b = None if b is None else b.float()
             xs = [x.float() for x in xs]
-            if subtract_base:
+            if scratch is not None:  # a chunk's task vectors in reused (cache-resident) buffers
+                xs = [torch.sub(x, b, out=t[: e - s]) for x, t in zip(xs, scratch)]
+            elif subtract_base:
                 xs = [x - b for x in xs]
-            res = spec.fn(xs, b, generator=gen, **params)
             expected = (e - s,) if chunked else job.shape
+            dest = (out.view(-1)[s:e] if chunked else out) if into else None
+            res = spec.fn(xs, b, generator=gen, **params) if dest is None else spec.fn(
+                xs, b, generator=gen, out=dest, **params)
             if tuple(res.shape) != expected:
                 raise EvomergeError(f"merge_method {spec.name!r} returned shape {list(res.shape)} for tensor "
                                     f"{job.name!r}, expected {list(expected)}")
@@ -86,7 +95,7 @@ def merge_one(
                 extremes.append(torch.aminmax(res.reshape(-1)))
             if out is None:
                 out = res  # one whole tensor, returned as the method made it
-            else:
+            elif res is not dest:
                 out.view(-1)[s:e].copy_(res.reshape(-1))
     if extremes and not bool(torch.isfinite(torch.stack([v for pair in extremes for v in pair])).all()):
         _raise_not_finite(plan, job, inputs, base)

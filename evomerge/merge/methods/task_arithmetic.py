@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.methods.averaging import WEIGHT_EPS, weighted_sum
+from evomerge.merge.methods.averaging import WEIGHT_EPS
+from evomerge.merge.methods.consensus import (CONSENSUS_BLOCK, CONSENSUS_BLOCK_GPU, DareStream,  # noqa: F401
+                                              consensus_fused, consensus_reference, dare_streams)
 from evomerge.merge.methods.params import fraction, per_model
 from evomerge.merge.methods.sparsify import (bernoulli_sparsify, breadcrumbs_sparsify, della_sparsify, elect_sign,
                                              magnitude_threshold, sign_agreement_mask)
@@ -58,13 +60,6 @@ def task_vectors(tensors: Sequence[Tensor], base: Tensor) -> list[Tensor]:
     return [t - base for t in tensors]
 
 
-CONSENSUS_BLOCK = 1 << 18
-"""Entries per block of the CPU consensus merge: the block's temporaries stay in the CPU caches."""
-CONSENSUS_BLOCK_GPU = 1 << 24
-"""Entries per block on a GPU: few kernel launches, yet the temporaries (a few per model) of a
-7B model's embedding matrix take ~0.5 GB instead of ~3 GB next to the evaluated model."""
-
-
 def combine_deltas(
     deltas: Sequence[Tensor],
     base: Tensor,
@@ -74,6 +69,8 @@ def combine_deltas(
     normalize: bool = False,
     lam: float = 1.0,
     thresholds: Sequence[Tensor | float | None] | None = None,
+    dare: Sequence[DareStream | None] | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """mergekit's generalized task arithmetic on already-sparsified deltas.
 
@@ -83,15 +80,28 @@ def combine_deltas(
     is multiplied by ``lam`` and added to ``base``. ``thresholds`` (consensus only): one magnitude
     per delta (None = keep all); entries with ``|τ_i|`` below it count as zero — the TIES trim,
     fused in (the same result as :func:`magnitude_sparsify` first, without its full-size passes).
+    ``dare`` (consensus, float32 on the CPU only): per delta a
+    :class:`~evomerge.merge.methods.consensus.DareStream` — the DARE drop fused in (the same
+    result as :func:`bernoulli_sparsify` first). ``out``: a float32 tensor of ``base``'s shape
+    (not one of the inputs) that receives the result and is returned.
     """
     if len(deltas) != len(weights):
         raise EvomergeError(f"got {len(weights)} weights for {len(deltas)} models")
     if consensus is not None:
-        return _consensus_merge(deltas, base, weights, consensus, normalize, float(lam), thresholds)
-    if thresholds is not None:
-        raise EvomergeError("combine_deltas: thresholds need a consensus method")
-    # Σ w_i δ_i accumulated in one buffer (the inputs are never modified)
-    mixed = weighted_sum(deltas, weights)
+        fused = base.device.type == "cpu" and base.dtype == torch.float32 and all(
+            d.device.type == "cpu" and d.dtype == torch.float32 for d in deltas)
+        if fused:
+            return consensus_fused(deltas, base, weights, consensus, normalize, float(lam), thresholds, dare, out)
+        if dare is not None:
+            raise EvomergeError("combine_deltas: dare streams need float32 tensors on the CPU")
+        res = consensus_reference(deltas, base, weights, consensus, normalize, float(lam), thresholds)
+        return res if out is None else out.copy_(res)
+    if thresholds is not None or dare is not None:
+        raise EvomergeError("combine_deltas: thresholds and dare streams need a consensus method")
+    # Σ w_i δ_i accumulated in one buffer (the inputs are never modified): as weighted_sum
+    mixed = torch.mul(deltas[0], float(weights[0]), out=out) if out is not None else deltas[0] * float(weights[0])
+    for d, w in zip(deltas[1:], weights[1:]):
+        mixed.add_(d, alpha=float(w))
     if normalize:
         total = float(sum(float(w) for w in weights))
         if abs(total) >= WEIGHT_EPS:
@@ -99,64 +109,6 @@ def combine_deltas(
     if float(lam) != 1.0:
         mixed.mul_(float(lam))
     return mixed.add_(base)
-
-
-def _consensus_merge(deltas, base, weights, method, normalize, lam, thresholds):
-    """The consensus branch of :func:`combine_deltas`, block by block.
-
-    Each block runs the whole chain (trim, weight, elect, mask, sum, normalize, scale, add base):
-    on the CPU its temporaries stay in cache (~15 % faster than full-tensor passes), on a GPU they
-    stay small. Most of the speed-up (~4x, benchmarks/merge_speed.py) comes from the float masks
-    below. Elementwise, in the same operation order as the full-tensor formulas of
-    :func:`elect_sign` / :func:`sign_agreement_mask`: the same bits (tested).
-    """
-    if method not in ("sum", "count"):
-        raise EvomergeError(f"unknown consensus method {method!r}; use 'sum' or 'count'")
-    thresholds = [None] * len(deltas) if thresholds is None else list(thresholds)
-    if len(thresholds) != len(deltas):
-        raise EvomergeError(f"got {len(thresholds)} thresholds for {len(deltas)} models")
-    ws = [float(w) for w in weights]
-    flat = [d.reshape(-1) for d in deltas]
-    flat_base = base.reshape(-1)
-    out = torch.empty_like(flat_base)
-    n = out.numel()
-    block = CONSENSUS_BLOCK if out.device.type == "cpu" else CONSENSUS_BLOCK_GPU
-    # Masks are float 0/1 written by comparisons (torch.ge(..., out=float)): multiplying by a bool
-    # tensor or torch.where on a random bool mask is ~20x slower per entry on the CPU.
-    mask = torch.empty(min(block, n), dtype=out.dtype, device=out.device)
-    for s in range(0, n, block):
-        e = min(n, s + block)
-        m = mask[: e - s]
-        wd = []
-        for x, w, thr in zip(flat, ws, thresholds):
-            x = x[s:e]
-            v = x * w
-            if thr is not None:  # TIES trim: (τ·[|τ| ≥ thr])·w, the same bits as trimming first
-                v.mul_(torch.ge(x.abs(), thr, out=m))
-            wd.append(v)
-        if method == "sum":
-            total = wd[0].clone()
-            for v in wd[1:]:
-                total.add_(v)
-        else:
-            total = wd[0].sign()
-            for v in wd[1:]:
-                total.add_(v.sign())
-        elected = torch.ge(total, 0, out=total).mul_(2.0).sub_(1.0)  # +1 where the total is >= 0, else -1
-        mixed = out[s:e].zero_()
-        divisor = torch.zeros_like(mixed) if normalize else None
-        for v, w in zip(wd, ws):
-            agree = torch.gt(v * elected, 0, out=m)  # sign(v) == elected sign; 0 and NaN never agree
-            mixed.add_(v.mul_(agree))
-            if divisor is not None:
-                divisor.add_(agree, alpha=w)
-        if divisor is not None:
-            divisor.add_(torch.eq(divisor, 0, out=m))  # a zero divisor becomes 1
-            mixed.div_(divisor)
-        if lam != 1.0:
-            mixed.mul_(lam)
-        mixed.add_(flat_base[s:e])
-    return out.reshape(base.shape)
 
 
 # ----------------------------------------------------------------------------- the family
@@ -244,14 +196,17 @@ class Variant:
             reference=self.reference,
         )
 
-    def __call__(self, deltas, base, *, generator=None, **params) -> Tensor:
+    writes_into = True
+    """Takes ``out=`` (a float32 tensor to write the merge into): the engine passes its output."""
+
+    def __call__(self, deltas, base, *, generator=None, out=None, **params) -> Tensor:
         n = len(deltas)
         full = {k: [v] * n for k, v in self.model_params().items() if v is not REQUIRED}
         full.update(self.global_params())
         full.update(params)
         if "weight" not in full:
             raise EvomergeError(f"merge_method {self.name!r}: parameter 'weight' is required")
-        return merge_task_vectors(self, deltas, base, generator=generator, **full)
+        return merge_task_vectors(self, deltas, base, generator=generator, out=out, **full)
 
 
 _TA = "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)"
@@ -286,21 +241,27 @@ def _sparsify(kind: str, delta: Tensor, density: float, extra: float | None, gen
 
 
 def merge_task_vectors(variant: Variant, deltas: Sequence[Tensor], base: Tensor, *,
-                       generator: torch.Generator | None = None, **params) -> Tensor:
+                       generator: torch.Generator | None = None, out: Tensor | None = None, **params) -> Tensor:
     """``θ = θ_base + λ · Σ_i w_i S(τ_i)`` for one member: ``S`` its sparsifier, the sum with its
     sign election, divided by the weights that count when ``normalize`` (:func:`combine_deltas`).
 
     ``params``: every parameter the member declares (per-model ones as lists aligned with
     ``deltas``). The magnitude sparsifier (TIES) is fused into the consensus merge as one
-    magnitude threshold per task vector: the same bits as :func:`magnitude_sparsify` first.
-    Randomized sparsifiers draw from ``generator`` model by model, in order.
+    magnitude threshold per task vector: the same bits as :func:`magnitude_sparsify` first; so is
+    DARE's drop in DARE-TIES on the CPU (:func:`~evomerge.merge.methods.consensus.dare_streams`).
+    Randomized sparsifiers draw from ``generator`` model by model, in order. ``out``: see
+    :func:`combine_deltas`.
     """
     n = len(deltas)
     weight = per_model("weight", params["weight"], n)
-    thresholds = None
+    thresholds = dare = None
     if variant.sparsifier == "magnitude":
         density = per_model("density", params["density"], n)
         thresholds = [magnitude_threshold(d, p) for d, p in zip(deltas, density)]
+    elif (variant.sparsifier == "bernoulli" and variant.sign_election is not None and base.device.type == "cpu"
+          and all(d.device.type == "cpu" and d.dtype == torch.float32 for d in (base, *deltas))):
+        # DARE-TIES on the CPU: the keep masks drawn block by block inside the consensus merge
+        dare = dare_streams(per_model("density", params["density"], n), generator, params["rescale"])
     elif variant.sparsifier is not None:
         density = per_model("density", params["density"], n)
         extra_name = (SPARSIFIERS[variant.sparsifier].extra or (None,))[0]
@@ -308,7 +269,7 @@ def merge_task_vectors(variant: Variant, deltas: Sequence[Tensor], base: Tensor,
         deltas = [_sparsify(variant.sparsifier, d, p, x, generator, params["rescale"])
                   for d, p, x in zip(deltas, density, extra)]
     return combine_deltas(deltas, base, weight, consensus=variant.sign_election, normalize=params["normalize"],
-                          lam=params["lambda"], thresholds=thresholds)
+                          lam=params["lambda"], thresholds=thresholds, dare=dare, out=out)
 
 
 task_arithmetic = VARIANTS["task_arithmetic"]
