@@ -93,6 +93,22 @@ def refuse_input(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike 
                                 "choose another output path")
 
 
+def check_model_folder_output(out: Path, inputs, overwrite: bool, what: str = "--out") -> None:
+    """Refuse an output folder that is, holds or lies inside an input model, that exists and is
+    not a folder, cannot be written, or holds files (unless ``overwrite``)."""
+    op = os.path.realpath(out)
+    for p in inputs:
+        ip = os.path.realpath(p)
+        if op == ip or ip.startswith(op.rstrip(os.sep) + os.sep) or op.startswith(ip.rstrip(os.sep) + os.sep):
+            raise EvomergeError(f"{what} {out} is, holds or lies inside the input model {p}; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise EvomergeError(f"{what} {out} exists and is not a folder; choose another path")
+    check_output_target(out, what)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise EvomergeError(f"{what} {out} exists and is not empty; choose a new folder, or pass --overwrite to "
+                            "replace it and everything in it")
+
+
 def make_dirs(folder: str | os.PathLike) -> list[Path]:
     """``mkdir -p folder``; returns the folders it created (outermost first), for :func:`remove_dirs`."""
     folder = Path(folder)

@@ -256,9 +256,7 @@ def estimate_accuracy_batch(
         raise IRTError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
     idx, w, Y = _check_anchor_inputs(bank, anchor_idx, anchor_weights, anchor_answers)
     Y2 = Y[None, :] if Y.ndim == 1 else Y
-    obs = ~np.isnan(Y2)
-    wmean = np.where(obs, Y2, 0.0) @ w / np.maximum(obs @ w, 1e-300)
-    wmean = np.where(obs.any(1), wmean, np.nan)
+    wmean = _weighted_mean(Y2, w)
     if name == "mean":
         return wmean
     if name == "cmean":

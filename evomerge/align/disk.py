@@ -25,7 +25,7 @@ from evomerge.align.spec import ALIGN_METHODS
 from evomerge.align.symmetries import LlamaLayout, Permutations, identity_permutations, llama_layout, permute_model
 from evomerge.checkpoint import CheckpointReader, check_compatible, write_checkpoint
 from evomerge.errors import EvomergeError
-from evomerge.fsutil import atomic_folder, check_output_target, write_json_synced
+from evomerge.fsutil import atomic_folder, check_model_folder_output, write_json_synced
 
 METHODS = ALIGN_METHODS
 _LAYOUT_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim")
@@ -114,22 +114,6 @@ def alignment_permutations(tensors: Sequence[dict[str, torch.Tensor]], layout: L
     raise EvomergeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
 
 
-def check_align_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    """Refuse an output folder that is, holds or lies inside an input model, or that exists with
-    files in it (unless ``overwrite``)."""
-    op = os.path.realpath(out)
-    for p in inputs:
-        ip = os.path.realpath(p)
-        if op == ip or ip.startswith(op.rstrip(os.sep) + os.sep) or op.startswith(ip.rstrip(os.sep) + os.sep):
-            raise EvomergeError(f"--out {out} is, holds or lies inside the input model {p}; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise EvomergeError(f"--out {out} exists and is not a folder; choose another path")
-    check_output_target(out, "--out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise EvomergeError(f"--out {out} exists and is not empty; choose a new folder, or pass --overwrite to "
-                            "replace it and everything in it")
-
-
 def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "rebasin", reference: int = 0,
                   seed: int = 0, overwrite: bool = False, log: Callable[[str], None] | None = None,
                   names: Sequence[str] | None = None, allow_pickle: bool = False,
@@ -146,7 +130,7 @@ def align_to_disk(paths: Sequence[Path], out: str | os.PathLike, method: str = "
         raise EvomergeError("align needs at least two models")
     if method not in METHODS:
         raise EvomergeError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    check_align_output(out, paths, overwrite)
+    check_model_folder_output(out, paths, overwrite)
     if method == "activations":  # an unknown task is named before any model is read
         from evomerge.align.data import task_folder
 

@@ -133,9 +133,9 @@ def from_mergekit(data: dict, source: str = "mergekit recipe"):
     return MergeRecipe.from_dict(d, source)
 
 
-def load_recipe(path: str | os.PathLike) -> MergeRecipe:
-    """Read a recipe file (mergekit YAML, translated by :func:`from_mergekit`); model references stay
-    as written and resolve against the file's folder (``recipe.source_dir``)."""
+def read_recipe_yaml(path: str | os.PathLike):
+    """The parsed YAML of a recipe file; unreadable files and YAML errors are one
+    :class:`EvomergeError` naming the file (and line)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -148,9 +148,16 @@ def load_recipe(path: str | os.PathLike) -> MergeRecipe:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise EvomergeError(yaml_error_message(p, exc)) from None
+
+
+def load_recipe(path: str | os.PathLike) -> MergeRecipe:
+    """Read a recipe file (mergekit YAML, translated by :func:`from_mergekit`); model references stay
+    as written and resolve against the file's folder (``recipe.source_dir``)."""
+    p = Path(path)
+    data = read_recipe_yaml(p)
     # through the mergekit importer: `tokenizer: {source}`, '*' filters and parameters that
     # have no effect in mergekit are translated; what cannot be expressed is named
     recipe = from_mergekit(data, source=str(p))

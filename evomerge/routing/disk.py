@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.fsutil import atomic_folder, check_output_target, write_json_synced
+from evomerge.fsutil import atomic_folder, check_model_folder_output, write_json_synced
 from evomerge.routing.factors import TaskFactors, factors_from_checkpoints
 from evomerge.routing.router import RoutingSettings
 
@@ -70,7 +70,7 @@ def save_routed(out: str | os.PathLike, base: Path, experts: Sequence[Path], set
 
     out = Path(out).absolute()
     inputs = [Path(base)] + [Path(p) for p in experts]
-    _check_output(out, inputs, overwrite)
+    check_model_folder_output(out, inputs, overwrite)
     names = task_names(experts) if names is None else list(names)
     tf = factors_from_checkpoints(Path(base), dict(zip(names, map(Path, experts))), rank_fraction, allow_pickle)
     tf.routing_basis(settings.tensor)  # the routing tensor exists and is a matrix: checked before writing
@@ -86,20 +86,6 @@ def save_routed(out: str | os.PathLike, base: Path, experts: Sequence[Path], set
         os.chmod(tmp / FACTORS_FILE, (tmp / "base" / "config.json").stat().st_mode & 0o777)  # as the others
         write_json_synced(tmp / SETTINGS_FILE, record)
     return tf
-
-
-def _check_output(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    op = os.path.realpath(out)
-    for p in inputs:
-        ip = os.path.realpath(p)
-        if op == ip or ip.startswith(op.rstrip(os.sep) + os.sep) or op.startswith(ip.rstrip(os.sep) + os.sep):
-            raise EvomergeError(f"--out {out} is, holds or lies inside the input model {p}; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise EvomergeError(f"--out {out} exists and is not a folder; choose another path")
-    check_output_target(out, "--out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise EvomergeError(f"--out {out} exists and is not empty; choose a new folder, or pass --overwrite to "
-                            "replace it and everything in it")
 
 
 def read_settings(folder: Path) -> dict:

@@ -29,7 +29,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from evomerge.errors import EvomergeError, yaml_error_message
+from evomerge.errors import EvomergeError
 
 __all__ = ["RoutedRecipe", "is_routed_recipe", "load_routed_recipe"]
 
@@ -63,29 +63,16 @@ class RoutedRecipe(_Strict):
     name: Optional[str] = None
 
 
-def _read_yaml(path: Path):
-    import yaml
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EvomergeError(f"recipe file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvomergeError(f"recipe file {path}: cannot read ({exc})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise EvomergeError(yaml_error_message(path, exc)) from None
-
-
 def is_routed_recipe(path: str | Path) -> bool:
     """Whether the recipe file at ``path`` asks for a MASS routed model (``merge_method: mass``).
     Unreadable files answer False (the ordinary recipe reader then names the problem)."""
     p = Path(path)
     if not p.is_file():
         return False
+    from evomerge.merge.mergekit_io import read_recipe_yaml
+
     try:
-        data = _read_yaml(p)
+        data = read_recipe_yaml(p)
     except EvomergeError:
         return False
     return isinstance(data, dict) and data.get("merge_method") == "mass"
@@ -93,10 +80,11 @@ def is_routed_recipe(path: str | Path) -> bool:
 
 def load_routed_recipe(path: str | Path) -> RoutedRecipe:
     """Read and validate a ``merge_method: mass`` recipe; errors name the file and field."""
+    from evomerge.merge.mergekit_io import read_recipe_yaml
     from evomerge.merge.recipe import _format_validation_error
 
     p = Path(path)
-    data = _read_yaml(p)
+    data = read_recipe_yaml(p)
     if not isinstance(data, dict):
         raise EvomergeError(f"{p}: expected a mapping at the top level")
     try:
