@@ -29,9 +29,13 @@ Data (none of it is shipped; fetch it as below):
         git clone https://github.com/Joe-Hall-Lee/PSN-IRT && export IRT_REAL_PSN=PSN-IRT/data/combine.csv
     The column ranges of the benchmarks are those of the repository's analysis/irt_statistics.py.
   * any other matrix in an irt.io format (CSV / JSONL / npz), ``--matrix NAME=PATH`` (repeatable),
-    e.g. HELM scenarios of github.com/felipemaiapolo/efficbench converted with ``--helm-jsonl``
-    (py-irt jsonlines: {"subject_id", "responses": {item: 0/1}}; fold files of one scenario are merged
-    by subject id).
+  * HELM (Liang et al. 2022) scenarios as github.com/felipemaiapolo/efficbench publishes them in
+    data/irt_helm/ (py-irt jsonlines: {"subject_id", "responses": {item: 0/1}}), ``--helm-jsonl
+    NAME=GLOB``. Each file holds the models outside one fold, renumbered, so one file is 24 models
+    (the issue's acceptance sets: ``row-12:13:14:15_scenario-mmlu``, ``-boolq:``, ``-commonsense:
+    dataset=hellaswag,...``); several files of a scenario are merged by identical answer rows (28
+    models). The repository is 910 MB: ``git clone --filter=blob:none --sparse`` it and
+    ``git sparse-checkout set data/irt_helm``. docs/irt_real.md has the numbers and how they were read.
   * ChemBench (Mirza et al. 2024) as published by github.com/lamalab-org/irt-on-bench (MIT):
     ``results/binary_matrix.csv``, 2,854 questions × 22 models (questions are rows there):
         ``--chembench irt-on-bench/results/binary_matrix.csv``
@@ -93,17 +97,24 @@ def psn_sets(path):
 
 
 def helm_jsonl(paths):
-    """Merge py-irt jsonlines files (one scenario, several fold files) into one matrix by subject id."""
-    rows = {}
+    """py-irt jsonlines files of one scenario (efficbench's data/irt_helm fold files) as one matrix.
+
+    Each fold file holds the models outside that fold, numbered 0, 1, ... afresh, so a subject id
+    does not name the same model in two files; a subject is the same model as one already read
+    when all its answers are identical (distinct models differ on dozens of items), else a new one.
+    """
+    rows = []
     for p in paths:
         for line in Path(p).read_text().splitlines():
             if line.strip():
-                r = json.loads(line)
-                rows.setdefault(str(r["subject_id"]), {}).update(r["responses"])
-    items = sorted({k for r in rows.values() for k in r}, key=lambda s: (len(s), s))
-    names = sorted(rows, key=lambda s: (len(s), s))
-    Y = np.array([[rows[s].get(i, np.nan) for i in items] for s in names], dtype=float)
-    return Y, names
+                r = json.loads(line)["responses"]
+                y = [r[k] for k in sorted(r, key=lambda s: (len(s), s))]
+                if y not in rows:
+                    rows.append(y)
+    if len({len(y) for y in rows}) > 1:
+        raise SystemExit(f"{paths}: the files' subjects answer different numbers of items")
+    Y = np.array(rows, dtype=float)
+    return Y, [f"m{i}" for i in range(len(Y))]
 
 
 def chembench_set(path):

@@ -91,7 +91,11 @@ def combine_deltas(
         fused = base.device.type == "cpu" and base.dtype == torch.float32 and all(
             d.device.type == "cpu" and d.dtype == torch.float32 for d in deltas)
         if fused:
-            return consensus_fused(deltas, base, weights, consensus, normalize, float(lam), thresholds, dare, out)
+            # imported here: numba's import (~0.2 s) is paid by consensus merges only
+            from evomerge.merge.methods import consensus_compiled as compiled
+
+            kernel = compiled.consensus_compiled if compiled.AVAILABLE else consensus_fused
+            return kernel(deltas, base, weights, consensus, normalize, float(lam), thresholds, dare, out)
         if dare is not None:
             raise EvomergeError("combine_deltas: dare streams need float32 tensors on the CPU")
         res = consensus_reference(deltas, base, weights, consensus, normalize, float(lam), thresholds)
