@@ -5,7 +5,9 @@ Two kernels compute the same bits for finite inputs:
 
 - :func:`consensus_reference` — the chain written as it reads (trim, weight, elect, mask, sum,
   normalize, scale, add base), block by block; used on GPUs and as the tests' reference.
-- :func:`consensus_fused` — the CPU kernel: small blocks that stay in the L2 cache, every
+- :func:`consensus_fused` — the torch CPU kernel (the engine runs
+  :mod:`~evomerge.merge.methods.consensus_compiled`, the same bits in one compiled pass, and this
+  one where numba is missing): small blocks that stay in the L2 cache, every
   temporary a preallocated buffer written with ``out=``, the elected sign in one pass
   (``copysign``), each model's masked sum in one pass (``addcmul``) and, for DARE, the keep mask
   drawn block by block (:class:`DareStream`) and fused in instead of a full-size mask per model.
