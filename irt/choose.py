@@ -71,6 +71,10 @@ DEFAULT_OPTIONS = (
     Procedure("mean", "irt", 1),
     Procedure("mean", "strata", 1),
     Procedure("cmean", "strata", 1),
+    # on HELM's BoolQ / HellaSwag (24 models) the strongest fixed procedures (docs/irt_real.md)
+    Procedure("gpirt", "strata", 1),
+    Procedure("cmean", "correctness", 1),
+    Procedure("gpirt", "correctness", 1),
 )
 ENDPOINT_OPTIONS = (
     Procedure("mpirt", "info", 1),
