@@ -116,6 +116,71 @@ if AVAILABLE:
         state[1] = lo
 
 
+def _weighted_row(x, row, w, threshold, trim, kept, level, p, dare, rescale):
+    """One model's block, sparsified and weighted, into ``row``: ``((τ·keep)/p)·w`` (DARE, ``p``
+    only with rescale), ``(τ·w)·[|τ| ≥ threshold]`` (TIES' trim) or ``τ·w``."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    if dare:
+        if rescale:
+            for j in range(row.size):
+                row[j] = ((x[j] * (one if kept[j] < level else zero)) / p) * w
+        else:
+            for j in range(row.size):
+                row[j] = (x[j] * (one if kept[j] < level else zero)) * w
+    elif trim:
+        for j in range(row.size):
+            row[j] = (x[j] * w) * (one if abs(x[j]) >= threshold else zero)
+    else:
+        for j in range(row.size):
+            row[j] = x[j] * w
+
+
+def _election_total(rows, k, total, count):
+    """The weighted sum of the rows' first ``k`` entries ("sum") or the sum of their signs
+    ("count"), model by model."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    first = rows[0, :k]
+    if count:
+        for j in range(total.size):
+            total[j] = (one if first[j] > zero else zero) - (one if first[j] < zero else zero)
+        for i in range(1, rows.shape[0]):
+            row = rows[i, :k]
+            for j in range(total.size):
+                total[j] = total[j] + ((one if row[j] > zero else zero) - (one if row[j] < zero else zero))
+    else:
+        for j in range(total.size):
+            total[j] = first[j]
+        for i in range(1, rows.shape[0]):
+            row = rows[i, :k]
+            for j in range(total.size):
+                total[j] = total[j] + row[j]
+
+
+def _agreeing_sum(rows, k, sign, mixed, divisor, divisor_weights):
+    """The agreeing models' sum from +0 (v·0 keeps a NaN, as addcmul does) and the divisor (the
+    agreeing models' divisor weights), the election total made ±1 on the way (+1 where it is
+    >= 0; at -0 no model agrees with either sign)."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    first = rows[0, :k]
+    w0 = divisor_weights[0]
+    for j in range(sign.size):
+        e = -one if sign[j] < zero else one
+        sign[j] = e
+        agree = one if first[j] * e > zero else zero
+        mixed[j] = zero + first[j] * agree
+        divisor[j] = agree * w0
+    for i in range(1, rows.shape[0]):
+        row = rows[i, :k]
+        w = divisor_weights[i]
+        for j in range(sign.size):
+            agree = one if row[j] * sign[j] > zero else zero
+            mixed[j] = mixed[j] + row[j] * agree
+            divisor[j] = divisor[j] + agree * w
+
+
 def _kernel(xs, base, out, weights, thresholds, trim, states, levels, dare, scales, rescale,
             count, divisor_weights, lam):
     """The consensus merge of the flat ``xs`` onto ``base`` into ``out`` (see the module docstring).
@@ -123,7 +188,9 @@ def _kernel(xs, base, out, weights, thresholds, trim, states, levels, dare, scal
     ``states[i]``: model i's PCG64 state (state high, low, increment high, low), advanced in place
     by the words its DARE draws take: entry j is kept iff the j-th 16-bit draw is below ``levels[i]``.
     Every inner loop runs over a block slice indexed by its loop variable, without branches on
-    the settings, so that LLVM vectorises it.
+    the settings, so that LLVM vectorises it; the helpers take ``rows`` and ``k`` and slice
+    ``rows[i, :k]`` themselves (a 2-D slice ``rows[:, :k]`` is non-contiguous to numba, and its
+    loops are not vectorised: TIES 4.7x the floor instead of 2.6x).
     """
     m = len(xs)
     one = np.float32(1.0)
@@ -138,64 +205,16 @@ def _kernel(xs, base, out, weights, thresholds, trim, states, levels, dare, scal
     n = out.size
     for s in range(0, n, block):
         k = min(n, s + block) - s
-        for i in range(m):  # each model's weighted block: (τ·w)·[|τ| ≥ thr], or ((τ·keep)/p)·w
-            x = xs[i][s:s + k]
-            row = rows[i, :k]
-            w = weights[i]
-            if dare[i]:
-                # the words of this block; meanwhile, this model's next block is fetched
+        for i in range(m):
+            if dare[i]:  # the words of this block; meanwhile, this model's next block is fetched
                 _pcg64_words(states[i], words[:(k + 3) // 4], xs[i], s + block)
-                kept = draws[:k]
-                level = levels[i]
-                if rescale[i]:
-                    p = scales[i]
-                    for j in range(k):
-                        row[j] = ((x[j] * (one if kept[j] < level else zero)) / p) * w
-                else:
-                    for j in range(k):
-                        row[j] = (x[j] * (one if kept[j] < level else zero)) * w
-            elif trim[i]:
-                t = thresholds[i]
-                for j in range(k):
-                    row[j] = (x[j] * w) * (one if abs(x[j]) >= t else zero)
-            else:
-                for j in range(k):
-                    row[j] = x[j] * w
-        # the elected sign: of the weighted sum ("sum") or of the sum of signs ("count")
+            _weighted_row(xs[i][s:s + k], rows[i, :k], weights[i], thresholds[i], trim[i], draws[:k], levels[i],
+                          scales[i], dare[i], rescale[i])
         sign = sign_buf[:k]
-        first = rows[0, :k]
-        if count:
-            for j in range(k):
-                sign[j] = (one if first[j] > zero else zero) - (one if first[j] < zero else zero)
-            for i in range(1, m):
-                row = rows[i, :k]
-                for j in range(k):
-                    sign[j] = sign[j] + ((one if row[j] > zero else zero) - (one if row[j] < zero else zero))
-        else:
-            for j in range(k):
-                sign[j] = first[j]
-            for i in range(1, m):
-                row = rows[i, :k]
-                for j in range(k):
-                    sign[j] = sign[j] + row[j]
-        # the agreeing models' sum from +0 (v·0 keeps a NaN, as addcmul does), with the sign
-        # made ±1 on the way (+1 where the total is >= 0; at -0 no model agrees with either sign)
+        _election_total(rows, k, sign, count)
         mixed = mixed_buf[:k]
         divisor = divisor_buf[:k]
-        w0 = divisor_weights[0]
-        for j in range(k):
-            e = -one if sign[j] < zero else one
-            sign[j] = e
-            agree = one if first[j] * e > zero else zero
-            mixed[j] = zero + first[j] * agree
-            divisor[j] = agree * w0
-        for i in range(1, m):
-            row = rows[i, :k]
-            w = divisor_weights[i]
-            for j in range(k):
-                agree = one if row[j] * sign[j] > zero else zero
-                mixed[j] = mixed[j] + row[j] * agree
-                divisor[j] = divisor[j] + agree * w
+        _agreeing_sum(rows, k, sign, mixed, divisor, divisor_weights)
         # a zero divisor (or -0) becomes 1 (without normalize every divisor weight is 0: /1 is
         # exact), · lam (1 is exact), + base
         o = out[s:s + k]
@@ -206,6 +225,9 @@ def _kernel(xs, base, out, weights, thresholds, trim, states, levels, dare, scal
 
 
 if AVAILABLE:
+    _weighted_row = njit(cache=True, nogil=True)(_weighted_row)
+    _election_total = njit(cache=True, nogil=True)(_election_total)
+    _agreeing_sum = njit(cache=True, nogil=True)(_agreeing_sum)
     _kernel = njit(cache=True, nogil=True)(_kernel)
 
 
