@@ -28,7 +28,7 @@ Data (none of it is shipped; fetch it as below):
     of github.com/Joe-Hall-Lee/PSN-IRT (Zhou et al. 2025, "Lost in Benchmarks?"):
         git clone https://github.com/Joe-Hall-Lee/PSN-IRT && export IRT_REAL_PSN=PSN-IRT/data/combine.csv
     The column ranges of the benchmarks are those of the repository's analysis/irt_statistics.py.
-  * any other matrix in an irt.io format (CSV / JSONL / npz), ``--matrix NAME=PATH`` (repeatable),
+  * any other matrix in an irt.io format (CSV / JSONL / npz), ``--matrix NAME=PATH`` (repeatable).
   * HELM (Liang et al. 2022) scenarios as github.com/felipemaiapolo/efficbench publishes them in
     data/irt_helm/ (py-irt jsonlines: {"subject_id", "responses": {item: 0/1}}), ``--helm-jsonl
     NAME=GLOB``. Each file holds the models outside one fold, renumbered, so one file is 24 models

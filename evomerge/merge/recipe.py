@@ -349,14 +349,7 @@ class MergeRecipe(_Strict):
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "MergeRecipe":
         """Validate a dict; errors become :class:`EvomergeError` naming the field."""
-        if not isinstance(data, dict):
-            raise EvomergeError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise EvomergeError(f"{source}: {_format_validation_error(exc)}") from None
-        except EvomergeError as exc:
-            raise EvomergeError(f"{source}: {exc}") from None
+        return validate_mapping(cls, data, source)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> "MergeRecipe":
@@ -433,6 +426,20 @@ def _entry_dict(m: ModelEntry) -> dict:
     if m.parameters:
         d["parameters"] = _plain(m.parameters)
     return d
+
+
+def validate_mapping(model: type[BaseModel], data: Any, source: str):
+    """``model.model_validate(data)`` for a top-level mapping read from ``source``; a non-mapping or
+    a validation error (or an :class:`EvomergeError` from a validator) becomes one
+    :class:`EvomergeError` naming ``source`` and the field."""
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise EvomergeError(f"{source}: {_format_validation_error(exc)}") from None
+    except EvomergeError as exc:
+        raise EvomergeError(f"{source}: {exc}") from None
 
 
 def _format_validation_error(exc: ValidationError) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import EvomergeError
 
@@ -81,16 +81,10 @@ def is_routed_recipe(path: str | Path) -> bool:
 def load_routed_recipe(path: str | Path) -> RoutedRecipe:
     """Read and validate a ``merge_method: mass`` recipe; errors name the file and field."""
     from evomerge.merge.mergekit_io import read_recipe_yaml
-    from evomerge.merge.recipe import _format_validation_error
+    from evomerge.merge.recipe import validate_mapping
 
     p = Path(path)
-    data = read_recipe_yaml(p)
-    if not isinstance(data, dict):
-        raise EvomergeError(f"{p}: expected a mapping at the top level")
-    try:
-        return RoutedRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise EvomergeError(f"{p}: {_format_validation_error(exc)}") from None
+    return validate_mapping(RoutedRecipe, read_recipe_yaml(p), str(p))
 
 
 def resolve_reference(ref: str, recipe_dir: Path, what: str) -> Path:
