@@ -36,6 +36,7 @@ scales the weights by the subgroup's share, so weights always sum to 1.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,11 +112,16 @@ class Anchors:
 def _kmeans_anchors(emb: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """k-means with n clusters; per cluster the member nearest the centroid, weight = share."""
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     N = len(emb)
     n_distinct = len(np.unique(np.round(emb, 12), axis=0))
     k = min(n, n_distinct)
-    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(emb)
+    with warnings.catch_warnings():
+        # near-duplicate embeddings can leave fewer distinct clusters than k: handled below (empty
+        # clusters skipped, the anchors topped up), so sklearn's warning is noise to the user
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(emb)
     idx, w = [], []
     for c in range(k):
         members = np.flatnonzero(km.labels_ == c)
@@ -134,9 +140,12 @@ def _kmeans_anchors(emb: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.
 
 
 def _voronoi_weights(emb: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Each anchor's share of the items nearest to it; an item as near to several anchors (e.g.
+    items answered alike by every calibration subject) is shared equally between them, so that
+    no anchor that is asked ends up with weight 0."""
     d2 = ((emb[:, None, :] - emb[idx][None, :, :]) ** 2).sum(-1)
-    near = np.argmin(d2, axis=1)
-    return np.bincount(near, minlength=len(idx)) / len(emb)
+    nearest = d2 <= d2.min(axis=1, keepdims=True) * (1 + 1e-9) + 1e-12
+    return (nearest / nearest.sum(axis=1, keepdims=True)).sum(0) / len(emb)
 
 
 def _info_anchors(a, b, theta, n, prior_prec, emb, target: str = "accuracy") -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -214,6 +215,23 @@ def test_anchor_methods(bank, method):
     assert anc.item_ids == [bank.item_ids[i] for i in anc.idx]
     assert 0 <= anc.gp_lambda <= 1
     assert select_anchors(bank, 12, method, seed=1).idx.tolist() == anc.idx.tolist()  # deterministic
+
+
+def test_correctness_anchors_with_few_distinct_items_warn_nothing():
+    # 10 subjects, 60 items but only 9 distinct answer columns (near-duplicates a few ulps apart):
+    # k-means finds fewer distinct clusters than the 12 anchors asked for; the anchors are topped up
+    # with other items and sklearn's ConvergenceWarning does not reach the user
+    rng = np.random.default_rng(0)
+    cols = (rng.random((10, 9)) < 0.5).astype(float)
+    cols[0] = 1.0 - cols[1]  # no constant column
+    Y = cols[:, rng.integers(0, 9, 60)]
+    bank = ItemBank.fit(Y, dim=1, seed=0)
+    bank.responses[:, 1::2] += 1e-14  # answers are what the k-means embeds; make duplicates not exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        anc = select_anchors(bank, 12, "correctness", seed=0)
+    assert len(anc) == 12 == len(set(anc.idx.tolist()))
+    assert np.isclose(anc.weights.sum(), 1) and (anc.weights > 0).all()
 
 
 def test_stratified_anchors(bank):
