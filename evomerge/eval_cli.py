@@ -77,7 +77,7 @@ def _load_recipe_file(path: Path):
     if "recipe_resolved" in data:
         recipe = MergeRecipe.from_dict(data["recipe_resolved"], f"{path}: recipe_resolved")
     elif "merge_method" in data:
-        recipe = from_mergekit(data, str(path))
+        recipe = from_mergekit(data, str(path), folder=path.parent)
     elif "model_a" in data or "recipe" in data:
         raise EvomergeError(f"MODEL {path}: this run's best is a data-flow path (no merge recipe "
                             "to apply); evaluate its best/model folder instead")

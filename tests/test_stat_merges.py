@@ -184,3 +184,31 @@ def test_stats_command_errors(tmp_path):
     res = _run(["stats", "zoo:lang", "--task", "zoo:lang", "--kind", "gram", "--out", str(tmp_path / "x.pt")])
     assert res.exit_code != 0 and ".safetensors" in str(res.exception)
     assert not list(tmp_path.iterdir())
+
+
+def test_recipe_file_finds_its_stats_files_next_to_it(tmp_path, monkeypatch):
+    # `evomerge merge recipes/fisher.yaml` from another folder: the stats files named relative to
+    # the recipe are found there, as its model paths are; a file of that name in the current
+    # folder is taken first (as for models), and an absent file is still one clear error
+    import yaml
+
+    from evomerge.merge.mergekit_io import load_recipe
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    for i in range(2):
+        _stats_file(folder / f"f{i}.safetensors", "fisher", {"w": torch.ones(2, 2)})
+    (folder / "fisher.yaml").write_text(yaml.safe_dump({
+        "merge_method": "fisher", "models": [{"model": "zoo:lang"}, {"model": "zoo:cipher"}],
+        "parameters": {"stats": "f0.safetensors, f1.safetensors"}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rec = load_recipe(folder / "fisher.yaml")
+    assert rec.parameters["stats"] == f"{folder / 'f0.safetensors'}, {folder / 'f1.safetensors'}"
+    _stats_file(elsewhere / "f1.safetensors", "fisher", {"w": torch.ones(2, 2)})
+    rec = load_recipe(Path("..") / "recipes" / "fisher.yaml")
+    assert rec.parameters["stats"] == f"{folder / 'f0.safetensors'}, f1.safetensors"
+    (folder / "f0.safetensors").unlink()
+    with pytest.raises(EvomergeError, match=r"parameters.stats.*'f0.safetensors' does not exist"):
+        load_recipe(folder / "fisher.yaml")

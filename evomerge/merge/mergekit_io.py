@@ -82,11 +82,48 @@ def _fix_params(params: Any) -> Any:
     return params
 
 
-def from_mergekit(data: dict, source: str = "mergekit recipe"):
-    """A :class:`~evomerge.merge.recipe.MergeRecipe` from a parsed mergekit YAML (see module doc)."""
+def _in_folder(text: str, folder: Path) -> str:
+    """``text`` (one path or several, comma-separated) with each relative path that is missing from
+    the current directory but present in ``folder`` made absolute; else ``text`` unchanged."""
+    parts = [t.strip() for t in text.split(",")]
+    out = []
+    for t in parts:
+        p = Path(t).expanduser()
+        moved = t and not p.is_absolute() and not p.exists() and (folder / p).exists()
+        out.append(os.path.abspath(folder / p) if moved else t)
+    return ", ".join(out) if out != parts else text
+
+
+def resolve_path_params(d: dict, folder) -> None:
+    """In a parsed recipe ``d`` (modified in place), the merge method's file parameters (``stats``
+    of fisher / regmean, ``checkpoint`` of nino, ...) that name files in the recipe's ``folder``
+    rather than the current directory, made absolute -- as model paths resolve."""
+    from evomerge.merge.registry import get_method
+
+    try:
+        names = get_method(str(d.get("merge_method"))).path_params
+    except EvomergeError:
+        return  # an unknown method is reported by the recipe's own validation
+    holders = [d] + [m for m in d.get("models") or [] if isinstance(m, dict)]
+    for s in d.get("slices") or []:
+        if isinstance(s, dict):
+            holders += [s] + [src for src in s.get("sources") or [] if isinstance(src, dict)]
+    for h in holders:
+        params = h.get("parameters")
+        if isinstance(params, dict):
+            for name in names:
+                if isinstance(params.get(name), str):
+                    params[name] = _in_folder(params[name], Path(folder))
+
+
+def from_mergekit(data: dict, source: str = "mergekit recipe", folder=None):
+    """A :class:`~evomerge.merge.recipe.MergeRecipe` from a parsed mergekit YAML (see module doc).
+    ``folder``: the recipe file's folder, where relative file parameters are also looked up."""
     if not isinstance(data, dict):
         raise EvomergeError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     d = copy.deepcopy(data)
+    if folder is not None:
+        resolve_path_params(d, folder)
     if "modules" in d:
         raise EvomergeError(f"{source}: key 'modules' (multi-module merges) is not supported; merge one module "
                             "with top-level 'models' or 'slices'")
@@ -155,12 +192,13 @@ def read_recipe_yaml(path: str | os.PathLike):
 
 def load_recipe(path: str | os.PathLike) -> MergeRecipe:
     """Read a recipe file (mergekit YAML, translated by :func:`from_mergekit`); model references stay
-    as written and resolve against the file's folder (``recipe.source_dir``)."""
+    as written and resolve against the file's folder (``recipe.source_dir``) too, and so do the
+    method's file parameters (``stats``, ``checkpoint``: :func:`resolve_path_params`)."""
     p = Path(path)
     data = read_recipe_yaml(p)
     # through the mergekit importer: `tokenizer: {source}`, '*' filters and parameters that
     # have no effect in mergekit are translated; what cannot be expressed is named
-    recipe = from_mergekit(data, source=str(p))
+    recipe = from_mergekit(data, source=str(p), folder=p.parent)
     recipe._recipe_dir = str(p.parent.absolute())
     return recipe
 

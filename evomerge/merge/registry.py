@@ -109,6 +109,9 @@ class MergeMethod:
     """Valid values of numeric parameters (unlisted numeric ones take any finite number)."""
     text_params: tuple[str, ...] = ()
     """Parameters whose values are strings (a file path, a list written as text): never genes."""
+    path_params: tuple[str, ...] = ()
+    """Text parameters that name files (comma-separated): a relative path in a recipe file is also
+    looked up in the recipe's folder, as model paths are (:func:`evomerge.merge.mergekit_io.load_recipe`)."""
     takes_name: bool = False
     """The method also receives ``tensor_name=`` (the output tensor's name), e.g. to know its role."""
     checks: dict[str, Callable[[Any], "str | None"]] = field(default_factory=dict)

@@ -101,13 +101,13 @@ def regmean(tensors: Sequence[Tensor], base=None, *, generator=None, tensor_name
 
 register(MergeMethod(
     "fisher", fisher, needs_base=False, min_models=2, model_params={"weight": 1.0},
-    global_params={"stats": REQUIRED, "epsilon": 1e-10}, text_params=("stats",), takes_name=True,
+    global_params={"stats": REQUIRED, "epsilon": 1e-10}, text_params=("stats",), path_params=("stats",), takes_name=True,
     checks={"stats": _stats_problem("fisher")}, ranges={"weight": ParamRange(0.0, None), "epsilon": POSITIVE},
     reference="Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging, arXiv:2111.09832",
 ))
 register(MergeMethod(
     "regmean", regmean, needs_base=False, min_models=2,
-    global_params={"stats": REQUIRED, "alpha": 0.9}, text_params=("stats",), takes_name=True,
+    global_params={"stats": REQUIRED, "alpha": 0.9}, text_params=("stats",), path_params=("stats",), takes_name=True,
     checks={"stats": _stats_problem("gram")}, ranges={"alpha": FRACTION},
     reference="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models, arXiv:2212.09849",
 ))
