@@ -79,6 +79,10 @@ def test_cli_check_auto(tmp_path, capsys):
     rc = main(["irt", "check", str(p), "-n", "8", "--auto", "--se", "100", "--json"])  # never clearly beaten
     assert rc in (0, None)
     assert json.loads(capsys.readouterr().out)["name"] == "pirt/info"
+    rc = main(["irt", "check", str(p), "-n", "8", "--auto"])
+    out = capsys.readouterr().out
+    assert rc in (0, None) and "chosen: " in out
+    assert "note: 16 calibration subjects. Below ~40" in out  # the bank is the limit here
 
 
 def test_choice_carries_the_chosen_procedures_check():

@@ -88,5 +88,6 @@ def test_cli_check(tmp_path, capsys):
     assert res["n"] == 10 and res["rounds"] == 2 and res["n_subjects"] == 40 and 0 < res["mae"] < 0.15
     code, out = run("-n", 10, "--dim", 2)
     assert code == 0 and "mean absolute error" in out.out and "info anchors" in out.out
+    assert "calibration subjects" not in out.out  # 40 subjects: no note about too few
     code, out = run("-e", "mpirt")
     assert code == 2 and "--endpoints" in out.err and "Traceback" not in out.err
