@@ -50,24 +50,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from irt import ItemBank, choose_procedure  # noqa: E402
 from irt.choose import DEFAULT_OPTIONS, Procedure  # noqa: E402
 from irt.io import read_responses  # noqa: E402
-from irt.validate import heldout_estimates  # noqa: E402
+from irt.validate import PLAIN_DRAWS, heldout_estimates  # noqa: E402
 
-FIXED = (
-    Procedure("cmean", "strata", 1),
-    Procedure("gpirt", "strata", 1),
-    Procedure("pirt", "info", 4),
-    Procedure("gpirt", "correctness", 1),
-)
 CALIBRATED = Procedure("cmean", "strata", 1)
+FIXED = (CALIBRATED, Procedure("gpirt", "strata", 1), Procedure("pirt", "info", 4), Procedure("gpirt", "correctness", 1))
 ZOO_DEFAULT = Procedure("mpirt", "info", 4)  # the demo's estimator: mp-IRT, adaptive in 4 rounds
 ZOO_FIXED = (ZOO_DEFAULT, Procedure("pirt", "info", 4), CALIBRATED)
-PLAIN_DRAWS = 20
-
-
-def drop_constant(Y):
-    """Items every subject answers alike carry no information about who is better: dropped."""
-    keep = np.nanstd(Y, axis=0) > 0
-    return Y[:, keep]
 
 
 def estimate_errors(Y_train, Y_held, n, procedures, *, choose, seed, names=None, endpoints=()):
@@ -170,7 +158,7 @@ def summarise(acc):
 
 def simulated_universe(Y, seed):
     """(a, b, theta mean, theta covariance, d) of a 2PL fitted on all of ``Y``."""
-    bank = ItemBank.fit(drop_constant(Y), seed=seed)
+    bank = ItemBank.fit(Y[:, np.nanstd(Y, axis=0) > 0], seed=seed)  # items all answer alike: no information
     th = bank.theta
     cov = np.atleast_2d(np.cov(th, rowvar=False))
     return bank.a, bank.b, th.mean(0), cov, bank.dim
